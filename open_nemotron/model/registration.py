@@ -1,0 +1,5 @@
+"""Placeholder replaced by the model implementation."""
+
+
+def register_auto_classes() -> None:
+    return None
