@@ -1,0 +1,260 @@
+"""Configuration of the heterogeneous Llama in NVIDIA's DeciLM / "nemotron-nas" format.
+
+A nemotron-nas config is a Llama config plus `block_configs`: one entry per layer saying what that layer's attention
+and FFN are. The field names are the ones NVIDIA ships for Llama-Nemotron Super/Ultra and vLLM reads:
+
+    {"attention": {"no_op": bool, "replace_with_linear": bool, "n_heads_in_group": int | None},
+     "ffn":       {"no_op": bool, "replace_with_linear": bool, "ffn_mult": float | None,
+                   "intermediate_size": int | None}}
+
+- attention: GQA with `num_attention_heads // n_heads_in_group` KV heads, or one `Linear(hidden, hidden)`
+  (`replace_with_linear`), or nothing (`no_op`: the sub-layer *and* its pre-norm are skipped);
+- ffn: SwiGLU of width `intermediate_size`, or one `Linear(hidden, hidden)`, or nothing.
+
+`intermediate_size` wins over `ffn_mult` when both are given (exact Puzzle widths need not be multiples of 256);
+`ffn_mult_to_intermediate_size` is the DeciLM/vLLM formula used when only `ffn_mult` is present.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from huggingface_hub.dataclasses import strict
+from transformers import LlamaConfig
+
+# Keys NVIDIA's checkpoints carry that we accept but that must stay at their "off" value (we do not implement
+# sliding-window or sink attention, nor sparsity).
+_ATTENTION_INACTIVE_KEYS = {
+    "window_length": None,
+    "num_sink_tokens": None,
+    "use_prefill_window_in_sink_attention": False,
+    "unshifted_sink": False,
+    "sparsify": None,
+}
+_FFN_INACTIVE_KEYS = {"sparsify": None}
+_FFN_OPTIONAL_KEYS = {"hidden_act", "weights_precision"}
+_ATTENTION_OPTIONAL_KEYS = {"weights_precision", "num_key_value_heads"}
+
+
+class BlockConfigError(ValueError):
+    """A `block_configs` entry is malformed; the message names the layer, the field, the value and what was expected."""
+
+
+def ffn_mult_to_intermediate_size(ffn_mult: float, hidden_size: int) -> int:
+    """DeciLM's width formula (also vLLM's and llama.cpp's): round_up(int(2 * ffn_mult * hidden / 3), 256)."""
+    intermediate = int(2 * ffn_mult * hidden_size / 3)
+    return int(math.ceil(intermediate / 256) * 256)
+
+
+def intermediate_size_to_ffn_mult(intermediate_size: int, hidden_size: int) -> float:
+    """Inverse of the width formula, rounded to 6 decimals as NVIDIA's `FFNConfig` does."""
+    return round(3 * intermediate_size / (2 * hidden_size), 6)
+
+
+@dataclass(frozen=True)
+class AttentionBlock:
+    """One layer's attention: `kind` is "gqa", "linear" or "no_op"; `num_key_value_heads` is set for "gqa"."""
+
+    kind: str
+    num_key_value_heads: int | None = None
+
+    @property
+    def has_kv_cache(self) -> bool:
+        return self.kind == "gqa"
+
+
+@dataclass(frozen=True)
+class FFNBlock:
+    """One layer's FFN: `kind` is "swiglu", "linear" or "no_op"; `intermediate_size` is set for "swiglu"."""
+
+    kind: str
+    intermediate_size: int | None = None
+    hidden_act: str = "silu"
+
+
+@dataclass(frozen=True)
+class LayerBlocks:
+    attention: AttentionBlock
+    ffn: FFNBlock
+
+
+def _check_bool(layer: int, part: str, entry: dict[str, Any], key: str) -> bool:
+    value = entry.get(key, False)
+    if not isinstance(value, bool):
+        raise BlockConfigError(
+            f"block_configs[{layer}].{part}.{key} = {value!r}: expected true or false"
+        )
+    return value
+
+
+def _check_unknown_and_inactive(layer: int, part: str, entry: dict[str, Any], known: set[str], inactive: dict) -> None:
+    unknown = sorted(set(entry) - known - set(inactive))
+    if unknown:
+        raise BlockConfigError(
+            f"block_configs[{layer}].{part} has unknown field(s) {unknown}: expected only {sorted(known | set(inactive))}"
+        )
+    for key, off in inactive.items():
+        if key in entry and entry[key] not in (off, None, [] if off is None else off):
+            raise BlockConfigError(
+                f"block_configs[{layer}].{part}.{key} = {entry[key]!r}: not supported by open-nemotron "
+                f"(expected {off!r})"
+            )
+
+
+def parse_block_config(layer: int, block: Any, *, hidden_size: int, num_attention_heads: int,
+                       hidden_act: str = "silu") -> LayerBlocks:
+    """Validate one `block_configs` entry and resolve it to concrete layer shapes."""
+    if not isinstance(block, dict) or set(block) - {"attention", "ffn"} or not {"attention", "ffn"} <= set(block):
+        raise BlockConfigError(
+            f"block_configs[{layer}] = {block!r}: expected a mapping with exactly the keys 'attention' and 'ffn'"
+        )
+    attn, ffn = block["attention"], block["ffn"]
+    for part, entry in (("attention", attn), ("ffn", ffn)):
+        if not isinstance(entry, dict):
+            raise BlockConfigError(f"block_configs[{layer}].{part} = {entry!r}: expected a mapping")
+
+    # Attention.
+    _check_unknown_and_inactive(layer, "attention", attn,
+                                {"no_op", "replace_with_linear", "n_heads_in_group"} | _ATTENTION_OPTIONAL_KEYS,
+                                _ATTENTION_INACTIVE_KEYS)
+    no_op = _check_bool(layer, "attention", attn, "no_op")
+    linear = _check_bool(layer, "attention", attn, "replace_with_linear")
+    if no_op and linear:
+        raise BlockConfigError(
+            f"block_configs[{layer}].attention: no_op and replace_with_linear are both true: expected at most one"
+        )
+    if no_op:
+        attention = AttentionBlock("no_op")
+    elif linear:
+        attention = AttentionBlock("linear")
+    else:
+        group = attn.get("n_heads_in_group")
+        if not isinstance(group, int) or isinstance(group, bool) or group < 1 or num_attention_heads % group:
+            divisors = [d for d in range(1, num_attention_heads + 1) if num_attention_heads % d == 0]
+            raise BlockConfigError(
+                f"block_configs[{layer}].attention.n_heads_in_group = {group!r}: expected a divisor of "
+                f"num_attention_heads={num_attention_heads}, one of {divisors}"
+            )
+        attention = AttentionBlock("gqa", num_attention_heads // group)
+
+    # FFN.
+    _check_unknown_and_inactive(layer, "ffn", ffn,
+                                {"no_op", "replace_with_linear", "ffn_mult", "intermediate_size"} | _FFN_OPTIONAL_KEYS,
+                                _FFN_INACTIVE_KEYS)
+    no_op = _check_bool(layer, "ffn", ffn, "no_op")
+    linear = _check_bool(layer, "ffn", ffn, "replace_with_linear")
+    if no_op and linear:
+        raise BlockConfigError(
+            f"block_configs[{layer}].ffn: no_op and replace_with_linear are both true: expected at most one"
+        )
+    act = ffn.get("hidden_act") or hidden_act
+    if act not in ("silu", "swish"):
+        raise BlockConfigError(f"block_configs[{layer}].ffn.hidden_act = {act!r}: expected 'silu'")
+    if no_op:
+        ffn_block = FFNBlock("no_op")
+    elif linear:
+        ffn_block = FFNBlock("linear")
+    else:
+        size, mult = ffn.get("intermediate_size"), ffn.get("ffn_mult")
+        if size is not None:
+            if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+                raise BlockConfigError(
+                    f"block_configs[{layer}].ffn.intermediate_size = {size!r}: expected a positive integer"
+                )
+        elif isinstance(mult, (int, float)) and not isinstance(mult, bool) and mult > 0:
+            size = ffn_mult_to_intermediate_size(float(mult), hidden_size)
+        else:
+            raise BlockConfigError(
+                f"block_configs[{layer}].ffn: intermediate_size = {size!r}, ffn_mult = {mult!r}: expected a positive "
+                "intermediate_size or ffn_mult"
+            )
+        ffn_block = FFNBlock("swiglu", size, "silu")
+    return LayerBlocks(attention, ffn_block)
+
+
+def block_config_dict(layer: LayerBlocks, num_attention_heads: int, hidden_size: int) -> dict[str, Any]:
+    """The on-disk `block_configs` entry for resolved layer shapes (writes both `ffn_mult` and `intermediate_size`)."""
+    a, f = layer.attention, layer.ffn
+    attention = {
+        "no_op": a.kind == "no_op",
+        "replace_with_linear": a.kind == "linear",
+        "n_heads_in_group": num_attention_heads // a.num_key_value_heads if a.kind == "gqa" else None,
+    }
+    ffn = {
+        "no_op": f.kind == "no_op",
+        "replace_with_linear": f.kind == "linear",
+        "ffn_mult": intermediate_size_to_ffn_mult(f.intermediate_size, hidden_size) if f.kind == "swiglu" else None,
+        "intermediate_size": f.intermediate_size if f.kind == "swiglu" else None,
+    }
+    return {"attention": attention, "ffn": ffn}
+
+
+@strict
+class DeciLMConfig(LlamaConfig):
+    r"""Llama config + per-layer `block_configs` (DeciLM / nemotron-nas format).
+
+    With `block_configs=None` every layer is the plain Llama layer described by the global fields.
+    """
+
+    model_type = "nemotron-nas"
+
+    block_configs: list | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.block_configs is None:
+            uniform = LayerBlocks(
+                AttentionBlock("gqa", self.num_key_value_heads),
+                FFNBlock("swiglu", self.intermediate_size, "silu"),
+            )
+            self.block_configs = [
+                block_config_dict(uniform, self.num_attention_heads, self.hidden_size)
+                for _ in range(self.num_hidden_layers)
+            ]
+        if not isinstance(self.block_configs, list) or len(self.block_configs) != self.num_hidden_layers:
+            found = len(self.block_configs) if isinstance(self.block_configs, list) else type(self.block_configs).__name__
+            raise BlockConfigError(
+                f"block_configs has {found} entries: expected one per layer (num_hidden_layers={self.num_hidden_layers})"
+            )
+        # Accept NVIDIA-style entries (only ffn_mult, extra inactive keys) and validate every one now, so a bad
+        # config fails at load time with the layer and field named, not deep inside a forward pass.
+        self.layers_blocks()
+
+    def layers_blocks(self) -> list[LayerBlocks]:
+        """Resolved (validated) shapes of every layer."""
+        return [
+            parse_block_config(i, b, hidden_size=self.hidden_size, num_attention_heads=self.num_attention_heads,
+                               hidden_act=self.hidden_act)
+            for i, b in enumerate(self.block_configs)
+        ]
+
+    @property
+    def layer_types(self) -> list[str] | None:
+        # transformers' DynamicCache reads `layer_types`: layers without a KV cache become dummy cache layers.
+        if self.__dict__.get("block_configs") is None:  # still inside __init__
+            return None
+        return ["full_attention" if b.attention.has_kv_cache else "mlp" for b in self.layers_blocks()]
+
+    def kv_cache_bytes_per_token(self, bytes_per_element: int) -> int:
+        """Bytes of K and V cached per token over all layers (GQA layers only)."""
+        head_dim = self.head_dim
+        return sum(
+            2 * b.attention.num_key_value_heads * head_dim * bytes_per_element
+            for b in self.layers_blocks()
+            if b.attention.has_kv_cache
+        )
+
+
+__all__ = [
+    "AttentionBlock",
+    "BlockConfigError",
+    "DeciLMConfig",
+    "FFNBlock",
+    "LayerBlocks",
+    "block_config_dict",
+    "ffn_mult_to_intermediate_size",
+    "intermediate_size_to_ffn_mult",
+    "parse_block_config",
+]
