@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from open_nemotron.errors import OpenNemotronError
+
 THINKING_ON = "detailed thinking on"
 THINKING_OFF = "detailed thinking off"
 THINK_OPEN = "<think>"
@@ -27,7 +29,7 @@ _CHATML_MARKER = "<|im_start|>"
 _LLAMA3_MARKER = "<|start_header_id|>"
 
 
-class UnsupportedChatFormatError(ValueError):
+class UnsupportedChatFormatError(OpenNemotronError, ValueError):
     """The parent's chat template is neither ChatML nor Llama-3."""
 
 

@@ -24,6 +24,8 @@ from typing import Any
 from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig
 
+from open_nemotron.errors import OpenNemotronError
+
 # Keys NVIDIA's checkpoints carry that we accept but that must stay at their "off" value (we do not implement
 # sliding-window or sink attention, nor sparsity).
 _ATTENTION_INACTIVE_KEYS = {
@@ -38,7 +40,7 @@ _FFN_OPTIONAL_KEYS = {"hidden_act", "weights_precision"}
 _ATTENTION_OPTIONAL_KEYS = {"weights_precision", "num_key_value_heads"}
 
 
-class BlockConfigError(ValueError):
+class BlockConfigError(OpenNemotronError, ValueError):
     """A `block_configs` entry is malformed; the message names the layer, the field, the value and what was expected."""
 
 

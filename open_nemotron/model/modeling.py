@@ -1,0 +1,365 @@
+"""Heterogeneous Llama in NVIDIA's DeciLM / "nemotron-nas" format, readable top to bottom.
+
+Every layer is a pre-norm residual block pair, as in Llama, but each layer chooses its own sub-blocks from its
+`block_configs` entry (see `configuration.py`):
+
+    attention: GQA with this layer's KV-head count | Linear(hidden, hidden) (`self_attn.linear_attn`) | nothing
+    ffn:       SwiGLU of this layer's width         | Linear(hidden, hidden) (`mlp.linear_mlp`)      | nothing
+
+A "nothing" (no_op) sub-block has no weights and no pre-norm. Weight names match NVIDIA's checkpoints, so a
+Llama checkpoint is a nemotron-nas checkpoint with every block equal to the parent's.
+
+With every block equal to the parent, the forward pass computes exactly what `transformers`' LlamaForCausalLM
+computes (same RoPE module, same RMSNorm math, SDPA attention); tests check logits to 1e-5 in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+from open_nemotron.model.configuration import AttentionBlock, DeciLMConfig, FFNBlock
+
+
+class DeciLMRMSNorm(nn.Module):
+    """RMSNorm with Llama's numerics: normalise in fp32, cast back, then scale."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if hidden_states.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # One fused op instead of five; identical math in fp32.
+            return F.rms_norm(hidden_states, self.weight.shape, self.weight, self.variance_epsilon)
+        input_dtype = hidden_states.dtype
+        x = hidden_states.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x.to(input_dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Llama's RoPE on [batch, heads, seq, head_dim] with cos/sin of shape [batch, 1, seq, head_dim]."""
+    return x * cos + rotate_half(x) * sin
+
+
+class DeciLMAttention(nn.Module):
+    """Grouped-query attention with this layer's own number of KV heads (SDPA)."""
+
+    def __init__(self, config: DeciLMConfig, num_key_value_heads: int, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, num_key_value_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, num_key_value_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        is_causal: bool,
+        past_key_values=None,
+    ) -> torch.Tensor:
+        bsz, seq, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(bsz, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(bsz, seq, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(bsz, seq, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=attention_mask,
+            dropout_p=self.attention_dropout if self.training else 0.0,
+            is_causal=is_causal,
+            scale=self.scaling,
+            enable_gqa=self.num_key_value_heads != self.num_heads,
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(bsz, seq, -1))
+
+
+class DeciLMLinearAttention(nn.Module):
+    """Attention replaced by one bias-free linear map (Puzzle's "linear attention"); key `self_attn.linear_attn`."""
+
+    def __init__(self, config: DeciLMConfig) -> None:
+        super().__init__()
+        self.linear_attn = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return self.linear_attn(hidden_states)
+
+
+class DeciLMMLP(nn.Module):
+    """SwiGLU feed-forward of this layer's width."""
+
+    def __init__(self, config: DeciLMConfig, intermediate_size: int) -> None:
+        super().__init__()
+        self.intermediate_size = intermediate_size
+        bias = config.mlp_bias
+        self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DeciLMLinearMLP(nn.Module):
+    """FFN replaced by one bias-free linear map; key `mlp.linear_mlp`."""
+
+    def __init__(self, config: DeciLMConfig) -> None:
+        super().__init__()
+        self.linear_mlp = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_mlp(x)
+
+
+def build_attention(config: DeciLMConfig, block: AttentionBlock, layer_idx: int) -> nn.Module | None:
+    if block.kind == "gqa":
+        return DeciLMAttention(config, block.num_key_value_heads, layer_idx)
+    if block.kind == "linear":
+        return DeciLMLinearAttention(config)
+    return None
+
+
+def build_ffn(config: DeciLMConfig, block: FFNBlock) -> nn.Module | None:
+    if block.kind == "swiglu":
+        return DeciLMMLP(config, block.intermediate_size)
+    if block.kind == "linear":
+        return DeciLMLinearMLP(config)
+    return None
+
+
+class DeciLMDecoderLayer(GradientCheckpointingLayer):
+    """One layer; a no-op sub-block has neither module nor pre-norm, so it costs nothing."""
+
+    def __init__(self, config: DeciLMConfig, layer_idx: int) -> None:
+        super().__init__()
+        blocks = config.layers_blocks()[layer_idx]
+        self.attention_kind = blocks.attention.kind
+        self.ffn_kind = blocks.ffn.kind
+        attn = build_attention(config, blocks.attention, layer_idx)
+        if attn is not None:
+            self.input_layernorm = DeciLMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            self.self_attn = attn
+        ffn = build_ffn(config, blocks.ffn)
+        if ffn is not None:
+            self.post_attention_layernorm = DeciLMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            self.mlp = ffn
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        past_key_values=None,
+    ) -> torch.Tensor:
+        if self.attention_kind != "no_op":
+            hidden_states = hidden_states + self.self_attn(
+                self.input_layernorm(hidden_states), cos, sin, attention_mask, is_causal, past_key_values
+            )
+        if self.ffn_kind != "no_op":
+            hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        return hidden_states
+
+
+class DeciLMPreTrainedModel(PreTrainedModel):
+    config_class = DeciLMConfig
+    config: DeciLMConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DeciLMDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_attention_backend = False
+
+
+def attention_masks(
+    attention_mask: torch.Tensor | None, query_length: int, past_length: int
+) -> tuple[torch.Tensor | None, bool]:
+    """The SDPA mask for one forward pass: (boolean mask [batch, 1, query, keys] or None, is_causal).
+
+    `attention_mask` is the usual 2-D padding mask over past + current tokens (1 = real token). Without padding,
+    no mask is built at all (SDPA's causal kernel for prefill, nothing for one-token decode), which is what makes
+    the common cases cheap. With padding, a padded query row would mask every key, which SDPA turns into NaN;
+    such rows may attend to themselves instead (their outputs are never used).
+    """
+    key_length = past_length + query_length
+    if attention_mask is not None and attention_mask.shape[-1] != key_length:
+        raise ValueError(
+            f"attention_mask covers {attention_mask.shape[-1]} positions: expected past ({past_length}) + "
+            f"current ({query_length}) = {key_length}"
+        )
+    has_padding = attention_mask is not None and not bool(attention_mask.all())
+    if not has_padding:
+        if query_length == 1:
+            return None, False
+        if past_length == 0:
+            return None, True
+    device = attention_mask.device if attention_mask is not None else None
+    q_pos = torch.arange(past_length, key_length, device=device)
+    k_pos = torch.arange(key_length, device=device)
+    mask = (k_pos[None, :] <= q_pos[:, None])[None, None]  # [1, 1, q, k] causal
+    if has_padding:
+        keys_real = attention_mask[:, None, None, :].bool()
+        mask = mask & keys_real
+        diagonal = k_pos[None, :] == q_pos[:, None]
+        mask = mask | (~mask.any(-1, keepdim=True) & diagonal[None, None])
+    return mask, False
+
+
+class DeciLMModel(DeciLMPreTrainedModel):
+    def __init__(self, config: DeciLMConfig) -> None:
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([DeciLMDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = DeciLMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        # transformers' own RoPE module: every rope_type (llama3, linear, dynamic, yarn, ...) for free.
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.first_cached_layer = next(
+            (i for i, layer in enumerate(self.layers) if layer.attention_kind == "gqa"), None
+        )
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def past_length(self, past_key_values) -> int:
+        if past_key_values is None or self.first_cached_layer is None:
+            return 0  # an attention-free model needs no positions or masks
+        return past_key_values.get_seq_length(self.first_cached_layer)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if kwargs.get("output_attentions"):
+            raise ValueError("output_attentions is not supported: attention runs in SDPA kernels")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and past_key_values is None and self.first_cached_layer is not None:
+            from transformers import DynamicCache
+
+            past_key_values = DynamicCache(config=self.config)
+
+        seq = inputs_embeds.shape[1]
+        past = self.past_length(past_key_values)
+        if position_ids is None:
+            if attention_mask is not None and not bool(attention_mask.all()):
+                # Left padding: positions count real tokens only, as transformers' generate does.
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -seq:]
+            else:
+                position_ids = torch.arange(past, past + seq, device=inputs_embeds.device)[None]
+        mask, is_causal = attention_masks(attention_mask, seq, past)
+
+        hidden_states = inputs_embeds
+        cos, sin = self.rotary_emb(hidden_states, position_ids)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        all_hidden = [] if output_hidden_states else None
+        for layer in self.layers:
+            if all_hidden is not None:
+                all_hidden.append(hidden_states)
+            hidden_states = layer(hidden_states, cos, sin, mask, is_causal, past_key_values)
+        hidden_states = self.norm(hidden_states)
+        if all_hidden is not None:
+            all_hidden.append(hidden_states)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values if use_cache or past_key_values is not None else None,
+            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+        )
+
+
+class DeciLMForCausalLM(DeciLMPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: DeciLMConfig) -> None:
+        super().__init__(config)
+        self.model = DeciLMModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            **{k: v for k, v in kwargs.items() if k == "output_attentions"},
+        )
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            if logits_to_keep:
+                hidden_states = hidden_states[:, -logits_to_keep:]
+        else:
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+        )
+
+
+__all__ = [
+    "DeciLMAttention",
+    "DeciLMDecoderLayer",
+    "DeciLMForCausalLM",
+    "DeciLMLinearAttention",
+    "DeciLMLinearMLP",
+    "DeciLMMLP",
+    "DeciLMModel",
+    "DeciLMPreTrainedModel",
+    "DeciLMRMSNorm",
+]
