@@ -70,6 +70,15 @@ class DeciLMAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, num_key_value_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, num_key_value_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.fused_qkv = None  # set by `prepare_for_decode`: q/k/v weights as views of one matrix
+
+    def project_qkv(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        fused = self.fused_qkv
+        if fused is not None and not torch.is_grad_enabled() and fused.owns(self.q_proj.weight):
+            q_size = self.num_heads * self.head_dim
+            kv_size = self.num_key_value_heads * self.head_dim
+            return F.linear(hidden_states, fused.weight).split((q_size, kv_size, kv_size), dim=-1)
+        return self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
 
     def forward(
         self,
@@ -81,9 +90,10 @@ class DeciLMAttention(nn.Module):
         past_key_values=None,
     ) -> torch.Tensor:
         bsz, seq, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(bsz, seq, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(hidden_states).view(bsz, seq, self.num_key_value_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(bsz, seq, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.project_qkv(hidden_states)
+        q = q.reshape(bsz, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.reshape(bsz, seq, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+        v = v.reshape(bsz, seq, self.num_key_value_heads, self.head_dim).transpose(1, 2)
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
         if past_key_values is not None:
@@ -122,9 +132,15 @@ class DeciLMMLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=bias)
         self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=bias)
+        self.fused_gate_up = None  # set by `prepare_for_decode`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        fused = self.fused_gate_up
+        if fused is not None and not torch.is_grad_enabled() and fused.owns(self.gate_proj.weight):
+            gate, up = F.linear(x, fused.weight).split(self.intermediate_size, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DeciLMLinearMLP(nn.Module):
@@ -198,6 +214,14 @@ class DeciLMPreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
     _supports_attention_backend = False
+
+    def save_pretrained(self, save_directory, *args, state_dict=None, **kwargs):
+        # `prepare_for_decode` leaves column-major / fused-view weights, which safetensors cannot write as they are.
+        if state_dict is None and any(not p.is_contiguous() for p in self.parameters()):
+            state_dict = {k: v.contiguous() for k, v in self.state_dict().items()}
+            if getattr(self.config, "tie_word_embeddings", False):
+                state_dict.pop("lm_head.weight", None)
+        return super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
 
 
 def attention_masks(
@@ -350,6 +374,17 @@ class DeciLMForCausalLM(DeciLMPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
         )
+
+    def generate(self, inputs: torch.Tensor | None = None, generation_config=None, fast_decode: bool = True, **kwargs):
+        """`GenerationMixin.generate`, with plain greedy/sampling requests served by our lean static-cache loop
+        (`generation.decode`: same tokens, much less per-step overhead). Anything else (beams, streamers, logits
+        processors, dict outputs, ...) and `fast_decode=False` go to transformers' implementation."""
+        from open_nemotron.model.generation import decode, plain_decode_request
+
+        request = plain_decode_request(self, inputs, generation_config, kwargs) if fast_decode else None
+        if request is None:
+            return super().generate(inputs, generation_config, **kwargs)
+        return decode(self, **request)
 
 
 __all__ = [

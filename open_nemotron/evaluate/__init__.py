@@ -1,0 +1,1 @@
+"""Evaluation: throughput benchmarks and (later) the reasoning on/off harness."""
