@@ -289,6 +289,47 @@ def render_table(result: dict[str, Any]):
     return table
 
 
+def render_markdown(result: dict[str, Any]) -> str:
+    """The human-readable report written beside the JSON."""
+    bw = result["memory_bandwidth"]
+    cfg = result["config"]
+    hw = result["hardware"]
+    lines = [
+        f"# bench-speed — {result['date']}",
+        "",
+        f"Device: {hw.get('gpu') or hw.get('cpu')} ({hw['device']}, {hw['threads']} threads, torch {hw['torch']}). "
+        f"Prompt {cfg['prompt_len']} tokens, {cfg['gen_len']} generated (greedy, EOS off), {cfg['repeats']} repeats, "
+        "medians; models interleaved in one process.",
+        "",
+        f"Memory bandwidth: copy {bw['copy_gb_per_s']:.2f} GB/s (buffer bytes per second), read "
+        f"{bw['read_gb_per_s']:.2f} GB/s. Floor = bytes streamed per token / copy bandwidth; "
+        "'x floor (read)' uses the read bandwidth instead.",
+        "",
+        "| model | batch | prefill tok/s | decode tok/s | ms/step | x floor | x floor (read) | vs first: prefill | "
+        "vs first: decode | peak memory | params | KV bytes/token |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["models"]:
+        for b, e in r["batches"].items():
+            ratio = r["ratio_to_first"][b]
+            mem = e.get("peak_memory_bytes")
+            floor_cols = (
+                f"{e['decode_ms_per_step'] / r['floor_ms_per_token']:.2f} | "
+                f"{e['decode_ms_per_step'] / r['floor_read_ms_per_token']:.2f}"
+                if b == "1" else " | "
+            )
+            lines.append(
+                f"| {r['spec']} | {b} | {e['prefill_tokens_per_s']:.1f} | {e['decode_tokens_per_s']:.2f} | "
+                f"{e['decode_ms_per_step']:.1f} | {floor_cols} | {ratio['prefill']:.2f} | {ratio['decode']:.2f} | "
+                f"{(f'{mem / 2**20:.0f} MiB') if mem is not None else '-'} | {r['params'] / 1e6:.2f} M | "
+                f"{r['kv_cache_bytes_per_token']} |"
+            )
+    lines += ["", "Floors per token (batch 1): " + "; ".join(
+        f"{r['spec']}: {r['floor_ms_per_token']:.1f} ms (copy), {r['floor_read_ms_per_token']:.1f} ms (read)"
+        for r in result["models"]), ""]
+    return "\n".join(lines)
+
+
 if __name__ == "__main__" and len(sys.argv) >= 6 and sys.argv[1] == "probe":
     torch.set_num_threads(torch.get_num_threads())
     out = memory_probe(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]),

@@ -170,6 +170,15 @@ def reasoning_chat_template(fmt: str, training: bool = False) -> str:
     return template
 
 
+def end_of_turn_token(fmt: str) -> str:
+    """The token that ends a turn in `fmt` ("chatml": ``<|im_end|>``, "llama3": ``<|eot_id|>``); generation stops there."""
+    if fmt not in _FORMATS:
+        raise UnsupportedChatFormatError(
+            f"found chat format {fmt!r}; supported chat formats are {' and '.join(SUPPORTED_FORMATS)}"
+        )
+    return _FORMATS[fmt].eot
+
+
 def install_reasoning_templates(tokenizer: Any) -> None:
     """Replace the tokenizer's chat template with the reasoning templates for its format.
 

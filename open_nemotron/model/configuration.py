@@ -176,9 +176,14 @@ def parse_block_config(layer: int, block: Any, *, hidden_size: int, num_attentio
     return LayerBlocks(attention, ffn_block)
 
 
-def block_config_dict(layer: LayerBlocks, num_attention_heads: int, hidden_size: int) -> dict[str, Any]:
-    """The on-disk `block_configs` entry for resolved layer shapes (writes both `ffn_mult` and `intermediate_size`)."""
+def block_config_dict(layer: LayerBlocks, num_attention_heads: int, hidden_size: int,
+                      ffn_mult: float | None = None) -> dict[str, Any]:
+    """The canonical on-disk `block_configs` entry for resolved layer shapes: every field explicit, both `ffn_mult`
+    and `intermediate_size` written (vLLM reads the former, NVIDIA's newer code and ours the latter); a given
+    `ffn_mult` is kept when it reproduces the width."""
     a, f = layer.attention, layer.ffn
+    if f.kind == "swiglu" and (ffn_mult is None or ffn_mult_to_intermediate_size(ffn_mult, hidden_size) != f.intermediate_size):
+        ffn_mult = intermediate_size_to_ffn_mult(f.intermediate_size, hidden_size)
     attention = {
         "no_op": a.kind == "no_op",
         "replace_with_linear": a.kind == "linear",
@@ -187,10 +192,15 @@ def block_config_dict(layer: LayerBlocks, num_attention_heads: int, hidden_size:
     ffn = {
         "no_op": f.kind == "no_op",
         "replace_with_linear": f.kind == "linear",
-        "ffn_mult": intermediate_size_to_ffn_mult(f.intermediate_size, hidden_size) if f.kind == "swiglu" else None,
+        "ffn_mult": ffn_mult if f.kind == "swiglu" else None,
         "intermediate_size": f.intermediate_size if f.kind == "swiglu" else None,
     }
     return {"attention": attention, "ffn": ffn}
+
+
+def _given_ffn_mult(block: dict[str, Any]) -> float | None:
+    mult = block.get("ffn", {}).get("ffn_mult")
+    return float(mult) if isinstance(mult, (int, float)) and not isinstance(mult, bool) else None
 
 
 @strict
@@ -220,9 +230,13 @@ class DeciLMConfig(LlamaConfig):
             raise BlockConfigError(
                 f"block_configs has {found} entries: expected one per layer (num_hidden_layers={self.num_hidden_layers})"
             )
-        # Accept NVIDIA-style entries (only ffn_mult, extra inactive keys) and validate every one now, so a bad
-        # config fails at load time with the layer and field named, not deep inside a forward pass.
-        self.layers_blocks()
+        # Validate every entry now, so a bad config fails at load time with the layer and field named, not deep
+        # inside a forward pass; then store the canonical form (NVIDIA-style entries with only ffn_mult or extra
+        # inactive keys are accepted and written back explicit).
+        self.block_configs = [
+            block_config_dict(parsed, self.num_attention_heads, self.hidden_size, _given_ffn_mult(raw))
+            for parsed, raw in zip(self.layers_blocks(), self.block_configs, strict=True)
+        ]
 
     def layers_blocks(self) -> list[LayerBlocks]:
         """Resolved (validated) shapes of every layer."""
@@ -234,10 +248,11 @@ class DeciLMConfig(LlamaConfig):
 
     @property
     def layer_types(self) -> list[str] | None:
-        # transformers' DynamicCache reads `layer_types`: layers without a KV cache become dummy cache layers.
+        # transformers' DynamicCache reads `layer_types`; "moe" is the name it accepts for a layer without
+        # attention (it becomes a cache-less DummyLayer). Here it means "no KV cache", not mixture-of-experts.
         if self.__dict__.get("block_configs") is None:  # still inside __init__
             return None
-        return ["full_attention" if b.attention.has_kv_cache else "mlp" for b in self.layers_blocks()]
+        return ["full_attention" if b.attention.has_kv_cache else "moe" for b in self.layers_blocks()]
 
     def kv_cache_bytes_per_token(self, bytes_per_element: int) -> int:
         """Bytes of K and V cached per token over all layers (GQA layers only)."""

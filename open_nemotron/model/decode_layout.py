@@ -57,15 +57,23 @@ def fuse_rows(linears: list[nn.Linear]) -> FusedWeight | None:
     return fused
 
 
-@torch.no_grad()
 def prepare_for_decode(model: nn.Module) -> nn.Module:
     """Apply the decode layouts to a DeciLM model in place (idempotent; CPU only, a no-op elsewhere)."""
-    from open_nemotron.model.modeling import DeciLMAttention, DeciLMMLP
-
     if getattr(model, "_decode_layout", False):
         return model
     if next(model.parameters()).device.type != "cpu":
         return model
+    # The new weight storages must be ordinary tensors even when generate() runs under inference_mode, or the
+    # model could not be trained afterwards (GRPO generates, then trains the same model).
+    with torch.inference_mode(False), torch.no_grad():
+        _relayout(model)
+    model._decode_layout = True
+    return model
+
+
+def _relayout(model: nn.Module) -> None:
+    from open_nemotron.model.modeling import DeciLMAttention, DeciLMMLP
+
     for module in model.modules():
         if isinstance(module, DeciLMAttention):
             module.fused_qkv = fuse_rows([module.q_proj, module.k_proj, module.v_proj])
@@ -74,5 +82,3 @@ def prepare_for_decode(model: nn.Module) -> nn.Module:
             module.fused_gate_up = fuse_rows([module.gate_proj, module.up_proj])
         elif isinstance(module, nn.Linear) and module.out_features >= module.in_features:
             _column_major(module.weight)  # linear attention/FFN replacements, the LM head (tied embedding)
-    model._decode_layout = True
-    return model

@@ -1,0 +1,276 @@
+"""The `open-nemotron` command line: convert, bench-speed, bench-train, generate.
+
+Heavy modules (torch, transformers, the model code) are imported inside each command, so that `--help` and bad
+arguments answer without loading them. Bad input ends with one line, ``error: <message>``, on stderr and exit
+status 2 (the status click uses for usage errors); a traceback means a bug.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from open_nemotron.errors import OpenNemotronError
+
+USER_ERROR_EXIT_CODE = 2
+
+app = typer.Typer(
+    name="open-nemotron",
+    help="Llama-Nemotron's pipeline for small Llama models: convert, benchmark, chat.",
+    no_args_is_help=True,
+    add_completion=False,
+    # Locals of a failing frame can hold whole models and tensors: never print them.
+    pretty_exceptions_show_locals=False,
+)
+
+
+class CliInputError(OpenNemotronError, ValueError):
+    """A command-line option has a value the command cannot use."""
+
+
+CommandFunction = TypeVar("CommandFunction", bound=Callable[..., Any])
+
+
+def _one_line(err: BaseException) -> str:
+    # Messages are meant to be one line already; collapsing whitespace guarantees it for foreign ones.
+    return re.sub(r"\s+", " ", str(err)).strip() or type(err).__name__
+
+
+def reports_user_errors(command: CommandFunction) -> CommandFunction:
+    """Turn `OpenNemotronError` and `FileNotFoundError` into ``error: <message>`` on stderr and exit status 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except (OpenNemotronError, FileNotFoundError) as err:
+            typer.echo(f"error: {_one_line(err)}", err=True)
+            raise typer.Exit(USER_ERROR_EXIT_CODE) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def parse_positive_ints(option: str, value: str) -> list[int]:
+    """``"1,16"`` -> ``[1, 16]``; anything else is a `CliInputError` naming the option and the value."""
+    items = [item.strip() for item in value.split(",")]
+    if not all(re.fullmatch(r"\d+", item) and int(item) > 0 for item in items):
+        raise CliInputError(f"{option} {value!r}: expected comma-separated positive integers, e.g. 1,16")
+    return [int(item) for item in items]
+
+
+def parse_switch(option: str, value: str) -> bool:
+    """``on`` -> True, ``off`` -> False (case-insensitive)."""
+    switch = value.strip().lower()
+    if switch not in ("on", "off"):
+        raise CliInputError(f"{option} {value!r}: expected on or off")
+    return switch == "on"
+
+
+def check_device(value: str | None) -> str | None:
+    """``cpu``, ``cuda`` or ``cuda:N`` (CUDA only where available); None picks CUDA when present, else CPU."""
+    if value is None:
+        return None
+    if value == "cpu":
+        return value
+    if not re.fullmatch(r"cuda(:\d+)?", value):
+        raise CliInputError(f"--device {value!r}: expected cpu, cuda or cuda:N")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise CliInputError(f"--device {value!r}: CUDA is not available on this machine; use --device cpu")
+    return value
+
+
+def markdown_path_beside(json_path: Path) -> Path:
+    """Where the Markdown report of a `--json` result goes: same name, suffix .md."""
+    if json_path.suffix == ".md":
+        raise CliInputError(f"--json '{json_path}': expected a .json path (the Markdown report is written beside it)")
+    return json_path.with_suffix(".md")
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    # Progress and notes go to stderr so stdout carries only the results.
+    return Console(stderr=True, highlight=False)
+
+
+ModelSpecs = Annotated[
+    list[str],
+    typer.Argument(
+        metavar="MODEL",
+        help="Model specs: a model directory, a .gguf file, the alias smollm2-135m or a hub id (org/name); "
+        "prefix ours: or transformers: to pick the implementation for a Llama checkpoint.",
+        show_default=False,
+    ),
+]
+DeviceOption = Annotated[
+    str | None, typer.Option("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu).")
+]
+JsonOption = Annotated[
+    Path | None,
+    typer.Option("--json", help="Write the result as JSON here and a Markdown report beside it (.md).", dir_okay=False),
+]
+SeedOption = Annotated[int, typer.Option("--seed", help="Seed for the random benchmark inputs.")]
+
+
+@app.command()
+@reports_user_errors
+def convert(
+    src: Annotated[
+        str,
+        typer.Argument(help="Parent spec: a model directory, a .gguf file, the alias smollm2-135m or a hub id.",
+                       show_default=False),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Directory to write the converted model to.", file_okay=False)],
+) -> None:
+    """Write a Llama parent in the DeciLM (nemotron-nas) format, with the reasoning-toggle chat template."""
+    from open_nemotron.model.loading import convert as convert_model
+
+    with _stderr_console().status(f"converting {src} ..."):
+        written = convert_model(src, out)
+    typer.echo(f"wrote {written}")
+
+
+@app.command("bench-speed")
+@reports_user_errors
+def bench_speed(
+    models: ModelSpecs,
+    batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Comma-separated batch sizes.")] = "1,16",
+    prompt_len: Annotated[int, typer.Option("--prompt-len", help="Prompt tokens.")] = 128,
+    gen_len: Annotated[int, typer.Option("--gen-len", help="Generated tokens (EOS off).")] = 128,
+    repeats: Annotated[int, typer.Option("--repeats", help="Interleaved repeats; medians are reported.")] = 3,
+    memory: Annotated[
+        bool, typer.Option("--memory/--no-memory", help="Measure peak memory (one fresh process per model and batch).")
+    ] = True,
+    device: DeviceOption = None,
+    seed: SeedOption = 0,
+    json_out: JsonOption = None,
+) -> None:
+    """Prefill/decode throughput, peak memory and KV-cache cost of models, interleaved in one process."""
+    sizes = parse_positive_ints("--batch-sizes", batch_sizes)
+    device = check_device(device)
+    markdown_out = markdown_path_beside(json_out) if json_out is not None else None
+
+    from rich.console import Console
+
+    from open_nemotron.evaluate.throughput import SpeedConfig, render_markdown, render_table, run
+    from open_nemotron.utils import atomic_write_text
+
+    config = SpeedConfig(
+        models=list(models), batch_sizes=sizes, prompt_len=prompt_len, gen_len=gen_len, repeats=repeats,
+        memory=memory, device=device, seed=seed, json_out=str(json_out) if json_out is not None else None,
+    )
+    _stderr_console().print(f"bench-speed: loading {len(models)} model(s) ...")
+    result = run(config)
+    Console().print(render_table(result))
+    if json_out is not None and markdown_out is not None:
+        atomic_write_text(markdown_out, render_markdown(result))
+        typer.echo(f"wrote {json_out} and {markdown_out}")
+
+
+@app.command("bench-train")
+@reports_user_errors
+def bench_train(
+    models: ModelSpecs,
+    batch: Annotated[int, typer.Option("--batch", help="Sequences per training step.")] = 4,
+    seq: Annotated[int, typer.Option("--seq", help="Tokens per sequence.")] = 256,
+    steps: Annotated[int, typer.Option("--steps", help="Training steps per measurement.")] = 3,
+    repeats: Annotated[int, typer.Option("--repeats", help="Interleaved repeats; medians are reported.")] = 2,
+    device: DeviceOption = None,
+    seed: SeedOption = 0,
+    json_out: JsonOption = None,
+) -> None:
+    """Training-step throughput (forward, backward, AdamW) and FLOP rate of models, interleaved in one process."""
+    device = check_device(device)
+    markdown_out = markdown_path_beside(json_out) if json_out is not None else None
+
+    from rich.console import Console
+
+    from open_nemotron.evaluate.train_speed import TrainSpeedConfig, render_markdown, render_table, run
+    from open_nemotron.utils import atomic_write_text
+
+    config = TrainSpeedConfig(
+        models=list(models), batch=batch, seq=seq, steps=steps, repeats=repeats, device=device, seed=seed,
+        json_out=str(json_out) if json_out is not None else None,
+    )
+    _stderr_console().print(f"bench-train: loading {len(models)} model(s) ...")
+    result = run(config)
+    Console().print(render_table(result))
+    if json_out is not None and markdown_out is not None:
+        atomic_write_text(markdown_out, render_markdown(result))
+        typer.echo(f"wrote {json_out} and {markdown_out}")
+
+
+@app.command()
+@reports_user_errors
+def generate(
+    model_spec: Annotated[
+        str,
+        typer.Argument(metavar="MODEL", help="Model spec: a model directory, a .gguf file, the alias smollm2-135m "
+                       "or a hub id.", show_default=False),
+    ],
+    prompt: Annotated[str, typer.Option("--prompt", help="The user message.", show_default=False)],
+    thinking: Annotated[str, typer.Option("--thinking", help="Reasoning switch: on or off.")] = "on",
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Most tokens to generate.")] = 512,
+    temperature: Annotated[
+        float | None,
+        typer.Option("--temperature", help="Sampling temperature; 0 = greedy (default: 0.6 with thinking on, "
+                     "greedy with thinking off).", show_default=False),
+    ] = None,
+    top_p: Annotated[
+        float | None, typer.Option("--top-p", help="Nucleus sampling mass (default 0.95 when sampling).",
+                                   show_default=False)
+    ] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed for reproducible sampling.")] = None,
+    device: DeviceOption = None,
+) -> None:
+    """Answer one prompt with reasoning on or off; prints the reasoning and the answer separately."""
+    thinking_on = parse_switch("--thinking", thinking)
+    device = check_device(device)
+
+    from open_nemotron.model.chat import ChatGenerationError, ensure_reasoning_template, generate_chat, resolve_sampling
+
+    # Check the decoding settings before spending time on loading the model.
+    if max_new_tokens < 1:
+        raise ChatGenerationError(f"--max-new-tokens {max_new_tokens}: expected a positive integer")
+    sampling = resolve_sampling(thinking_on, temperature=temperature, top_p=top_p)
+
+    from rich.console import Console
+    from rich.panel import Panel
+    from rich.text import Text
+
+    from open_nemotron.model.chat_template import split_reasoning
+    from open_nemotron.model.loading import load_model, load_tokenizer
+
+    status_console = _stderr_console()
+    with status_console.status(f"loading {model_spec} ..."):
+        model = load_model(model_spec, device=device)
+        tokenizer = load_tokenizer(model_spec)
+        ensure_reasoning_template(tokenizer)
+    status_console.print(f"thinking {'on' if thinking_on else 'off'}: {sampling.describe()}")
+    with status_console.status(f"generating up to {max_new_tokens} tokens ..."):
+        (reply,) = generate_chat(
+            model, tokenizer, [[{"role": "user", "content": prompt}]], thinking=thinking_on,
+            max_new_tokens=max_new_tokens, do_sample=sampling.do_sample, temperature=sampling.temperature,
+            top_p=sampling.top_p, seed=seed,
+        )
+    reasoning, answer = split_reasoning(reply)
+    # Text(...) rather than str: model output must never be read as rich markup.
+    console = Console()
+    if reasoning is not None:
+        console.print(Panel(Text(reasoning), title="reasoning", title_align="left"))
+    console.print(Panel(Text(answer), title="answer", title_align="left"))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

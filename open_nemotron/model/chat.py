@@ -1,0 +1,217 @@
+"""Chatting with a model under the reasoning switch: batched generation from conversations.
+
+`generate_chat` renders conversations with the tokenizer's chat template (``enable_thinking`` selects
+``detailed thinking on/off``), left-pads them in batches, generates, and returns only the new text. Its decoding
+defaults follow the Llama-Nemotron paper's evaluation protocol: reasoning on samples at temperature 0.6 and
+top-p 0.95, reasoning off decodes greedily.
+
+A raw parent's own template ignores ``enable_thinking``; `ensure_reasoning_template` installs ours so that a
+parent and a converted model see exactly the same prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from open_nemotron.errors import OpenNemotronError
+from open_nemotron.model.chat_template import (
+    UnsupportedChatFormatError,
+    detect_chat_format,
+    end_of_turn_token,
+    install_reasoning_templates,
+)
+
+# Every template built by `reasoning_chat_template` opens with a Jinja comment containing this text.
+REASONING_TEMPLATE_MARKER = "open-nemotron reasoning template"
+
+# The Llama-Nemotron paper's sampling settings for reasoning-on evaluation (reasoning off is greedy).
+THINKING_TEMPERATURE = 0.6
+THINKING_TOP_P = 0.95
+
+
+class ChatGenerationError(OpenNemotronError, ValueError):
+    """Bad arguments to `generate_chat` (decoding settings, batch size, conversations)."""
+
+
+def _default_template(tokenizer: Any) -> str | None:
+    template = tokenizer.chat_template
+    if isinstance(template, dict):
+        return template.get("default")
+    return template
+
+
+def has_reasoning_template(tokenizer: Any) -> bool:
+    """Whether the tokenizer's default chat template is one of ours (and so honours ``enable_thinking``)."""
+    template = _default_template(tokenizer)
+    return template is not None and REASONING_TEMPLATE_MARKER in template
+
+
+def ensure_reasoning_template(tokenizer: Any) -> None:
+    """Install our reasoning templates unless the tokenizer already has them (converted models do).
+
+    Raises `UnsupportedChatFormatError` for a template that is neither ChatML nor Llama-3.
+    """
+    if not has_reasoning_template(tokenizer):
+        install_reasoning_templates(tokenizer)
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """Resolved decoding settings: greedy (`do_sample=False`, no temperature/top-p) or sampling."""
+
+    do_sample: bool
+    temperature: float | None
+    top_p: float | None
+
+    def describe(self) -> str:
+        if not self.do_sample:
+            return "greedy"
+        return f"sampling (temperature {self.temperature}, top-p {self.top_p})"
+
+
+def resolve_sampling(
+    thinking: bool, do_sample: bool | None = None, temperature: float | None = None, top_p: float | None = None
+) -> SamplingSettings:
+    """Fill in the paper's defaults and check the settings.
+
+    With `do_sample=None`: temperature 0 means greedy, an explicit temperature or top-p means sampling, and
+    otherwise reasoning on samples and reasoning off is greedy. Sampling defaults to temperature 0.6 and top-p 0.95.
+    """
+    if do_sample is None:
+        if temperature == 0:
+            do_sample = False
+            temperature = None
+        else:
+            do_sample = thinking or temperature is not None or top_p is not None
+    if not do_sample:
+        # A temperature or top-p under greedy decoding would be silently ignored: refuse it instead.
+        if temperature not in (None, 0) or top_p not in (None, 1.0):
+            raise ChatGenerationError(
+                f"temperature={temperature}, top_p={top_p} with do_sample=False: greedy decoding takes neither "
+                "(leave them unset, or sample)"
+            )
+        return SamplingSettings(False, None, None)
+    temperature = THINKING_TEMPERATURE if temperature is None else float(temperature)
+    top_p = THINKING_TOP_P if top_p is None else float(top_p)
+    if not temperature > 0:
+        raise ChatGenerationError(f"temperature = {temperature}: expected a positive number when sampling (0 = greedy)")
+    if not 0 < top_p <= 1:
+        raise ChatGenerationError(f"top_p = {top_p}: expected a number in (0, 1]")
+    return SamplingSettings(True, temperature, top_p)
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """The tokenizer's EOS id plus its chat format's end-of-turn id when that is a different token.
+
+    Chat models end an answer with the end-of-turn token (``<|eot_id|>``, ``<|im_end|>``), which for some
+    tokenizers is not the EOS token (Llama-3 base tokenizers have EOS ``<|end_of_text|>``).
+    """
+    ids: list[int] = []
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    try:
+        eot = end_of_turn_token(detect_chat_format(_default_template(tokenizer)))
+    except UnsupportedChatFormatError:
+        eot = None  # some other template: EOS is all we know
+    if eot is not None and eot in tokenizer.get_vocab():
+        eot_id = int(tokenizer.convert_tokens_to_ids(eot))
+        if eot_id not in ids:
+            ids.append(eot_id)
+    if not ids:
+        raise ChatGenerationError("tokenizer has no eos_token and its chat template has no known end-of-turn token")
+    return ids
+
+
+def render_chat_prompts(tokenizer: Any, conversations: list[list[dict]], thinking: bool) -> list[list[int]]:
+    """Token ids of each conversation rendered with the generation prompt and the reasoning switch."""
+    prompts = []
+    for conversation in conversations:
+        # return_dict=False: transformers 5 otherwise returns a BatchEncoding rather than the id list.
+        ids = tokenizer.apply_chat_template(
+            conversation, add_generation_prompt=True, enable_thinking=thinking, tokenize=True, return_dict=False
+        )
+        prompts.append(list(ids))
+    return prompts
+
+
+def left_pad(prompts: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) for prompts padded on the left, so every row's last token is its prompt's last."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        if prompt:
+            input_ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            attention_mask[row, width - len(prompt) :] = 1
+    return input_ids, attention_mask
+
+
+def _cut_at_stop(tokens: list[int], stop_ids: list[int]) -> list[int]:
+    for i, token in enumerate(tokens):
+        if token in stop_ids:
+            return tokens[:i]
+    return tokens
+
+
+def generate_chat(
+    model: Any,
+    tokenizer: Any,
+    conversations: list[list[dict]],
+    *,
+    thinking: bool,
+    max_new_tokens: int,
+    do_sample: bool | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    batch_size: int = 16,
+) -> list[str]:
+    """Generate one reply per conversation (new text only, special tokens removed), in input order.
+
+    `thinking` sets the reasoning switch (the tokenizer must have our reasoning template for it to take effect,
+    see `ensure_reasoning_template`); decoding defaults are those of `resolve_sampling`. `seed` seeds torch first,
+    so sampled replies are reproducible for the same batches.
+    """
+    if max_new_tokens < 1:
+        raise ChatGenerationError(f"max_new_tokens = {max_new_tokens}: expected a positive integer")
+    if batch_size < 1:
+        raise ChatGenerationError(f"batch_size = {batch_size}: expected a positive integer")
+    sampling = resolve_sampling(thinking, do_sample, temperature, top_p)
+    if not conversations:
+        return []
+    for i, conversation in enumerate(conversations):
+        if not isinstance(conversation, list) or not conversation:
+            raise ChatGenerationError(f"conversation {i} is {conversation!r}: expected a non-empty list of messages")
+
+    prompts = render_chat_prompts(tokenizer, conversations, thinking)
+    stop_ids = stop_token_ids(tokenizer)
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    device = next(model.parameters()).device
+    sampling_kwargs: dict[str, Any] = {"do_sample": sampling.do_sample}
+    if sampling.do_sample:
+        sampling_kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p)
+
+    # Batches of similar length waste less compute on padding; replies are put back in input order at the end.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    replies = [""] * len(prompts)
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            input_ids, attention_mask = left_pad([prompts[i] for i in rows], pad_token_id)
+            output = model.generate(
+                input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad_token_id,
+                eos_token_id=stop_ids,
+                **sampling_kwargs,
+            )
+            new_tokens = output[:, input_ids.shape[1] :].tolist()
+            for row, tokens in zip(rows, new_tokens, strict=True):
+                replies[row] = tokenizer.decode(_cut_at_stop(tokens, stop_ids), skip_special_tokens=True)
+    return replies

@@ -1,0 +1,77 @@
+"""Tiny random Llama and nemotron-nas models built in code, saved like real checkpoints (offline tests)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers_for_tests import chatml_tokenizer
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from open_nemotron.model.configuration import DeciLMConfig
+from open_nemotron.model.modeling import DeciLMForCausalLM
+
+TINY_VOCAB = 259  # the byte-level test tokenizer's size
+
+
+def tiny_llama_config(**overrides) -> LlamaConfig:
+    """Odd sizes on purpose (hidden 48, FFN 70) so shape bugs cannot hide behind powers of two."""
+    kwargs = dict(
+        vocab_size=TINY_VOCAB,
+        hidden_size=48,
+        intermediate_size=70,
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+def random_llama(config: LlamaConfig, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # non-trivial norms so a skipped or misplaced norm changes the output
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def save_tiny_llama(path: Path, config: LlamaConfig | None = None, seed: int = 0) -> Path:
+    model = random_llama(config or tiny_llama_config(), seed)
+    model.save_pretrained(path)
+    chatml_tokenizer().save_pretrained(path)
+    return path
+
+
+def heterogeneous_config(**overrides) -> DeciLMConfig:
+    """One layer of each kind: GQA with fewer KV heads, linear and no-op attention; narrower, linear, no-op FFN."""
+    blocks = [
+        {"attention": {"n_heads_in_group": 3}, "ffn": {"intermediate_size": 70}},  # 2 KV heads, full FFN
+        {"attention": {"replace_with_linear": True}, "ffn": {"intermediate_size": 33}},  # linear attn, narrow FFN
+        {"attention": {"n_heads_in_group": 6}, "ffn": {"replace_with_linear": True}},  # 1 KV head, linear FFN
+        {"attention": {"no_op": True}, "ffn": {"ffn_mult": 1.0}},  # no attention, ffn_mult -> 256
+        {"attention": {"n_heads_in_group": 1}, "ffn": {"no_op": True}},  # MHA, no FFN
+        {"attention": {"no_op": True}, "ffn": {"no_op": True}},  # an empty layer
+    ]
+    cfg = tiny_llama_config(num_hidden_layers=len(blocks)).to_dict()
+    for key in ("model_type", "architectures", "transformers_version"):
+        cfg.pop(key, None)
+    cfg.update({"block_configs": blocks, **overrides})
+    return DeciLMConfig(**cfg)
+
+
+def random_decilm(config: DeciLMConfig, seed: int = 0) -> DeciLMForCausalLM:
+    torch.manual_seed(seed)
+    model = DeciLMForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return model

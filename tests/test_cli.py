@@ -1,0 +1,174 @@
+"""The `open-nemotron` CLI through typer's CliRunner, on tiny random checkpoints saved to temporary directories."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from typer.testing import CliRunner
+
+from open_nemotron.cli import app, parse_positive_ints
+from open_nemotron.errors import OpenNemotronError
+from open_nemotron.model.chat import has_reasoning_template
+from open_nemotron.model.modeling import DeciLMForCausalLM
+from tests.models_for_tests import save_tiny_llama
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    return save_tiny_llama(tmp_path_factory.mktemp("parent") / "tiny-llama")
+
+
+def invoke(*args: str | Path):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_convert_writes_a_model_auto_loads_as_decilm(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "converted"
+    result = invoke("convert", tiny_llama_dir, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert f"wrote {out}" in result.stdout
+
+    converted = AutoModelForCausalLM.from_pretrained(out)
+    parent = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    assert isinstance(converted, DeciLMForCausalLM)
+    ids = torch.randint(3, 259, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(converted(ids).logits, parent(ids).logits)
+    assert has_reasoning_template(AutoTokenizer.from_pretrained(out))
+
+
+@pytest.mark.parametrize("thinking", ["on", "off"])
+def test_generate_prints_the_answer(tiny_llama_dir: Path, thinking: str) -> None:
+    result = invoke("generate", tiny_llama_dir, "--prompt", "What is 2+2?", "--thinking", thinking,
+                    "--max-new-tokens", "4", "--seed", "0", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "answer" in result.stdout
+    expected = "sampling (temperature 0.6, top-p 0.95)" if thinking == "on" else "greedy"
+    assert f"thinking {thinking}: {expected}" in result.stderr
+
+
+def test_bench_speed_writes_json_and_markdown(tiny_llama_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    import open_nemotron.evaluate.throughput as throughput
+
+    # The real bandwidth probe streams a GiB; a few MiB exercise the same code path.
+    monkeypatch.setattr(throughput, "measure_memory_bandwidth",
+                        functools.partial(throughput.measure_memory_bandwidth, buffer_mib=4, repeats=1))
+    json_out = tmp_path / "speed.json"
+    result = invoke("bench-speed", tiny_llama_dir, f"ours:{tiny_llama_dir}", "--batch-sizes", "1", "--prompt-len", "8",
+                    "--gen-len", "4", "--repeats", "1", "--no-memory", "--device", "cpu", "--json", json_out)
+    assert result.exit_code == 0, result.output
+    saved = json.loads(json_out.read_text())
+    assert [m["spec"] for m in saved["models"]] == [str(tiny_llama_dir), f"ours:{tiny_llama_dir}"]
+    assert json_out.with_suffix(".md").read_text().startswith("# bench-speed")
+    assert "bench-speed" in result.stdout
+
+
+def test_bench_train_passes_its_options_through(tmp_path: Path, monkeypatch) -> None:
+    calls: dict = {}
+
+    def fake_run(config):
+        calls["config"] = config
+        return {"rows": 1}
+
+    fake = types.ModuleType("open_nemotron.evaluate.train_speed")
+    fake.TrainSpeedConfig = lambda **kwargs: kwargs
+    fake.run = fake_run
+    fake.render_table = lambda result: "TRAIN TABLE"
+    fake.render_markdown = lambda result: "# bench-train\n"
+    monkeypatch.setitem(sys.modules, "open_nemotron.evaluate.train_speed", fake)
+    json_out = tmp_path / "train.json"
+    result = invoke("bench-train", "a", "b", "--batch", "2", "--seq", "16", "--steps", "1", "--repeats", "1",
+                    "--device", "cpu", "--seed", "3", "--json", json_out)
+    assert result.exit_code == 0, result.output
+    assert calls["config"] == dict(models=["a", "b"], batch=2, seq=16, steps=1, repeats=1, device="cpu", seed=3,
+                                   json_out=str(json_out))
+    assert "TRAIN TABLE" in result.stdout
+    assert json_out.with_suffix(".md").read_text() == "# bench-train\n"
+
+
+def write_config(directory: Path, config: dict) -> Path:
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def truncated_copy(src: Path, directory: Path) -> Path:
+    directory.mkdir()
+    for f in src.iterdir():
+        (directory / f.name).write_bytes(f.read_bytes())
+    weights = directory / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return directory
+
+
+BAD_MODELS = {
+    "missing": (lambda tmp, parent: tmp / "no-such-model", ["no such directory or file"]),
+    "gpt2": (
+        lambda tmp, parent: write_config(tmp / "gpt2", {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}),
+        ["unsupported architecture model_type 'gpt2' (GPT2LMHeadModel)", "LlamaForCausalLM"],
+    ),
+    "qwen2_moe": (
+        lambda tmp, parent: write_config(
+            tmp / "moe", {"model_type": "qwen2_moe", "architectures": ["Qwen2MoeForCausalLM"]}
+        ),
+        ["unsupported architecture model_type 'qwen2_moe'"],
+    ),
+    "truncated": (lambda tmp, parent: truncated_copy(parent, tmp / "truncated"), ["corrupt safetensors file"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_MODELS))
+@pytest.mark.parametrize("verb", ["convert", "generate", "bench-speed"])
+def test_bad_models_are_one_line_errors(case: str, verb: str, tiny_llama_dir: Path, tmp_path: Path) -> None:
+    make, fragments = BAD_MODELS[case]
+    model = make(tmp_path, tiny_llama_dir)
+    extra = {
+        "convert": ["--out", tmp_path / "out"],
+        "generate": ["--prompt", "hi", "--max-new-tokens", "2", "--device", "cpu"],
+        "bench-speed": ["--batch-sizes", "1", "--no-memory", "--device", "cpu"],
+    }[verb]
+    assert_one_line_error(invoke(verb, model, *extra), str(model) if case != "missing" else "", *fragments)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["bench-speed", "m", "--batch-sizes", "1,x"], ["--batch-sizes '1,x'", "comma-separated positive integers"]),
+        (["bench-speed", "m", "--batch-sizes", "0"], ["--batch-sizes '0'"]),
+        (["bench-speed", "m", "--batch-sizes", ""], ["--batch-sizes ''"]),
+        (["bench-speed", "m", "--device", "tpu"], ["--device 'tpu'", "cpu, cuda or cuda:N"]),
+        (["bench-speed", "m", "--json", "r.md"], ["--json 'r.md'", ".json"]),
+        (["bench-speed", "m", "--batch-sizes", "1", "--prompt-len", "0", "--device", "cpu"], ["prompt_len = 0"]),
+        (["generate", "m", "--prompt", "hi", "--thinking", "maybe"], ["--thinking 'maybe'", "on or off"]),
+        (["generate", "m", "--prompt", "hi", "--max-new-tokens", "0"], ["--max-new-tokens 0"]),
+        (["generate", "m", "--prompt", "hi", "--temperature", "-1"], ["temperature = -1.0"]),
+    ],
+)
+def test_bad_options_are_one_line_errors(args: list[str], fragments: list[str]) -> None:
+    assert_one_line_error(invoke(*args), *fragments)
+
+
+def test_parse_positive_ints() -> None:
+    assert parse_positive_ints("--batch-sizes", "1, 16") == [1, 16]
+    with pytest.raises(OpenNemotronError, match=r"--x '1,,2'"):
+        parse_positive_ints("--x", "1,,2")
