@@ -100,6 +100,23 @@ def _stderr_console():
     return Console(stderr=True, highlight=False)
 
 
+def check_model_specs(specs: list[str]) -> None:
+    """Resolve every spec and check its config and weights before a benchmark starts.
+
+    A bad last model then fails in seconds rather than after the others have loaded, and a GGUF parent is
+    dequantised (once, cached) under a spinner rather than silently inside the benchmark.
+    """
+    from open_nemotron.evaluate.throughput import split_spec
+    from open_nemotron.model.loading import check_architecture, read_config, resolve_model_dir, safetensors_files
+
+    with _stderr_console().status("checking models ...") as status:
+        for spec in specs:
+            status.update(f"checking {spec} ...")
+            model_dir = resolve_model_dir(split_spec(spec)[1])
+            check_architecture(read_config(model_dir), str(model_dir))
+            safetensors_files(model_dir)
+
+
 ModelSpecs = Annotated[
     list[str],
     typer.Argument(
@@ -166,7 +183,7 @@ def bench_speed(
         models=list(models), batch_sizes=sizes, prompt_len=prompt_len, gen_len=gen_len, repeats=repeats,
         memory=memory, device=device, seed=seed, json_out=str(json_out) if json_out is not None else None,
     )
-    _stderr_console().print(f"bench-speed: loading {len(models)} model(s) ...")
+    check_model_specs(list(models))
     result = run(config)
     Console().print(render_table(result))
     if json_out is not None and markdown_out is not None:
@@ -199,7 +216,7 @@ def bench_train(
         models=list(models), batch=batch, seq=seq, steps=steps, repeats=repeats, device=device, seed=seed,
         json_out=str(json_out) if json_out is not None else None,
     )
-    _stderr_console().print(f"bench-train: loading {len(models)} model(s) ...")
+    check_model_specs(list(models))
     result = run(config)
     Console().print(render_table(result))
     if json_out is not None and markdown_out is not None:

@@ -82,7 +82,7 @@ def test_bench_speed_writes_json_and_markdown(tiny_llama_dir: Path, tmp_path: Pa
     assert "bench-speed" in result.stdout
 
 
-def test_bench_train_passes_its_options_through(tmp_path: Path, monkeypatch) -> None:
+def test_bench_train_passes_its_options_through(tiny_llama_dir: Path, tmp_path: Path, monkeypatch) -> None:
     calls: dict = {}
 
     def fake_run(config):
@@ -96,11 +96,13 @@ def test_bench_train_passes_its_options_through(tmp_path: Path, monkeypatch) -> 
     fake.render_markdown = lambda result: "# bench-train\n"
     monkeypatch.setitem(sys.modules, "open_nemotron.evaluate.train_speed", fake)
     json_out = tmp_path / "train.json"
-    result = invoke("bench-train", "a", "b", "--batch", "2", "--seq", "16", "--steps", "1", "--repeats", "1",
+    specs = [str(tiny_llama_dir), f"transformers:{tiny_llama_dir}"]
+    result = invoke("bench-train", *specs, "--batch", "2", "--seq", "16", "--steps", "1", "--repeats", "1",
                     "--device", "cpu", "--seed", "3", "--json", json_out)
     assert result.exit_code == 0, result.output
-    assert calls["config"] == dict(models=["a", "b"], batch=2, seq=16, steps=1, repeats=1, device="cpu", seed=3,
-                                   json_out=str(json_out))
+    assert calls["config"] == dict(
+        models=specs, batch=2, seq=16, steps=1, repeats=1, device="cpu", seed=3, json_out=str(json_out)
+    )
     assert "TRAIN TABLE" in result.stdout
     assert json_out.with_suffix(".md").read_text() == "# bench-train\n"
 

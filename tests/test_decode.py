@@ -1,0 +1,118 @@
+"""The lean decode loop and the decode weight layouts: same numbers as the reference paths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models_for_tests import TINY_VOCAB, heterogeneous_config, random_decilm
+from transformers.generation.logits_process import (
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from open_nemotron.model.decode_layout import prepare_for_decode
+from open_nemotron.model.generation import StaticKVCache, process_logits
+
+
+def _ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, TINY_VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(1.0, 0, 1.0), (0.6, 0, 0.95), (1.3, 7, 1.0),
+                                                             (0.7, 20, 0.5), (1.0, 1, 0.9)])
+def test_logit_processing_matches_transformers_warpers(temperature, top_k, top_p):
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    expected = logits.clone()
+    if temperature != 1.0:
+        expected = TemperatureLogitsWarper(temperature)(None, expected)
+    if top_k:
+        expected = TopKLogitsWarper(top_k)(None, expected)
+    if top_p < 1.0:
+        expected = TopPLogitsWarper(top_p)(None, expected)
+    assert torch.equal(process_logits(logits, temperature, top_k, top_p), expected)
+
+
+def test_static_cache_appends_per_layer_with_own_head_counts():
+    config = heterogeneous_config()
+    cache = StaticKVCache(config, batch_size=2, max_length=10, dtype=torch.float32, device=torch.device("cpu"))
+    assert cache.keys[1] is None and cache.keys[3] is None  # linear / no-op attention: no cache
+    assert cache.keys[0].shape == (2, 2, 10, 8) and cache.keys[2].shape == (2, 1, 10, 8)
+    k = torch.randn(2, 2, 4, 8)
+    got_k, _ = cache.update(k, k, 0)
+    assert torch.equal(got_k, k) and cache.get_seq_length(0) == 4
+    k2 = torch.randn(2, 2, 1, 8)
+    got_k, _ = cache.update(k2, k2, 0)
+    assert torch.equal(got_k, torch.cat([k, k2], dim=2))
+    with pytest.raises(ValueError, match="holds 10 positions"):
+        cache.update(torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8), 0)
+
+
+def test_decode_layout_keeps_logits_and_is_idempotent():
+    model = random_decilm(heterogeneous_config(), seed=1)
+    ids = _ids(2, 9)
+    with torch.no_grad():
+        before = model(ids).logits
+        prepare_for_decode(model)
+        prepare_for_decode(model)
+        after = model(ids).logits
+    assert model.model.layers[0].self_attn.fused_qkv is not None
+    assert model.model.layers[0].mlp.fused_gate_up is not None
+    assert not model.lm_head.weight.is_contiguous()  # column-major now
+    assert (before - after).abs().max().item() <= 1e-5
+
+
+def test_model_trains_after_generate_and_fused_path_sees_updates():
+    model = random_decilm(heterogeneous_config(), seed=1)
+    ids = _ids(2, 9)
+    with torch.inference_mode():  # as TRL and our benches call it
+        model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=2)
+    model.train()
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    torch.optim.SGD(model.parameters(), lr=0.5).step()
+    model.eval()
+    with torch.no_grad():  # fused (no-grad) path and separate (grad) path must agree after the update
+        fused = model(ids).logits
+    with torch.enable_grad():
+        separate = model(ids).logits.detach()
+    assert (fused - separate).abs().max().item() <= 1e-5
+
+
+def test_dtype_change_after_layout_falls_back_safely():
+    model = random_decilm(heterogeneous_config(), seed=1)
+    prepare_for_decode(model)
+    model = model.to(torch.float64)  # replaces every Parameter's storage: the fused views no longer own them
+    ids = _ids(1, 7)
+    with torch.no_grad():
+        got = model(ids).logits
+    reference = random_decilm(heterogeneous_config(), seed=1).to(torch.float64)
+    with torch.no_grad():
+        expected = reference(ids).logits
+    assert (got - expected).abs().max().item() <= 1e-9
+
+
+def test_save_after_layout_round_trips(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = random_decilm(heterogeneous_config(tie_word_embeddings=True), seed=1)
+    ids = _ids(1, 7)
+    with torch.no_grad():
+        expected = model(ids).logits
+    prepare_for_decode(model)
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+    with torch.no_grad():
+        assert (reloaded(ids).logits - expected).abs().max().item() <= 1e-5
+
+
+def test_num_return_sequences_and_min_new_tokens():
+    model = random_decilm(heterogeneous_config(), seed=3)
+    ids = _ids(2, 5)
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, num_return_sequences=2, do_sample=True, top_k=1, pad_token_id=0,
+                  eos_token_id=5)
+    fast = model.generate(ids, **kwargs)
+    slow = model.generate(ids, fast_decode=False, **kwargs)
+    assert fast.shape == (4, 11)
+    assert torch.equal(fast, slow)
