@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from models_for_tests import random_decilm, random_llama, tiny_llama_config
+from tokenizers_for_tests import LLAMA3_CHAT_TEMPLATE, SMOLLM2_CHAT_TEMPLATE, chatml_tokenizer, llama3_tokenizer
 
 from open_nemotron.errors import OpenNemotronError
 from open_nemotron.model.chat import (
@@ -21,8 +23,6 @@ from open_nemotron.model.chat import (
 )
 from open_nemotron.model.chat_template import THINKING_OFF, THINKING_ON, reasoning_chat_template
 from open_nemotron.model.loading import deci_config_from_llama
-from tests.models_for_tests import random_decilm, random_llama, tiny_llama_config
-from tests.tokenizers_for_tests import LLAMA3_CHAT_TEMPLATE, SMOLLM2_CHAT_TEMPLATE, chatml_tokenizer, llama3_tokenizer
 
 CONVERSATIONS = [
     [{"role": "user", "content": "hi"}],

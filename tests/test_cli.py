@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from models_for_tests import save_tiny_llama
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
@@ -17,7 +18,6 @@ from open_nemotron.cli import app, parse_positive_ints
 from open_nemotron.errors import OpenNemotronError
 from open_nemotron.model.chat import has_reasoning_template
 from open_nemotron.model.modeling import DeciLMForCausalLM
-from tests.models_for_tests import save_tiny_llama
 
 runner = CliRunner()
 

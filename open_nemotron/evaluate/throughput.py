@@ -198,15 +198,15 @@ def run(config: SpeedConfig, progress: bool = True) -> dict[str, Any]:
             )
     steps = config.repeats * len(config.batch_sizes) * len(models)
     with Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task("warm-up", total=steps + len(models) * len(config.batch_sizes))
+        task = bar.add_task("bench-speed", total=steps + len(models) * len(config.batch_sizes))
+        # Batch sizes in the outer loop: a model may switch weight layouts between batch 1 and larger batches
+        # (see decode_layout.py), which should be paid once per batch size, not inside every sample.
         for b in config.batch_sizes:
-            for model in models:
-                _timed_generate(model, prompts[b], 4, device)
-                bar.advance(task)
-        bar.update(task, description="measuring")
-        for _ in range(config.repeats):
-            for b in config.batch_sizes:
+            for _ in range(config.repeats):
                 for m, model in enumerate(models):
+                    if not samples[(m, b)]["prefill_s"]:  # warm-up at this batch size
+                        _timed_generate(model, prompts[b], 4, device)
+                        bar.advance(task)
                     samples[(m, b)]["prefill_s"].append(_timed_generate(model, prompts[b], 1, device))
                     samples[(m, b)]["total_s"].append(_timed_generate(model, prompts[b], config.gen_len, device))
                     bar.advance(task)

@@ -1,4 +1,4 @@
-"""Weight layouts that make batch-1 decode on CPUs stream weights faster; values are unchanged.
+"""Weight layouts that make decode on CPUs stream weights faster; values are unchanged.
 
 Decode multiplies one activation row by every weight matrix, so its speed is the speed at which BLAS streams
 the weights. On the AVX2 CPUs we measured, MKL/oneDNN's matrix-vector product reads a [out, in] weight stored
@@ -7,6 +7,12 @@ o_proj, the LM head), and slower when out < in (down_proj). `prepare_for_decode`
 
 - re-lays those weights out column-major in place (same Parameters, same values, new strides), and
 - stores q/k/v and gate/up as views of one matrix each, so a decode step runs one GEMV instead of three or two.
+
+That layout is only good for one row at a time: multiplying 2-16 rows (batched decode), BLAS is fastest on the
+ordinary row-major layout (see `DeciLMLinear`). `prepare_for_decode(model, batch_size)` therefore switches the
+layout to what the batch needs; the switch costs about a memory copy of the weights (~0.5 s for 135M parameters
+on 2 cores), paid once per change, and workloads rarely alternate (a server decodes one request, evaluation and
+RL rollouts decode batches).
 
 Training is unaffected: with gradients enabled the modules use their separate Parameters (the fused matrices are
 used only under `torch.no_grad`/`inference_mode`), and the fused path turns itself off if a Parameter is replaced
@@ -57,28 +63,52 @@ def fuse_rows(linears: list[nn.Linear]) -> FusedWeight | None:
     return fused
 
 
-def prepare_for_decode(model: nn.Module) -> nn.Module:
-    """Apply the decode layouts to a DeciLM model in place (idempotent; CPU only, a no-op elsewhere)."""
-    if getattr(model, "_decode_layout", False):
-        return model
+def prepare_for_decode(model: nn.Module, batch_size: int = 1) -> nn.Module:
+    """Give a DeciLM model the weight layout that decodes `batch_size` rows fastest, in place (CPU only)."""
     if next(model.parameters()).device.type != "cpu":
+        return model
+    want = "gemv" if batch_size == 1 else "gemm"
+    if getattr(model, "_decode_layout", "gemm") == want:
         return model
     # The new weight storages must be ordinary tensors even when generate() runs under inference_mode, or the
     # model could not be trained afterwards (GRPO generates, then trains the same model).
     with torch.inference_mode(False), torch.no_grad():
-        _relayout(model)
-    model._decode_layout = True
+        if want == "gemv":
+            _to_gemv_layout(model)
+        else:
+            _to_row_major(model)
+    model._decode_layout = want
     return model
 
 
-def _relayout(model: nn.Module) -> None:
+def _to_row_major(model: nn.Module) -> None:
     from open_nemotron.model.modeling import DeciLMAttention, DeciLMMLP
 
     for module in model.modules():
         if isinstance(module, DeciLMAttention):
+            module.fused_qkv = None
+        elif isinstance(module, DeciLMMLP):
+            module.fused_gate_up = None
+    for param in model.parameters():
+        if not param.is_contiguous():
+            param.data = param.data.contiguous()
+
+
+def _to_gemv_layout(model: nn.Module) -> None:
+    from open_nemotron.model.modeling import DeciLMAttention, DeciLMMLP
+
+    fused_parts: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, DeciLMAttention):
             module.fused_qkv = fuse_rows([module.q_proj, module.k_proj, module.v_proj])
-            _column_major(module.o_proj.weight)
+            if module.fused_qkv is not None:
+                fused_parts.update(id(lin) for lin in (module.q_proj, module.k_proj, module.v_proj))
         elif isinstance(module, DeciLMMLP):
             module.fused_gate_up = fuse_rows([module.gate_proj, module.up_proj])
-        elif isinstance(module, nn.Linear) and module.out_features >= module.in_features:
-            _column_major(module.weight)  # linear attention/FFN replacements, the LM head (tied embedding)
+            if module.fused_gate_up is not None:
+                fused_parts.update(id(lin) for lin in (module.gate_proj, module.up_proj))
+    for module in model.modules():
+        # o_proj, linear attention/FFN replacements, the LM head (tied embedding); never a fused part again,
+        # which would give it its own storage and silently turn the fused path off.
+        if isinstance(module, nn.Linear) and id(module) not in fused_parts and module.out_features >= module.in_features:
+            _column_major(module.weight)

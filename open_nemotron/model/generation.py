@@ -121,7 +121,7 @@ def decode(
 
     from open_nemotron.model.decode_layout import prepare_for_decode
 
-    prepare_for_decode(model)
+    prepare_for_decode(model, batch)
     dtype = next(model.parameters()).dtype
     cache = StaticKVCache(model.config, batch, total, dtype, device)
     out = torch.full((batch, total), pad_token_id, dtype=torch.long, device=device)

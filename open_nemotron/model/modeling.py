@@ -44,6 +44,23 @@ class DeciLMRMSNorm(nn.Module):
         return self.weight * x.to(input_dtype)
 
 
+class DeciLMLinear(nn.Linear):
+    """nn.Linear (same parameters, same checkpoint keys, wrappable by PEFT) with a faster CPU path for decode.
+
+    Multiplying a few rows (2-16: batched decode) by a row-major [out, in] weight, CPU BLAS runs 1.3-3x faster as
+    (W @ x^T)^T than as x @ W^T; both compute the same products. Used only without autograd, on CPU.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if 1 < rows <= 16 and not torch.is_grad_enabled() and x.device.type == "cpu" and self.weight.is_contiguous():
+            out = torch.mm(self.weight, x.reshape(rows, -1).t()).t()
+            if self.bias is not None:
+                out = out + self.bias
+            return out.reshape(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight, self.bias)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -66,10 +83,10 @@ class DeciLMAttention(nn.Module):
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout
         bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, num_key_value_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, num_key_value_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.q_proj = DeciLMLinear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = DeciLMLinear(config.hidden_size, num_key_value_heads * self.head_dim, bias=bias)
+        self.v_proj = DeciLMLinear(config.hidden_size, num_key_value_heads * self.head_dim, bias=bias)
+        self.o_proj = DeciLMLinear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
         self.fused_qkv = None  # set by `prepare_for_decode`: q/k/v weights as views of one matrix
 
     def project_qkv(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -116,7 +133,7 @@ class DeciLMLinearAttention(nn.Module):
 
     def __init__(self, config: DeciLMConfig) -> None:
         super().__init__()
-        self.linear_attn = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.linear_attn = DeciLMLinear(config.hidden_size, config.hidden_size, bias=False)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return self.linear_attn(hidden_states)
@@ -129,9 +146,9 @@ class DeciLMMLP(nn.Module):
         super().__init__()
         self.intermediate_size = intermediate_size
         bias = config.mlp_bias
-        self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=bias)
+        self.gate_proj = DeciLMLinear(config.hidden_size, intermediate_size, bias=bias)
+        self.up_proj = DeciLMLinear(config.hidden_size, intermediate_size, bias=bias)
+        self.down_proj = DeciLMLinear(intermediate_size, config.hidden_size, bias=bias)
         self.fused_gate_up = None  # set by `prepare_for_decode`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -148,7 +165,7 @@ class DeciLMLinearMLP(nn.Module):
 
     def __init__(self, config: DeciLMConfig) -> None:
         super().__init__()
-        self.linear_mlp = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.linear_mlp = DeciLMLinear(config.hidden_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_mlp(x)
@@ -335,7 +352,7 @@ class DeciLMForCausalLM(DeciLMPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = DeciLMModel(config)
         self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = DeciLMLinear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
     def forward(
