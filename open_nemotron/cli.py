@@ -93,6 +93,14 @@ def markdown_path_beside(json_path: Path) -> Path:
     return json_path.with_suffix(".md")
 
 
+def _results_console():
+    from rich.console import Console
+
+    # Result tables are wide; when stdout is not a terminal (make, CI logs) rich would squeeze them to 80 columns.
+    console = Console()
+    return console if console.is_terminal else Console(width=200)
+
+
 def _stderr_console():
     from rich.console import Console
 
@@ -174,7 +182,6 @@ def bench_speed(
     device = check_device(device)
     markdown_out = markdown_path_beside(json_out) if json_out is not None else None
 
-    from rich.console import Console
 
     from open_nemotron.evaluate.throughput import SpeedConfig, render_markdown, render_table, run
     from open_nemotron.utils import atomic_write_text
@@ -185,7 +192,7 @@ def bench_speed(
     )
     check_model_specs(list(models))
     result = run(config)
-    Console().print(render_table(result))
+    _results_console().print(render_table(result))
     if json_out is not None and markdown_out is not None:
         atomic_write_text(markdown_out, render_markdown(result))
         typer.echo(f"wrote {json_out} and {markdown_out}")
@@ -207,7 +214,6 @@ def bench_train(
     device = check_device(device)
     markdown_out = markdown_path_beside(json_out) if json_out is not None else None
 
-    from rich.console import Console
 
     from open_nemotron.evaluate.train_speed import TrainSpeedConfig, render_markdown, render_table, run
     from open_nemotron.utils import atomic_write_text
@@ -218,7 +224,7 @@ def bench_train(
     )
     check_model_specs(list(models))
     result = run(config)
-    Console().print(render_table(result))
+    _results_console().print(render_table(result))
     if json_out is not None and markdown_out is not None:
         atomic_write_text(markdown_out, render_markdown(result))
         typer.echo(f"wrote {json_out} and {markdown_out}")

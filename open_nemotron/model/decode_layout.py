@@ -89,9 +89,12 @@ def _to_row_major(model: nn.Module) -> None:
             module.fused_qkv = None
         elif isinstance(module, DeciLMMLP):
             module.fused_gate_up = None
+    relaid: set[int] = set()
     for param in model.parameters():
         if not param.is_contiguous():
             param.data = param.data.contiguous()
+            relaid.add(id(param))
+    _own_remaining(model, relaid)
 
 
 def _to_gemv_layout(model: nn.Module) -> None:
@@ -107,8 +110,22 @@ def _to_gemv_layout(model: nn.Module) -> None:
             module.fused_gate_up = fuse_rows([module.gate_proj, module.up_proj])
             if module.fused_gate_up is not None:
                 fused_parts.update(id(lin) for lin in (module.gate_proj, module.up_proj))
+    relaid: set[int] = {id(p) for m in model.modules() if id(m) in fused_parts for p in m.parameters()}
     for module in model.modules():
         # o_proj, linear attention/FFN replacements, the LM head (tied embedding); never a fused part again,
         # which would give it its own storage and silently turn the fused path off.
         if isinstance(module, nn.Linear) and id(module) not in fused_parts and module.out_features >= module.in_features:
             _column_major(module.weight)
+            relaid.add(id(module.weight))
+    _own_remaining(model, relaid)
+
+
+def _own_remaining(model: nn.Module, relaid: set[int]) -> None:
+    """Copy the parameters a layout switch did not touch into memory of their own.
+
+    `from_pretrained` may leave weights as views of the memory-mapped safetensors file; one such view keeps the
+    whole mapping resident, so after a switch the process would hold the file *and* the new copies.
+    """
+    for param in model.parameters():
+        if id(param) not in relaid:
+            param.data = param.data.clone()

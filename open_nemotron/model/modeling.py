@@ -54,7 +54,8 @@ class DeciLMLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         if 1 < rows <= 16 and not torch.is_grad_enabled() and x.device.type == "cpu" and self.weight.is_contiguous():
-            out = torch.mm(self.weight, x.reshape(rows, -1).t()).t()
+            # .contiguous(): a transposed result would push later kernels (SDPA, elementwise) onto slow paths.
+            out = torch.mm(self.weight, x.reshape(rows, -1).t()).t().contiguous()
             if self.bias is not None:
                 out = out + self.bias
             return out.reshape(*x.shape[:-1], self.out_features)
