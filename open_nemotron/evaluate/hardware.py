@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import platform
-import statistics
 import time
 from dataclasses import asdict, dataclass
 
@@ -16,7 +15,8 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_seconds(fn, repeats: int, device: torch.device) -> float:
+def _best_seconds(fn, repeats: int, device: torch.device) -> float:
+    """Fastest of `repeats` timed runs: a capability measurement (as STREAM reports), robust to a busy machine."""
     fn()  # warm-up: first touch of pages, kernel selection
     synchronize(device)
     times = []
@@ -25,7 +25,7 @@ def _median_seconds(fn, repeats: int, device: torch.device) -> float:
         fn()
         synchronize(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 @dataclass
@@ -39,24 +39,24 @@ class MemoryBandwidth:
 
 
 def measure_memory_bandwidth(device: torch.device | None = None, buffer_mib: int = 512, repeats: int = 5) -> MemoryBandwidth:
-    """Median copy and read bandwidth over a buffer far larger than any cache."""
+    """Best copy and read bandwidth over a buffer far larger than any cache."""
     device = device or torch.device("cpu")
     n = buffer_mib * 1024 * 1024 // 4
     src = torch.ones(n, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    copy_s = _median_seconds(lambda: dst.copy_(src), repeats, device)
-    read_s = _median_seconds(lambda: src.sum(), repeats, device)
+    copy_s = _best_seconds(lambda: dst.copy_(src), repeats, device)
+    read_s = _best_seconds(lambda: src.sum(), repeats, device)
     nbytes = n * 4
     return MemoryBandwidth(nbytes / copy_s, nbytes / read_s, nbytes)
 
 
 def measure_matmul_flops(device: torch.device | None = None, dtype: torch.dtype = torch.float32, size: int = 2048,
                          repeats: int = 5) -> float:
-    """Median FLOP/s of a square matmul: the compute ceiling training is compared against."""
+    """Best FLOP/s of a square matmul: the compute ceiling training is compared against."""
     device = device or torch.device("cpu")
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    seconds = _median_seconds(lambda: a @ b, repeats, device)
+    seconds = _best_seconds(lambda: a @ b, repeats, device)
     return 2 * size**3 / seconds
 
 
