@@ -288,3 +288,15 @@ def test_same_weights_any_parent_class_loads_into_ours(tmp_path):
 def test_random_llama_helper_is_deterministic():
     a, b = random_llama(tiny_llama_config(), 1), random_llama(tiny_llama_config(), 1)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+def test_packed_sequences_attend_only_within_themselves():
+    """TRL's padding-free packing: one row, positions restart per sequence; logits equal separate forwards."""
+    model = random_decilm(heterogeneous_config(), seed=8)
+    a, b = _ids(1, 7, seed=1), _ids(1, 5, seed=2)
+    packed = torch.cat([a, b], dim=1)
+    positions = torch.cat([torch.arange(7), torch.arange(5)])[None]
+    with torch.no_grad():
+        got = model(packed, position_ids=positions).logits
+        expected = torch.cat([model(a).logits, model(b).logits], dim=1)
+    assert (got - expected).abs().max().item() <= 1e-5

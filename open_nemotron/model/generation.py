@@ -49,6 +49,8 @@ class StaticKVCache:
         k[:, :, start:end].copy_(key)
         v[:, :, start:end].copy_(value)
         self.lengths[layer_idx] = end
+        if start == 0:
+            return key, value  # prefill: attend over the fresh contiguous tensors rather than buffer views
         return k[:, :, :end], v[:, :, :end]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

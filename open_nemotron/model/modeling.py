@@ -276,6 +276,22 @@ def attention_masks(
     return mask, False
 
 
+def packed_sequences(position_ids: torch.Tensor) -> bool:
+    """Whether a row holds several sequences packed end to end (positions restart), as TRL's padding-free packing
+    produces: position_ids like [0 1 2 0 1 0 1 2 3]."""
+    return bool((position_ids[..., 1:] <= position_ids[..., :-1]).any())
+
+
+def packed_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """Block-diagonal causal mask [batch, 1, seq, seq]: a token sees earlier tokens of its own sequence only."""
+    restarts = position_ids[..., 1:] <= position_ids[..., :-1]
+    sequence = torch.cat([torch.zeros_like(restarts[..., :1]), restarts], dim=-1).long().cumsum(-1)
+    seq = position_ids.shape[-1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=position_ids.device).tril()
+    same = sequence[..., :, None] == sequence[..., None, :]
+    return (same & causal)[:, None]
+
+
 class DeciLMModel(DeciLMPreTrainedModel):
     def __init__(self, config: DeciLMConfig) -> None:
         super().__init__(config)
@@ -326,7 +342,10 @@ class DeciLMModel(DeciLMPreTrainedModel):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -seq:]
             else:
                 position_ids = torch.arange(past, past + seq, device=inputs_embeds.device)[None]
-        mask, is_causal = attention_masks(attention_mask, seq, past)
+        if attention_mask is None and past == 0 and seq > 1 and packed_sequences(position_ids):
+            mask, is_causal = packed_causal_mask(position_ids), False
+        else:
+            mask, is_causal = attention_masks(attention_mask, seq, past)
 
         hidden_states = inputs_embeds
         cos, sin = self.rotary_emb(hidden_states, position_ids)

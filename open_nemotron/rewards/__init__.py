@@ -1,0 +1,1 @@
+"""Verifiable rewards: format (the reasoning toggle), accuracy, instruction checks."""
