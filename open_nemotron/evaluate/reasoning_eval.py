@@ -1,0 +1,187 @@
+"""`open-nemotron eval`: accuracy with reasoning on and off, the paper's protocol, several models in one run.
+
+Protocol (paper §3.10): reasoning on samples K answers per prompt at temperature 0.6 / top-p 0.95 and reports the
+average pass@1 (mean over prompts of the fraction of correct samples); reasoning off decodes greedily once.
+Reported per model and mode: accuracy with a 95% bootstrap interval over prompts, toggle compliance (on: exactly one
+well-formed think block then an answer; off: no tags), mean generated tokens, number of prompts; and per model the
+paired difference on - off with its own interval (the reasoning gain). Every generation is also written to a
+JSONL file beside the JSON for inspection. Deterministic for a fixed seed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from open_nemotron.errors import OpenNemotronError
+from open_nemotron.utils import atomic_write_text
+
+MODES = ("on", "off")
+
+
+@dataclass
+class EvalConfig:
+    models: list[str]
+    suite: str = "heldout"  # "heldout" or a GSM8K/MATH-style jsonl path
+    reasoning: list[str] = field(default_factory=lambda: ["on", "off"])
+    samples: int = 4  # K samples per prompt with reasoning on
+    limit: int | None = None  # first N prompts of the suite
+    max_new_tokens_on: int = 384
+    max_new_tokens_off: int = 128
+    temperature: float = 0.6
+    top_p: float = 0.95
+    batch_size: int = 16
+    seed: int = 0
+    bootstrap: int = 2000
+    device: str | None = None
+    json_out: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise OpenNemotronError("eval: models is empty: expected at least one model")
+        bad = [m for m in self.reasoning if m not in MODES]
+        if bad or not self.reasoning:
+            raise OpenNemotronError(f"eval: reasoning = {self.reasoning}: expected a non-empty subset of on,off")
+        for name in ("samples", "max_new_tokens_on", "max_new_tokens_off", "batch_size", "bootstrap"):
+            if getattr(self, name) < 1:
+                raise OpenNemotronError(f"eval: {name} = {getattr(self, name)}: expected a positive integer")
+        if self.limit is not None and self.limit < 1:
+            raise OpenNemotronError(f"eval: limit = {self.limit}: expected a positive integer or none")
+
+
+def load_suite(suite: str, limit: int | None = None) -> list:
+    """The prompts of a suite as `TaskItem`s: the fixed held-out suite, or a GSM8K/MATH-style jsonl file."""
+    from open_nemotron.data import tasks
+
+    if suite == "heldout":
+        items = tasks.heldout_suite()
+    elif suite.endswith(".jsonl") and Path(suite).is_file():
+        items = tasks.load_math_jsonl(suite)
+    else:
+        raise OpenNemotronError(f"eval: suite '{suite}': expected 'heldout' or an existing .jsonl file")
+    return items[:limit] if limit else items
+
+
+def bootstrap_interval(values: np.ndarray, resamples: int, seed: int) -> tuple[float, float]:
+    """95% percentile interval of the mean, resampling prompts (deterministic for a seed)."""
+    if len(values) == 0:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(values), size=(resamples, len(values)))
+    means = values[idx].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return (float(low), float(high))
+
+
+def _evaluate_mode(model, tokenizer, items: list, thinking: bool, config: EvalConfig, seed: int) -> dict[str, Any]:
+    from open_nemotron.data.tasks import score_answer
+    from open_nemotron.model.chat import generate_chat
+    from open_nemotron.rewards.format import is_toggle_compliant
+
+    conversations = [[{"role": "user", "content": item.question}] for item in items]
+    samples = config.samples if thinking else 1
+    scores = np.zeros((len(items), samples))
+    compliant = np.zeros((len(items), samples))
+    tokens = np.zeros((len(items), samples))
+    records = []
+    for s in range(samples):
+        texts = generate_chat(
+            model, tokenizer, conversations, thinking=thinking,
+            max_new_tokens=config.max_new_tokens_on if thinking else config.max_new_tokens_off,
+            do_sample=thinking, temperature=config.temperature if thinking else None,
+            top_p=config.top_p if thinking else None, seed=seed + s, batch_size=config.batch_size,
+        )
+        for i, (item, text) in enumerate(zip(items, texts, strict=True)):
+            scores[i, s] = 1.0 if score_answer(item, text) >= 1.0 else 0.0
+            compliant[i, s] = float(is_toggle_compliant(text, thinking))
+            tokens[i, s] = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+            records.append({"task": item.task, "seed": item.seed, "sample": s, "mode": "on" if thinking else "off",
+                            "question": item.question, "gold": item.answer, "output": text,
+                            "correct": bool(scores[i, s]), "compliant": bool(compliant[i, s])})
+    per_prompt = scores.mean(axis=1)
+    return {
+        "accuracy": float(per_prompt.mean()),
+        "ci95": bootstrap_interval(per_prompt, config.bootstrap, config.seed),
+        "compliance": float(compliant.mean()),
+        "mean_tokens": float(tokens.mean()),
+        "n_prompts": len(items),
+        "samples_per_prompt": samples,
+        "_per_prompt": per_prompt,
+        "_records": records,
+    }
+
+
+def run(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
+    from rich.progress import Progress
+
+    from open_nemotron.model.chat import ensure_reasoning_template
+    from open_nemotron.model.loading import load_model, load_tokenizer
+
+    items = load_suite(config.suite, config.limit)
+    results: dict[str, Any] = {}
+    all_records = []
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task("eval", total=len(config.models) * len(config.reasoning))
+        for spec in config.models:
+            model = load_model(spec, device=config.device)
+            tokenizer = load_tokenizer(spec)
+            ensure_reasoning_template(tokenizer)  # a raw parent gets the same switch as our models
+            per_mode = {}
+            for mode in config.reasoning:
+                bar.update(task, description=f"eval {spec} reasoning {mode}")
+                per_mode[mode] = _evaluate_mode(model, tokenizer, items, mode == "on", config, config.seed)
+                all_records += [{"model": spec, **r} for r in per_mode[mode].pop("_records")]
+                bar.advance(task)
+            if {"on", "off"} <= set(per_mode):
+                diff = per_mode["on"]["_per_prompt"] - per_mode["off"]["_per_prompt"]
+                per_mode["on_minus_off"] = {
+                    "difference": float(diff.mean()),
+                    "ci95": bootstrap_interval(diff, config.bootstrap, config.seed),
+                }
+            for mode in MODES:
+                per_mode.get(mode, {}).pop("_per_prompt", None)
+            results[spec] = per_mode
+            del model
+    result = {
+        "benchmark": "eval",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "config": asdict(config),
+        "suite_size": len(items),
+        "models": results,
+    }
+    if config.json_out:
+        out = Path(config.json_out)
+        atomic_write_text(out, json.dumps(result, indent=2))
+        atomic_write_text(out.with_suffix(".samples.jsonl"), "".join(json.dumps(r) + "\n" for r in all_records))
+        atomic_write_text(out.with_suffix(".md"), render_markdown(result))
+    return result
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    cfg = result["config"]
+    lines = [
+        f"# eval — {result['date']}",
+        "",
+        f"Suite `{cfg['suite']}` ({result['suite_size']} prompts). Reasoning on: {cfg['samples']} samples per prompt "
+        f"at temperature {cfg['temperature']}, top-p {cfg['top_p']} (average pass@1); off: greedy. 95% bootstrap "
+        "intervals over prompts.",
+        "",
+        "| model | mode | accuracy | 95% interval | compliance | mean tokens | prompts |",
+        "|---|---|---:|---|---:|---:|---:|",
+    ]
+    for spec, modes in result["models"].items():
+        for mode in MODES:
+            if mode in modes:
+                m = modes[mode]
+                lines.append(f"| {spec} | {mode} | {m['accuracy']:.3f} | [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}] | "
+                             f"{m['compliance']:.3f} | {m['mean_tokens']:.1f} | {m['n_prompts']} |")
+        if "on_minus_off" in modes:
+            d = modes["on_minus_off"]
+            lines.append(f"| {spec} | on - off | {d['difference']:+.3f} | [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] "
+                         "| | | |")
+    return "\n".join(lines) + "\n"

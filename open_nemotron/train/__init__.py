@@ -1,0 +1,1 @@
+"""Training stages: SFT (and later GRPO, RLOO, RPO, curriculum)."""
