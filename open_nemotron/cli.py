@@ -1,4 +1,4 @@
-"""The `open-nemotron` command line: convert, bench-speed, bench-train, generate.
+"""The `open-nemotron` command line: convert, bench-speed, bench-train, generate, datagen, sft, eval.
 
 Heavy modules (torch, transformers, the model code) are imported inside each command, so that `--help` and bad
 arguments answer without loading them. Bad input ends with one line, ``error: <message>``, on stderr and exit
@@ -289,6 +289,110 @@ def generate(
     if reasoning is not None:
         console.print(Panel(Text(reasoning), title="reasoning", title_align="left"))
     console.print(Panel(Text(answer), title="answer", title_align="left"))
+
+
+@app.command()
+@reports_user_errors
+def datagen(
+    out: Annotated[Path, typer.Option("--out", help="Output directory (raw.jsonl, data.jsonl, data_report.md).",
+                                      file_okay=False)],
+    teacher: Annotated[str, typer.Option("--teacher", help="builtin | openai:BASE_URL::MODEL | hf:MODEL_SPEC")] = "builtin",
+    tasks: Annotated[str | None, typer.Option("--tasks", help="Comma-separated task names (default: every task "
+                                              "with a built-in solver).")] = None,
+    n_per_task: Annotated[int, typer.Option("--n-per-task", help="Prompts per task.")] = 100,
+    difficulties: Annotated[str, typer.Option("--difficulties", help="Comma-separated: easy,medium,hard.")] = "easy,medium",
+    reasoning: Annotated[str, typer.Option("--reasoning", help="Answer modes to generate: on,off / on / off.")] = "on,off",
+    concurrency: Annotated[int, typer.Option("--concurrency", help="Parallel requests (openai teacher).")] = 8,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds per request (openai teacher).")] = 120.0,
+    seed: SeedOption = 0,
+) -> None:
+    """Reasoning on/off training data from a teacher, filtered (verification, length, dedup, decontamination)."""
+    modes = [m.strip() for m in reasoning.split(",") if m.strip()]
+    if not modes or any(m not in ("on", "off") for m in modes):
+        raise CliInputError(f"--reasoning {reasoning!r}: expected on,off or on or off")
+    from open_nemotron.data.datagen import DatagenConfig, run
+
+    options = {"concurrency": concurrency, "timeout_s": timeout} if teacher.startswith("openai:") else {}
+    kwargs = {"tasks": [t.strip() for t in tasks.split(",") if t.strip()]} if tasks else {}
+    config = DatagenConfig(
+        out_dir=str(out), n_per_task=n_per_task, difficulties=[d.strip() for d in difficulties.split(",") if d.strip()],
+        modes=modes, teacher=teacher, teacher_options=options, seed=seed, **kwargs,
+    )
+    summary = run(config)
+    typer.echo(f"{summary['generation']}\nkept {summary['kept_rows']} of {summary['raw_rows']} rows "
+               f"({summary['kept_on']} on, {summary['kept_off']} off) -> {summary['data']}; report {summary['report']}")
+
+
+@app.command()
+@reports_user_errors
+def sft(
+    model_spec: Annotated[str, typer.Argument(metavar="MODEL", help="Model to fine-tune (any model spec).",
+                                              show_default=False)],
+    data: Annotated[str, typer.Option("--data", help="Training rows: jsonl/parquet of Llama-Nemotron-style rows "
+                                      "(e.g. datagen output) or a hub dataset id.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="Run directory (checkpoints, final/, reports).", file_okay=False)],
+    epochs: Annotated[float, typer.Option("--epochs", help="Passes over the data.")] = 2.0,
+    max_steps: Annotated[int, typer.Option("--max-steps", help="Stop after this many steps (overrides --epochs).")] = -1,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (linear warm-up, then cosine).")] = 1e-4,
+    warmup_ratio: Annotated[float, typer.Option("--warmup-ratio", help="Share of steps spent warming up.")] = 0.1,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per device step.")] = 8,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", help="Gradient accumulation steps.")] = 1,
+    max_length: Annotated[int, typer.Option("--max-length", help="Tokens per sequence (truncation/packing).")] = 512,
+    packing: Annotated[bool, typer.Option("--packing/--no-packing", help="Pack rows into full sequences.")] = False,
+    on_fraction: Annotated[
+        float | None, typer.Option("--on-fraction", help="Share of reasoning-on rows after mixing (default: as is).")
+    ] = None,
+    save_steps: Annotated[int, typer.Option("--save-steps", help="Checkpoint every N steps.")] = 50,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for shuffling and mixing.")] = 0,
+    device: DeviceOption = None,
+) -> None:
+    """Supervised fine-tuning with the reasoning toggle (TRL SFTTrainer, assistant-only loss); resumes a killed run."""
+    device = check_device(device)
+    from open_nemotron.train.sft import SFTRunConfig, run
+
+    config = SFTRunConfig(
+        model=model_spec, data=data, output_dir=str(out), epochs=epochs, max_steps=max_steps, learning_rate=lr,
+        warmup_ratio=warmup_ratio, batch_size=batch_size, grad_accum=grad_accum, max_length=max_length,
+        packing=packing, on_fraction=on_fraction, seed=seed, save_steps=save_steps, device=device,
+    )
+    summary = run(config)
+    typer.echo(f"trained {summary['steps']} steps, loss {summary['first_loss']} -> {summary['last_loss']}; "
+               f"model in {summary['final_model']}, report in {out / 'sft_report.md'}")
+
+
+@app.command("eval")
+@reports_user_errors
+def eval_command(
+    models: ModelSpecs,
+    suite: Annotated[str, typer.Option("--suite", help="'heldout' or a GSM8K/MATH-style jsonl file.")] = "heldout",
+    reasoning: Annotated[str, typer.Option("--reasoning", help="Modes to evaluate: on,off / on / off.")] = "on,off",
+    samples: Annotated[int, typer.Option("--samples", help="Samples per prompt with reasoning on (avg pass@1).")] = 4,
+    limit: Annotated[int | None, typer.Option("--limit", help="Evaluate the first N prompts only.")] = None,
+    max_new_tokens_on: Annotated[int, typer.Option("--max-new-tokens-on", help="Token budget, reasoning on.")] = 384,
+    max_new_tokens_off: Annotated[int, typer.Option("--max-new-tokens-off", help="Token budget, reasoning off.")] = 128,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts generated together.")] = 16,
+    seed: SeedOption = 0,
+    device: DeviceOption = None,
+    json_out: JsonOption = None,
+) -> None:
+    """Accuracy with reasoning on (sampled, K per prompt) and off (greedy), compliance and length, per model."""
+    modes = [m.strip() for m in reasoning.split(",") if m.strip()]
+    if not modes or any(m not in ("on", "off") for m in modes):
+        raise CliInputError(f"--reasoning {reasoning!r}: expected on,off or on or off")
+    device = check_device(device)
+    markdown_out = markdown_path_beside(json_out) if json_out is not None else None
+    from open_nemotron.evaluate.reasoning_eval import EvalConfig, render_markdown, run
+
+    config = EvalConfig(
+        models=list(models), suite=suite, reasoning=modes, samples=samples, limit=limit,
+        max_new_tokens_on=max_new_tokens_on, max_new_tokens_off=max_new_tokens_off, batch_size=batch_size,
+        seed=seed, device=device, json_out=str(json_out) if json_out is not None else None,
+    )
+    check_model_specs(list(models))
+    result = run(config)
+    typer.echo(render_markdown(result))
+    if markdown_out is not None:
+        typer.echo(f"wrote {json_out}, {markdown_out} and {json_out.with_suffix('.samples.jsonl')}")
 
 
 def main() -> None:

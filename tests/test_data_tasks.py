@@ -1,0 +1,145 @@
+"""Task registry over reasoning-gym, the held-out suite's seed fence, answer extraction and scoring."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from open_nemotron.data.tasks import (
+    ANSWER_INSTRUCTION,
+    DIFFICULTIES,
+    HELDOUT_DIFFICULTY,
+    HELDOUT_SEED_START,
+    HELDOUT_TASKS,
+    TASKS,
+    HeldoutSeedError,
+    TaskError,
+    extract_final_answer,
+    heldout_suite,
+    load_math_jsonl,
+    make_items,
+    score_answer,
+)
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_every_task_and_difficulty_makes_items(task):
+    for difficulty in DIFFICULTIES:
+        items = make_items(task, 3, seed=11, difficulty=difficulty)
+        assert [i.seed for i in items] == [11, 12, 13]
+        for item in items:
+            assert item.task == task and item.split == "train" and item.difficulty == difficulty
+            assert item.question.endswith(ANSWER_INSTRUCTION) and item.answer
+            assert json.loads(json.dumps(item.entry)) == item.entry  # JSON-able, as stored
+            assert score_answer(item, f"The answer is \\boxed{{{item.answer}}}.") == 1.0
+
+
+def test_items_are_deterministic_per_seed():
+    a = make_items("chain_sum", 5, seed=7, difficulty="medium")
+    assert a == make_items("chain_sum", 5, seed=7, difficulty="medium")
+    # Each item comes from its own seed, so a shifted range shares the overlapping items exactly.
+    assert a[1:] == make_items("chain_sum", 4, seed=8, difficulty="medium")
+    assert a != make_items("chain_sum", 5, seed=7, difficulty="hard")
+
+
+def test_heldout_seeds_are_refused_for_training():
+    with pytest.raises(HeldoutSeedError):
+        make_items("gcd", 1, seed=HELDOUT_SEED_START)
+    with pytest.raises(HeldoutSeedError, match="below 1000000000"):
+        make_items("gcd", 10, seed=HELDOUT_SEED_START - 5)  # the range would reach into the reserved seeds
+    make_items("gcd", 5, seed=HELDOUT_SEED_START - 5)  # the last training seeds are fine
+    with pytest.raises(TaskError):
+        make_items("gcd", 1, seed=-HELDOUT_SEED_START)  # Python seeds from abs(seed): a back door otherwise
+    with pytest.raises(HeldoutSeedError):
+        make_items("gcd", 1, split="heldout", seed=0)
+    with pytest.raises(TaskError, match="expected one of"):
+        make_items("no_such_task", 1)
+    with pytest.raises(TaskError, match="difficulty"):
+        make_items("gcd", 1, difficulty="extreme")
+
+
+def test_heldout_suite_is_fixed_and_disjoint_from_training():
+    suite = heldout_suite(20)
+    assert suite == heldout_suite(20)
+    assert heldout_suite(5) == [i for i in suite if i.seed < HELDOUT_SEED_START + 5]
+    assert [i.task for i in suite] == [t for t in HELDOUT_TASKS for _ in range(20)]
+    assert all(i.split == "heldout" and i.seed >= HELDOUT_SEED_START for i in suite)
+    assert all(i.difficulty == HELDOUT_DIFFICULTY for i in suite)
+    for task in HELDOUT_TASKS:
+        train = {i.question for i in make_items(task, 200, seed=0, difficulty=HELDOUT_DIFFICULTY)}
+        held = {i.question for i in suite if i.task == task}
+        assert not train & held, task
+    assert len(heldout_suite()) == len(HELDOUT_TASKS) * 50
+
+
+@pytest.mark.parametrize(
+    ("response", "expected"),
+    [
+        ("The answer is \\boxed{42}.", "42"),
+        ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
+        ("first \\boxed{1}, then on reflection \\boxed{2}", "2"),
+        ("$\\boxed{-3}$", "-3"),
+        ("So the answer is 17.", "17"),
+        ("The answer is 42 legs.", "42"),
+        ("The answer is: -8.", "-8"),
+        ("the answer is 3/4", "3/4"),
+        ("Answer: 1a3", "1a3"),
+        ("Answer: **12**", "12"),
+        ("We get 1,234 in total", "1234"),
+        ("<think>Maybe \\boxed{5}? No.</think>\n\nThe answer is 7.", "7"),
+        ("<think>\n12 + 1 = 13\n</think>\n\nIt is 13", "13"),
+        ("reasoning already in the prompt</think>\n\n\\boxed{9}", "9"),
+        ("<think>never closed, \\boxed{3}", None),
+        ("<think>done</think>", None),
+        ("no numbers here", None),
+        ("", None),
+    ],
+)
+def test_extract_final_answer(response, expected):
+    assert extract_final_answer(response) == expected
+
+
+def test_score_is_exactly_one_or_zero():
+    item = make_items("gsm_symbolic", 1, seed=3)[0]
+    assert score_answer(item, f"\\boxed{{{item.answer}}}") == 1.0
+    # reasoning-gym gives 0.01 for a wrong gsm_symbolic answer; we count it as wrong.
+    assert score_answer(item, "\\boxed{123456789}") == 0.0
+    chain = make_items("chain_sum", 1, seed=3)[0]
+    assert score_answer(chain, f"<think>the sum</think>\n\n\\boxed{{{chain.answer}}}") == 1.0
+    assert score_answer(chain, f"<think>\\boxed{{{chain.answer}}}") == 0.0  # unfinished thinking has no answer
+    assert score_answer(chain, "I don't know") == 0.0
+
+
+def test_math_jsonl_scored_with_math_verify(tmp_path):
+    rows = [
+        {"question": "What is one divided by two?", "answer": "\\frac{1}{2}"},
+        {"problem": "What is three quarters?", "solution": "Three of four parts: \\boxed{\\frac{3}{4}}.", "level": "Level 1"},
+        {"question": "Natalia sold 48 clips ...", "answer": "She sold 48/2 = 24 in May.\n48 + 24 = 72\n#### 72"},
+        {"problem": "Half of one?", "answer": "0.5"},
+    ]
+    path = tmp_path / "math.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    items = load_math_jsonl(path)
+    assert [i.answer for i in items] == ["\\frac{1}{2}", "\\frac{3}{4}", "72", "0.5"]
+    assert [i.difficulty for i in items] == ["unrated", "Level 1", "unrated", "unrated"]
+    assert all(i.task == "math" and i.question.endswith(ANSWER_INSTRUCTION) for i in items)
+    frac, quarter, gsm, half = items
+    assert score_answer(frac, "The answer is \\boxed{0.5}.") == 1.0  # \frac vs decimal
+    assert score_answer(frac, "\\boxed{0.25}") == 0.0
+    assert score_answer(quarter, "<think>3/4</think>\n\nThe answer is 0.75") == 1.0
+    assert score_answer(gsm, "\\boxed{72}") == 1.0
+    assert score_answer(gsm, "\\boxed{71}") == 0.0
+    assert score_answer(half, "\\boxed{\\frac{1}{2}}") == 1.0
+    assert score_answer(half, "no idea") == 0.0
+    heldout = load_math_jsonl(path, split="heldout")
+    assert {i.split for i in heldout} == {"heldout"}
+
+
+def test_math_jsonl_rejects_bad_lines(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"question": "Q?", "answer": "1"}) + "\n" + json.dumps({"question": "Q2?"}) + "\n")
+    with pytest.raises(TaskError, match="bad.jsonl:2"):
+        load_math_jsonl(path)
+    with pytest.raises(TaskError, match="no such file"):
+        load_math_jsonl(tmp_path / "missing.jsonl")
