@@ -25,20 +25,29 @@ def test_solver_is_correct_and_covers_items(task, difficulty):
     solved = [(item, solve(item)) for item in items]
     solved = [(item, s) for item, s in solved if s is not None]
     assert len(solved) >= MIN_COVERAGE * N_ITEMS, f"{task}/{difficulty}: solved {len(solved)} of {N_ITEMS}"
-    equals, with_intermediates = [], 0
+    with_intermediates = 0
     for item, s in solved:
         assert score_answer(item, s.answer_text) == 1.0
         on_output = f"<think>\n{s.reasoning}\n</think>\n\n{s.answer_text}"
         assert score_answer(item, on_output) == 1.0
         assert "<think>" not in s.reasoning and "</think>" not in s.reasoning
-        # Worked reasoning: several lines with at least one computation written out.
-        assert len(s.reasoning.splitlines()) >= 2 and "=" in s.reasoning, s.reasoning
+        # Worked reasoning: several lines, and every operation the problem needs written out as a computation.
+        assert len(s.reasoning.splitlines()) >= 2, s.reasoning
+        assert s.reasoning.count("=") >= min(2, operations(item)), s.reasoning
         given = set(re.findall(r"\d+", item.question)) | {item.answer.lstrip("-")}
         with_intermediates += bool(set(re.findall(r"\d+", s.reasoning)) - given)
-        equals.append(s.reasoning.count("="))
-    # Results that are neither given nor the answer: intermediate steps (a one-step "4 + 3" has none to show).
-    assert with_intermediates >= 0.6 * len(solved), f"{task}/{difficulty}: {with_intermediates} of {len(solved)}"
-    assert sorted(equals)[len(equals) // 2] >= 2  # the median trace shows at least two computations
+    # Results that are neither given nor the answer are intermediate steps. With single-digit operands they often
+    # coincide with a given digit, so the share is only required where the numbers are bigger.
+    if difficulty != "easy":
+        assert with_intermediates >= 0.75 * len(solved), f"{task}/{difficulty}: {with_intermediates} of {len(solved)}"
+
+
+def operations(item: TaskItem) -> int:
+    """Operations the problem needs: its binary operators for the arithmetic tasks; at least one otherwise (a
+    trivial item, like legs of animals that have none, or a digit valid in both bases, needs no more)."""
+    if item.task in ("chain_sum", "basic_arithmetic"):
+        return len(re.findall(r" [-+*/] ", item.entry["question"]))
+    return 1
 
 
 @pytest.mark.parametrize("task", SOLVABLE_TASKS)

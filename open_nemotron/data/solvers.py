@@ -715,7 +715,8 @@ def _solve_gcd(item: TaskItem, rng: random.Random) -> tuple[list[str], str]:
     lines = []
     # Factorizing by hand is only natural for small numbers; Euclid's algorithm scales.
     if max(numbers) <= 200 and rng.random() < 0.5:
-        lines.append(rng.choice(["Factor each number into primes.", "Use prime factorizations."]))
+        lines.append(rng.choice(["Factor each number into primes.", "Use prime factorizations.",
+                                 f"The numbers are small ({', '.join(map(str, numbers))}), so factor them."]))
         facts = [_factorize(n) for n in numbers]
         for n, f in zip(numbers, facts, strict=True):
             lines.append(_factor_text(n, f) + ".")
@@ -730,8 +731,11 @@ def _solve_gcd(item: TaskItem, rng: random.Random) -> tuple[list[str], str]:
             else:
                 lines.append(f"Common primes, each to the smallest power: {shared} = {g}.")
     else:
-        lines.append(rng.choice(["Use the Euclidean algorithm: divide, keep the remainder, repeat.",
-                                 "Euclid's algorithm: replace the larger number by the remainder until it is 0."]))
+        listed = ", ".join(map(str, numbers))
+        lines.append(rng.choice([f"Use the Euclidean algorithm on {listed}: divide, keep the remainder, repeat.",
+                                 "Euclid's algorithm: replace the larger number by the remainder until it is 0.",
+                                 f"To find the GCD of {listed}, divide the larger by the smaller and continue with "
+                                 "the remainder until it is 0."]))
         current = numbers[0]
         for n in numbers[1:]:
             steps = _euclid_lines(current, n)
