@@ -59,6 +59,14 @@ def load_suite(suite: str, limit: int | None = None) -> list:
     from open_nemotron.data import tasks
 
     if suite == "heldout":
+        if limit:
+            # Balanced across tasks: the first ceil(limit / tasks) items of every task, interleaved, cut to `limit`.
+            per_task = -(-limit // len(tasks.HELDOUT_TASKS))
+            by_task: dict[str, list] = {}
+            for item in tasks.heldout_suite(n_per_task=per_task):
+                by_task.setdefault(item.task, []).append(item)
+            interleaved = [group[i] for i in range(per_task) for group in by_task.values() if i < len(group)]
+            return interleaved[:limit]
         items = tasks.heldout_suite()
     elif suite.endswith(".jsonl") and Path(suite).is_file():
         items = tasks.load_math_jsonl(suite)
