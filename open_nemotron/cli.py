@@ -183,8 +183,7 @@ def bench_speed(
     markdown_out = markdown_path_beside(json_out) if json_out is not None else None
 
 
-    from open_nemotron.evaluate.throughput import SpeedConfig, render_markdown, render_table, run
-    from open_nemotron.utils import atomic_write_text
+    from open_nemotron.evaluate.throughput import SpeedConfig, render_table, run
 
     config = SpeedConfig(
         models=list(models), batch_sizes=sizes, prompt_len=prompt_len, gen_len=gen_len, repeats=repeats,
@@ -193,8 +192,7 @@ def bench_speed(
     check_model_specs(list(models))
     result = run(config)
     _results_console().print(render_table(result))
-    if json_out is not None and markdown_out is not None:
-        atomic_write_text(markdown_out, render_markdown(result))
+    if json_out is not None:
         typer.echo(f"wrote {json_out} and {markdown_out}")
 
 
@@ -214,9 +212,7 @@ def bench_train(
     device = check_device(device)
     markdown_out = markdown_path_beside(json_out) if json_out is not None else None
 
-
-    from open_nemotron.evaluate.train_speed import TrainSpeedConfig, render_markdown, render_table, run
-    from open_nemotron.utils import atomic_write_text
+    from open_nemotron.evaluate.train_speed import TrainSpeedConfig, render_table, run
 
     config = TrainSpeedConfig(
         models=list(models), batch=batch, seq=seq, steps=steps, repeats=repeats, device=device, seed=seed,
@@ -225,8 +221,7 @@ def bench_train(
     check_model_specs(list(models))
     result = run(config)
     _results_console().print(render_table(result))
-    if json_out is not None and markdown_out is not None:
-        atomic_write_text(markdown_out, render_markdown(result))
+    if json_out is not None:
         typer.echo(f"wrote {json_out} and {markdown_out}")
 
 

@@ -104,7 +104,8 @@ def test_bench_train_passes_its_options_through(tiny_llama_dir: Path, tmp_path: 
         models=specs, batch=2, seq=16, steps=1, repeats=1, device="cpu", seed=3, json_out=str(json_out)
     )
     assert "TRAIN TABLE" in result.stdout
-    assert json_out.with_suffix(".md").read_text() == "# bench-train\n"
+    # run() writes the JSON and the Markdown beside it (tested with the real bench-speed); the CLI names both.
+    assert f"wrote {json_out} and {json_out.with_suffix('.md')}" in result.stdout
 
 
 def write_config(directory: Path, config: dict) -> Path:

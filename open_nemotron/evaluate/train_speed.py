@@ -127,8 +127,9 @@ def run(config: TrainSpeedConfig, progress: bool = True) -> dict[str, Any]:
         "matmul_flop_rate": matmul_rate,
         "models": results,
     }
-    if config.json_out:
+    if config.json_out:  # the JSON for machines and a Markdown report beside it for people
         atomic_write_text(Path(config.json_out), json.dumps(result, indent=2))
+        atomic_write_text(Path(config.json_out).with_suffix(".md"), render_markdown(result))
     return result
 
 
