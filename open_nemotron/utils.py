@@ -26,3 +26,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+def write_result(json_path: str | Path, result: dict, markdown: str) -> None:
+    """A stage's machine-readable result (JSON) and, beside it with suffix .md, the human-readable one."""
+    import json
+
+    json_path = Path(json_path)
+    atomic_write_text(json_path, json.dumps(result, indent=2))
+    atomic_write_text(json_path.with_suffix(".md"), markdown)

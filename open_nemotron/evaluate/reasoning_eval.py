@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from open_nemotron.errors import OpenNemotronError
-from open_nemotron.utils import atomic_write_text
+from open_nemotron.utils import atomic_write_text, write_result
 
 MODES = ("on", "off")
 
@@ -163,10 +163,9 @@ def run(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
         "models": results,
     }
     if config.json_out:
-        out = Path(config.json_out)
-        atomic_write_text(out, json.dumps(result, indent=2))
-        atomic_write_text(out.with_suffix(".samples.jsonl"), "".join(json.dumps(r) + "\n" for r in all_records))
-        atomic_write_text(out.with_suffix(".md"), render_markdown(result))
+        write_result(config.json_out, result, render_markdown(result))
+        samples = Path(config.json_out).with_suffix(".samples.jsonl")
+        atomic_write_text(samples, "".join(json.dumps(r) + "\n" for r in all_records))
     return result
 
 

@@ -17,7 +17,6 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,7 +27,7 @@ from open_nemotron.evaluate.hardware import (
     measure_memory_bandwidth,
     synchronize,
 )
-from open_nemotron.utils import atomic_write_text
+from open_nemotron.utils import write_result
 
 IMPLEMENTATIONS = ("auto", "ours", "transformers")
 
@@ -261,9 +260,8 @@ def run(config: SpeedConfig, progress: bool = True) -> dict[str, Any]:
         },
         "models": results,
     }
-    if config.json_out:  # the JSON for machines and a Markdown report beside it for people
-        atomic_write_text(Path(config.json_out), json.dumps(result, indent=2))
-        atomic_write_text(Path(config.json_out).with_suffix(".md"), render_markdown(result))
+    if config.json_out:
+        write_result(config.json_out, result, render_markdown(result))
     return result
 
 
@@ -332,7 +330,6 @@ def render_markdown(result: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__" and len(sys.argv) >= 6 and sys.argv[1] == "probe":
-    torch.set_num_threads(torch.get_num_threads())
     out = memory_probe(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]),
                        sys.argv[6] if len(sys.argv) > 6 and sys.argv[6] else None)
     print(json.dumps(out))

@@ -9,11 +9,9 @@ much of the machine's dense-compute ceiling a training step reaches.
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,7 +20,7 @@ from torch import nn
 from open_nemotron.errors import OpenNemotronError
 from open_nemotron.evaluate.hardware import describe_device, measure_matmul_flops, synchronize
 from open_nemotron.evaluate.throughput import split_spec
-from open_nemotron.utils import atomic_write_text
+from open_nemotron.utils import write_result
 
 
 @dataclass
@@ -127,9 +125,8 @@ def run(config: TrainSpeedConfig, progress: bool = True) -> dict[str, Any]:
         "matmul_flop_rate": matmul_rate,
         "models": results,
     }
-    if config.json_out:  # the JSON for machines and a Markdown report beside it for people
-        atomic_write_text(Path(config.json_out), json.dumps(result, indent=2))
-        atomic_write_text(Path(config.json_out).with_suffix(".md"), render_markdown(result))
+    if config.json_out:
+        write_result(config.json_out, result, render_markdown(result))
     return result
 
 

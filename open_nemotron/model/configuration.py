@@ -91,6 +91,17 @@ def _check_bool(layer: int, part: str, entry: dict[str, Any], key: str) -> bool:
     return value
 
 
+def _replacement_kind(layer: int, part: str, entry: dict[str, Any]) -> str | None:
+    """"no_op", "linear" or None (the real sub-block) from the two mutually exclusive flags."""
+    no_op = _check_bool(layer, part, entry, "no_op")
+    linear = _check_bool(layer, part, entry, "replace_with_linear")
+    if no_op and linear:
+        raise BlockConfigError(
+            f"block_configs[{layer}].{part}: no_op and replace_with_linear are both true: expected at most one"
+        )
+    return "no_op" if no_op else "linear" if linear else None
+
+
 def _check_unknown_and_inactive(layer: int, part: str, entry: dict[str, Any], known: set[str], inactive: dict) -> None:
     unknown = sorted(set(entry) - known - set(inactive))
     if unknown:
@@ -121,16 +132,9 @@ def parse_block_config(layer: int, block: Any, *, hidden_size: int, num_attentio
     _check_unknown_and_inactive(layer, "attention", attn,
                                 {"no_op", "replace_with_linear", "n_heads_in_group"} | _ATTENTION_OPTIONAL_KEYS,
                                 _ATTENTION_INACTIVE_KEYS)
-    no_op = _check_bool(layer, "attention", attn, "no_op")
-    linear = _check_bool(layer, "attention", attn, "replace_with_linear")
-    if no_op and linear:
-        raise BlockConfigError(
-            f"block_configs[{layer}].attention: no_op and replace_with_linear are both true: expected at most one"
-        )
-    if no_op:
-        attention = AttentionBlock("no_op")
-    elif linear:
-        attention = AttentionBlock("linear")
+    kind = _replacement_kind(layer, "attention", attn)
+    if kind is not None:
+        attention = AttentionBlock(kind)
     else:
         group = attn.get("n_heads_in_group")
         if not isinstance(group, int) or isinstance(group, bool) or group < 1 or num_attention_heads % group:
@@ -145,19 +149,12 @@ def parse_block_config(layer: int, block: Any, *, hidden_size: int, num_attentio
     _check_unknown_and_inactive(layer, "ffn", ffn,
                                 {"no_op", "replace_with_linear", "ffn_mult", "intermediate_size"} | _FFN_OPTIONAL_KEYS,
                                 _FFN_INACTIVE_KEYS)
-    no_op = _check_bool(layer, "ffn", ffn, "no_op")
-    linear = _check_bool(layer, "ffn", ffn, "replace_with_linear")
-    if no_op and linear:
-        raise BlockConfigError(
-            f"block_configs[{layer}].ffn: no_op and replace_with_linear are both true: expected at most one"
-        )
+    kind = _replacement_kind(layer, "ffn", ffn)
     act = ffn.get("hidden_act") or hidden_act
     if act not in ("silu", "swish"):
         raise BlockConfigError(f"block_configs[{layer}].ffn.hidden_act = {act!r}: expected 'silu'")
-    if no_op:
-        ffn_block = FFNBlock("no_op")
-    elif linear:
-        ffn_block = FFNBlock("linear")
+    if kind is not None:
+        ffn_block = FFNBlock(kind)
     else:
         size, mult = ffn.get("intermediate_size"), ffn.get("ffn_mult")
         if size is not None:

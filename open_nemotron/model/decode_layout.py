@@ -35,7 +35,7 @@ class FusedWeight:
     parts: list[nn.Parameter] = field(default_factory=list)
     pointers: list[int] = field(default_factory=list)
 
-    def owns(self, first: torch.Tensor) -> bool:
+    def is_live(self) -> bool:
         # O(1) guard: every part must still be the view we made (not replaced by .to(), load_state_dict(assign=True)...)
         return all(p.data_ptr() == ptr for p, ptr in zip(self.parts, self.pointers, strict=True))
 

@@ -92,7 +92,7 @@ class DeciLMAttention(nn.Module):
 
     def project_qkv(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         fused = self.fused_qkv
-        if fused is not None and not torch.is_grad_enabled() and fused.owns(self.q_proj.weight):
+        if fused is not None and not torch.is_grad_enabled() and fused.is_live():
             q_size = self.num_heads * self.head_dim
             kv_size = self.num_key_value_heads * self.head_dim
             return F.linear(hidden_states, fused.weight).split((q_size, kv_size, kv_size), dim=-1)
@@ -154,7 +154,7 @@ class DeciLMMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fused = self.fused_gate_up
-        if fused is not None and not torch.is_grad_enabled() and fused.owns(self.gate_proj.weight):
+        if fused is not None and not torch.is_grad_enabled() and fused.is_live():
             gate, up = F.linear(x, fused.weight).split(self.intermediate_size, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
