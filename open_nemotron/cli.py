@@ -149,8 +149,9 @@ SeedOption = Annotated[int, typer.Option("--seed", help="Seed for the random ben
 def convert(
     src: Annotated[
         str,
-        typer.Argument(help="Parent spec: a model directory, a .gguf file, the alias smollm2-135m or a hub id.",
-                       show_default=False),
+        typer.Argument(
+            help="Parent spec: a model directory, a .gguf file, the alias smollm2-135m or a hub id.", show_default=False
+        ),
     ],
     out: Annotated[Path, typer.Option("--out", help="Directory to write the converted model to.", file_okay=False)],
 ) -> None:
@@ -182,12 +183,18 @@ def bench_speed(
     device = check_device(device)
     markdown_out = markdown_path_beside(json_out) if json_out is not None else None
 
-
     from open_nemotron.evaluate.throughput import SpeedConfig, render_table, run
 
     config = SpeedConfig(
-        models=list(models), batch_sizes=sizes, prompt_len=prompt_len, gen_len=gen_len, repeats=repeats,
-        memory=memory, device=device, seed=seed, json_out=str(json_out) if json_out is not None else None,
+        models=list(models),
+        batch_sizes=sizes,
+        prompt_len=prompt_len,
+        gen_len=gen_len,
+        repeats=repeats,
+        memory=memory,
+        device=device,
+        seed=seed,
+        json_out=str(json_out) if json_out is not None else None,
     )
     check_model_specs(list(models))
     result = run(config)
@@ -215,7 +222,13 @@ def bench_train(
     from open_nemotron.evaluate.train_speed import TrainSpeedConfig, render_table, run
 
     config = TrainSpeedConfig(
-        models=list(models), batch=batch, seq=seq, steps=steps, repeats=repeats, device=device, seed=seed,
+        models=list(models),
+        batch=batch,
+        seq=seq,
+        steps=steps,
+        repeats=repeats,
+        device=device,
+        seed=seed,
         json_out=str(json_out) if json_out is not None else None,
     )
     check_model_specs(list(models))
@@ -230,20 +243,26 @@ def bench_train(
 def generate(
     model_spec: Annotated[
         str,
-        typer.Argument(metavar="MODEL", help="Model spec: a model directory, a .gguf file, the alias smollm2-135m "
-                       "or a hub id.", show_default=False),
+        typer.Argument(
+            metavar="MODEL",
+            help="Model spec: a model directory, a .gguf file, the alias smollm2-135m or a hub id.",
+            show_default=False,
+        ),
     ],
     prompt: Annotated[str, typer.Option("--prompt", help="The user message.", show_default=False)],
     thinking: Annotated[str, typer.Option("--thinking", help="Reasoning switch: on or off.")] = "on",
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Most tokens to generate.")] = 512,
     temperature: Annotated[
         float | None,
-        typer.Option("--temperature", help="Sampling temperature; 0 = greedy (default: 0.6 with thinking on, "
-                     "greedy with thinking off).", show_default=False),
+        typer.Option(
+            "--temperature",
+            help="Sampling temperature; 0 = greedy (default: 0.6 with thinking on, greedy with thinking off).",
+            show_default=False,
+        ),
     ] = None,
     top_p: Annotated[
-        float | None, typer.Option("--top-p", help="Nucleus sampling mass (default 0.95 when sampling).",
-                                   show_default=False)
+        float | None,
+        typer.Option("--top-p", help="Nucleus sampling mass (default 0.95 when sampling).", show_default=False),
     ] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed for reproducible sampling.")] = None,
     device: DeviceOption = None,
@@ -274,9 +293,15 @@ def generate(
     status_console.print(f"thinking {'on' if thinking_on else 'off'}: {sampling.describe()}")
     with status_console.status(f"generating up to {max_new_tokens} tokens ..."):
         (reply,) = generate_chat(
-            model, tokenizer, [[{"role": "user", "content": prompt}]], thinking=thinking_on,
-            max_new_tokens=max_new_tokens, do_sample=sampling.do_sample, temperature=sampling.temperature,
-            top_p=sampling.top_p, seed=seed,
+            model,
+            tokenizer,
+            [[{"role": "user", "content": prompt}]],
+            thinking=thinking_on,
+            max_new_tokens=max_new_tokens,
+            do_sample=sampling.do_sample,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            seed=seed,
         )
     reasoning, answer = split_reasoning(reply)
     # Text(...) rather than str: model output must never be read as rich markup.
@@ -289,14 +314,23 @@ def generate(
 @app.command()
 @reports_user_errors
 def datagen(
-    out: Annotated[Path, typer.Option("--out", help="Output directory (raw.jsonl, data.jsonl, data_report.md).",
-                                      file_okay=False)],
-    teacher: Annotated[str, typer.Option("--teacher", help="builtin | openai:BASE_URL::MODEL | hf:MODEL_SPEC")] = "builtin",
-    tasks: Annotated[str | None, typer.Option("--tasks", help="Comma-separated task names (default: every task "
-                                              "with a built-in solver).")] = None,
+    out: Annotated[
+        Path, typer.Option("--out", help="Output directory (raw.jsonl, data.jsonl, data_report.md).", file_okay=False)
+    ],
+    teacher: Annotated[
+        str, typer.Option("--teacher", help="builtin | openai:BASE_URL::MODEL | hf:MODEL_SPEC")
+    ] = "builtin",
+    tasks: Annotated[
+        str | None,
+        typer.Option("--tasks", help="Comma-separated task names (default: every task with a built-in solver)."),
+    ] = None,
     n_per_task: Annotated[int, typer.Option("--n-per-task", help="Prompts per task.")] = 100,
-    difficulties: Annotated[str, typer.Option("--difficulties", help="Comma-separated: easy,medium,hard.")] = "easy,medium",
-    reasoning: Annotated[str, typer.Option("--reasoning", help="Answer modes to generate: on,off / on / off.")] = "on,off",
+    difficulties: Annotated[
+        str, typer.Option("--difficulties", help="Comma-separated: easy,medium,hard.")
+    ] = "easy,medium",
+    reasoning: Annotated[
+        str, typer.Option("--reasoning", help="Answer modes to generate: on,off / on / off.")
+    ] = "on,off",
     concurrency: Annotated[int, typer.Option("--concurrency", help="Parallel requests (openai teacher).")] = 8,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds per request (openai teacher).")] = 120.0,
     seed: SeedOption = 0,
@@ -310,24 +344,41 @@ def datagen(
     options = {"concurrency": concurrency, "timeout_s": timeout} if teacher.startswith("openai:") else {}
     kwargs = {"tasks": [t.strip() for t in tasks.split(",") if t.strip()]} if tasks else {}
     config = DatagenConfig(
-        out_dir=str(out), n_per_task=n_per_task, difficulties=[d.strip() for d in difficulties.split(",") if d.strip()],
-        modes=modes, teacher=teacher, teacher_options=options, seed=seed, **kwargs,
+        out_dir=str(out),
+        n_per_task=n_per_task,
+        difficulties=[d.strip() for d in difficulties.split(",") if d.strip()],
+        modes=modes,
+        teacher=teacher,
+        teacher_options=options,
+        seed=seed,
+        **kwargs,
     )
     summary = run(config)
-    typer.echo(f"{summary['generation']}\nkept {summary['kept_rows']} of {summary['raw_rows']} rows "
-               f"({summary['kept_on']} on, {summary['kept_off']} off) -> {summary['data']}; report {summary['report']}")
+    typer.echo(
+        f"{summary['generation']}\nkept {summary['kept_rows']} of {summary['raw_rows']} rows "
+        f"({summary['kept_on']} on, {summary['kept_off']} off) -> {summary['data']}; report {summary['report']}"
+    )
 
 
 @app.command()
 @reports_user_errors
 def sft(
-    model_spec: Annotated[str, typer.Argument(metavar="MODEL", help="Model to fine-tune (any model spec).",
-                                              show_default=False)],
-    data: Annotated[str, typer.Option("--data", help="Training rows: jsonl/parquet of Llama-Nemotron-style rows "
-                                      "(e.g. datagen output) or a hub dataset id.", show_default=False)],
+    model_spec: Annotated[
+        str, typer.Argument(metavar="MODEL", help="Model to fine-tune (any model spec).", show_default=False)
+    ],
+    data: Annotated[
+        str,
+        typer.Option(
+            "--data",
+            help="Training rows: jsonl/parquet of Llama-Nemotron-style rows (e.g. datagen output) or a hub dataset id.",
+            show_default=False,
+        ),
+    ],
     out: Annotated[Path, typer.Option("--out", help="Run directory (checkpoints, final/, reports).", file_okay=False)],
     epochs: Annotated[float, typer.Option("--epochs", help="Passes over the data.")] = 2.0,
-    max_steps: Annotated[int, typer.Option("--max-steps", help="Stop after this many steps (overrides --epochs).")] = -1,
+    max_steps: Annotated[
+        int, typer.Option("--max-steps", help="Stop after this many steps (overrides --epochs).")
+    ] = -1,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (linear warm-up, then cosine).")] = 1e-4,
     warmup_ratio: Annotated[float, typer.Option("--warmup-ratio", help="Share of steps spent warming up.")] = 0.1,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per device step.")] = 8,
@@ -346,13 +397,27 @@ def sft(
     from open_nemotron.train.sft import SFTRunConfig, run
 
     config = SFTRunConfig(
-        model=model_spec, data=data, output_dir=str(out), epochs=epochs, max_steps=max_steps, learning_rate=lr,
-        warmup_ratio=warmup_ratio, batch_size=batch_size, grad_accum=grad_accum, max_length=max_length,
-        packing=packing, on_fraction=on_fraction, seed=seed, save_steps=save_steps, device=device,
+        model=model_spec,
+        data=data,
+        output_dir=str(out),
+        epochs=epochs,
+        max_steps=max_steps,
+        learning_rate=lr,
+        warmup_ratio=warmup_ratio,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        max_length=max_length,
+        packing=packing,
+        on_fraction=on_fraction,
+        seed=seed,
+        save_steps=save_steps,
+        device=device,
     )
     summary = run(config)
-    typer.echo(f"trained {summary['steps']} steps, loss {summary['first_loss']} -> {summary['last_loss']}; "
-               f"model in {summary['final_model']}, report in {out / 'sft_report.md'}")
+    typer.echo(
+        f"trained {summary['steps']} steps, loss {summary['first_loss']} -> {summary['last_loss']}; "
+        f"model in {summary['final_model']}, report in {out / 'sft_report.md'}"
+    )
 
 
 @app.command("eval")
@@ -379,9 +444,17 @@ def eval_command(
     from open_nemotron.evaluate.reasoning_eval import EvalConfig, render_markdown, run
 
     config = EvalConfig(
-        models=list(models), suite=suite, reasoning=modes, samples=samples, limit=limit,
-        max_new_tokens_on=max_new_tokens_on, max_new_tokens_off=max_new_tokens_off, batch_size=batch_size,
-        seed=seed, device=device, json_out=str(json_out) if json_out is not None else None,
+        models=list(models),
+        suite=suite,
+        reasoning=modes,
+        samples=samples,
+        limit=limit,
+        max_new_tokens_on=max_new_tokens_on,
+        max_new_tokens_off=max_new_tokens_off,
+        batch_size=batch_size,
+        seed=seed,
+        device=device,
+        json_out=str(json_out) if json_out is not None else None,
     )
     check_model_specs(list(models))
     result = run(config)

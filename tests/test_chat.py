@@ -66,7 +66,9 @@ def test_marker_is_in_every_reasoning_template() -> None:
 )
 def test_raw_parent_template_gets_the_toggle(make, template, system_turn) -> None:
     tokenizer = make(template)
-    raw = tokenizer.apply_chat_template(CONVERSATIONS[0], add_generation_prompt=True, enable_thinking=False, tokenize=False)
+    raw = tokenizer.apply_chat_template(
+        CONVERSATIONS[0], add_generation_prompt=True, enable_thinking=False, tokenize=False
+    )
     assert THINKING_OFF not in raw  # the parent's own template ignores enable_thinking
     assert not has_reasoning_template(tokenizer)
 

@@ -58,8 +58,20 @@ def test_convert_writes_a_model_auto_loads_as_decilm(tiny_llama_dir: Path, tmp_p
 
 @pytest.mark.parametrize("thinking", ["on", "off"])
 def test_generate_prints_the_answer(tiny_llama_dir: Path, thinking: str) -> None:
-    result = invoke("generate", tiny_llama_dir, "--prompt", "What is 2+2?", "--thinking", thinking,
-                    "--max-new-tokens", "4", "--seed", "0", "--device", "cpu")
+    result = invoke(
+        "generate",
+        tiny_llama_dir,
+        "--prompt",
+        "What is 2+2?",
+        "--thinking",
+        thinking,
+        "--max-new-tokens",
+        "4",
+        "--seed",
+        "0",
+        "--device",
+        "cpu",
+    )
     assert result.exit_code == 0, result.output
     assert "answer" in result.stdout
     expected = "sampling (temperature 0.6, top-p 0.95)" if thinking == "on" else "greedy"
@@ -70,11 +82,30 @@ def test_bench_speed_writes_json_and_markdown(tiny_llama_dir: Path, tmp_path: Pa
     import open_nemotron.evaluate.throughput as throughput
 
     # The real bandwidth probe streams a GiB; a few MiB exercise the same code path.
-    monkeypatch.setattr(throughput, "measure_memory_bandwidth",
-                        functools.partial(throughput.measure_memory_bandwidth, buffer_mib=4, repeats=1))
+    monkeypatch.setattr(
+        throughput,
+        "measure_memory_bandwidth",
+        functools.partial(throughput.measure_memory_bandwidth, buffer_mib=4, repeats=1),
+    )
     json_out = tmp_path / "speed.json"
-    result = invoke("bench-speed", tiny_llama_dir, f"ours:{tiny_llama_dir}", "--batch-sizes", "1", "--prompt-len", "8",
-                    "--gen-len", "4", "--repeats", "1", "--no-memory", "--device", "cpu", "--json", json_out)
+    result = invoke(
+        "bench-speed",
+        tiny_llama_dir,
+        f"ours:{tiny_llama_dir}",
+        "--batch-sizes",
+        "1",
+        "--prompt-len",
+        "8",
+        "--gen-len",
+        "4",
+        "--repeats",
+        "1",
+        "--no-memory",
+        "--device",
+        "cpu",
+        "--json",
+        json_out,
+    )
     assert result.exit_code == 0, result.output
     saved = json.loads(json_out.read_text())
     assert [m["spec"] for m in saved["models"]] == [str(tiny_llama_dir), f"ours:{tiny_llama_dir}"]
@@ -97,8 +128,24 @@ def test_bench_train_passes_its_options_through(tiny_llama_dir: Path, tmp_path: 
     monkeypatch.setitem(sys.modules, "open_nemotron.evaluate.train_speed", fake)
     json_out = tmp_path / "train.json"
     specs = [str(tiny_llama_dir), f"transformers:{tiny_llama_dir}"]
-    result = invoke("bench-train", *specs, "--batch", "2", "--seq", "16", "--steps", "1", "--repeats", "1",
-                    "--device", "cpu", "--seed", "3", "--json", json_out)
+    result = invoke(
+        "bench-train",
+        *specs,
+        "--batch",
+        "2",
+        "--seq",
+        "16",
+        "--steps",
+        "1",
+        "--repeats",
+        "1",
+        "--device",
+        "cpu",
+        "--seed",
+        "3",
+        "--json",
+        json_out,
+    )
     assert result.exit_code == 0, result.output
     assert calls["config"] == dict(
         models=specs, batch=2, seq=16, steps=1, repeats=1, device="cpu", seed=3, json_out=str(json_out)

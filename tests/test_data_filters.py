@@ -26,7 +26,7 @@ from open_nemotron.data.filters import (
     verify_answers,
 )
 from open_nemotron.data.schema import Example, RowReport
-from open_nemotron.data.tasks import TaskItem, heldout_suite, make_items
+from open_nemotron.data.tasks import HELDOUT_SEED_START, TaskItem, heldout_suite, make_items
 from open_nemotron.model.chat_template import THINKING_OFF, THINKING_ON
 
 INSTRUCTION = "\n\nPut your final answer within \\boxed{}."
@@ -95,7 +95,11 @@ def test_each_stage_counts(mixed_rows: list[Example]) -> None:
         "near_dedup": (3, 3, {}, {}),
         "decontamination": (3, 3, {}, {}),
     }
-    assert [ex.input[0]["content"] for ex in kept] == ["What is 2 + 5?", "What is 2 + 5?", "Write a haiku about autumn."]
+    assert [ex.input[0]["content"] for ex in kept] == [
+        "What is 2 + 5?",
+        "What is 2 + 5?",
+        "Write a haiku about autumn.",
+    ]
     assert (report.rows_in, report.rows_out) == (7, 3)
     assert report.by_mode_in == {"on": 4, "off": 3} and report.by_mode_out == {"on": 1, "off": 2}
 
@@ -161,8 +165,12 @@ PARAGRAPH = (
 def test_near_duplicates_in_free_text() -> None:
     variant = PARAGRAPH.replace("curious", "bright")  # one word of ~90 changed
     other = "Write a short poem about the sea at night, with a lighthouse, a storm and a sleeping town."
-    rows = [example(PARAGRAPH, "a", "off"), example(variant, "b", "off"), example(other, "c", "off"),
-            example(variant, on("r", "b"))]  # the same prompt with reasoning on is not a duplicate of an off row
+    rows = [
+        example(PARAGRAPH, "a", "off"),
+        example(variant, "b", "off"),
+        example(other, "c", "off"),
+        example(variant, on("r", "b")),
+    ]  # the same prompt with reasoning on is not a duplicate of an off row
     kept, stage = drop_near_duplicates(rows, 0.9)
     assert [ex.output for ex in kept] == ["a", "c", on("r", "b")] and stage.removed == {"near_duplicate": 1}
     assert jaccard(ngrams(tokens(PARAGRAPH), 3), ngrams(tokens(variant), 3)) >= 0.9
@@ -180,7 +188,10 @@ def test_near_duplicates_compare_cores_of_templated_prompts() -> None:
     kept, stage = drop_near_duplicates(training_rows(questions), 0.6)
     assert len(kept) == 10 and stage.removed == {}
 
-    animals = ", ".join(f"{i + 2} {name}" for i, name in enumerate(["cows", "ducks", "spiders", "cats", "ants", "crabs", "dogs", "bees"]))
+    animals = ", ".join(
+        f"{i + 2} {name}"
+        for i, name in enumerate(["cows", "ducks", "spiders", "cats", "ants", "crabs", "dogs", "bees"])
+    )
     template = "Your task is to count how many legs there are in total when given a list of animals. Now, how many legs are there in total if you have {}?"
     legs = [template.format(animals), template.format(animals.replace("9 bees", "10 bees"))]
     legs += [template.format(f"{i} cows, {i + 1} ducks") for i in range(1, 9)]
@@ -201,7 +212,9 @@ def test_templates_and_cores() -> None:
 
 
 def test_decontamination_rule_on_a_synthetic_suite() -> None:
-    heldout = [heldout_item("sum", sum_question(a, b), 10**9 + i) for i, (a, b) in enumerate([(812, 880), (5, 77), (31, 2)])]
+    heldout = [
+        heldout_item("sum", sum_question(a, b), 10**9 + i) for i, (a, b) in enumerate([(812, 880), (5, 77), (31, 2)])
+    ]
     heldout += [heldout_item("prime", f"Is {n} prime? Answer yes or no.", 10**9 + n) for n in (7, 11)]
     rows = training_rows(
         [
@@ -230,7 +243,9 @@ def test_decontamination_rule_on_a_synthetic_suite() -> None:
 
 @pytest.fixture(scope="module")
 def suite() -> list[TaskItem]:
-    return heldout_suite(n_per_task=10)
+    # Plus long word problems (not in the fixed suite, but a user's held-out set may have them).
+    word_problems = make_items("gsm_symbolic", 5, split="heldout", seed=HELDOUT_SEED_START, difficulty="medium")
+    return heldout_suite(n_per_task=10) + word_problems
 
 
 def test_contaminated_prompt_is_removed_and_ordinary_prompts_survive(suite: list[TaskItem]) -> None:
@@ -259,7 +274,9 @@ def test_contaminated_prompt_is_removed_and_ordinary_prompts_survive(suite: list
     leaked = [h for h in suite if h.task == "chain_sum"][0]
     pipeline_rows = [
         example(item.question, on("r", f"\\boxed{{{item.answer}}}"), task="chain_sum", answer=item.answer),
-        example(f"Quiz: {leaked.question}", on("r", f"\\boxed{{{leaked.answer}}}"), task="chain_sum", answer=leaked.answer),
+        example(
+            f"Quiz: {leaked.question}", on("r", f"\\boxed{{{leaked.answer}}}"), task="chain_sum", answer=leaked.answer
+        ),
     ]
     for ex, src in zip(pipeline_rows, (item, leaked), strict=True):
         ex.metadata = {"entry": src.entry}
@@ -299,3 +316,18 @@ def test_report_renders_to_markdown_and_json(mixed_rows: list[Example], tmp_path
     assert json.loads(json_path.read_text()) == data and md_path.read_text() == markdown
     assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == ["data_report.json", "data_report.md"]
     assert DataReport().to_markdown().startswith("# Data report")
+
+
+def test_easy_training_items_that_repeat_a_heldout_question_are_removed():
+    """At easy difficulty the question space is small: training seeds can draw held-out questions; none survive."""
+    suite = heldout_suite()
+    held = {item.question for item in suite}
+    train = [item for task in ("chain_sum", "basic_arithmetic") for item in make_items(task, 300, difficulty="easy")]
+    repeats = [item for item in train if item.question in held]
+    assert repeats  # the premise: collisions do occur at this level
+    rows = [
+        example(item.question, f"\\boxed{{{item.answer}}}", "off", task=item.task, answer=item.answer) for item in train
+    ]
+    kept, stage = decontaminate(rows, suite)
+    assert not {row.input[0]["content"] for row in kept} & held
+    assert sum(stage.removed.values()) >= len(repeats)

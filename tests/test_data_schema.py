@@ -39,8 +39,9 @@ def nvidia_row(**overrides) -> dict:
 
 
 def off_row(**overrides) -> dict:
-    row = nvidia_row(output="The answer is 7.", reasoning="off", system_prompt=THINKING_OFF,
-                     generator="Qwen-2.5-Math-7B-Instruct")
+    row = nvidia_row(
+        output="The answer is 7.", reasoning="off", system_prompt=THINKING_OFF, generator="Qwen-2.5-Math-7B-Instruct"
+    )
     row.update(overrides)
     return row
 
@@ -53,23 +54,34 @@ def test_nvidia_rows_accepted():
     off = example_from_row(off_row())
     assert (off.reasoning, off.system_prompt, off.output) == ("off", THINKING_OFF, "The answer is 7.")
     # NeMo-Curator's tutorial row: used_in_training a list, no newlines around the think block.
-    curator = example_from_row(nvidia_row(
-        output="<think>Recall the theorem.</think>The square of the hypotenuse ...", used_in_training=["Ultra"],
-        license="apache_v2", generator="llama-3.3-70b", version="v1"))
+    curator = example_from_row(
+        nvidia_row(
+            output="<think>Recall the theorem.</think>The square of the hypotenuse ...",
+            used_in_training=["Ultra"],
+            license="apache_v2",
+            generator="llama-3.3-70b",
+            version="v1",
+        )
+    )
     assert curator.used_in_training == "Ultra" and curator.license == "apache_v2"
     # An empty think block is what LN emits when no reasoning is needed; NVIDIA's data has such rows.
     assert example_from_row(nvidia_row(output="<think>\n\n</think>\n\nHello!")).reasoning == "on"
     # Multi-turn input ending with a user turn.
-    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
-             {"role": "user", "content": "What is 2 + 5?"}]
+    turns = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "What is 2 + 5?"},
+    ]
     assert len(example_from_row(nvidia_row(input=turns)).input) == 3
 
 
 def test_nvidia_v1_string_input_and_eot():
     # The earliest v1 files stored the prompt chat-formatted, system toggle included, and ended output with <|eot_id|>.
-    text = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\ndetailed thinking off<|eot_id|>"
-            "<|start_header_id|>user<|end_header_id|>\n\nWhat is 2 + 5?<|eot_id|>"
-            "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    text = (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\ndetailed thinking off<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nWhat is 2 + 5?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
     row = {"input": text, "output": "7<|eot_id|>", "category": "math", "generator": "x", "reasoning": "off"}
     ex = example_from_row(row)
     assert ex.input == [{"role": "user", "content": "What is 2 + 5?"}]
@@ -83,9 +95,17 @@ def test_system_toggle_inside_input_and_messages_layout():
     del row["system_prompt"]
     ex = example_from_row(row)
     assert ex.system_prompt == THINKING_ON and ex.input == [{"role": "user", "content": "Q?"}]
-    messages = {"messages": [{"role": "system", "content": ""}, {"role": "user", "content": "Q?"},
-                             {"role": "assistant", "content": "A."}],
-                "reasoning": "off", "category": "chat", "generator": "g", "metadata": '{"uuid": "1"}'}
+    messages = {
+        "messages": [
+            {"role": "system", "content": ""},
+            {"role": "user", "content": "Q?"},
+            {"role": "assistant", "content": "A."},
+        ],
+        "reasoning": "off",
+        "category": "chat",
+        "generator": "g",
+        "metadata": '{"uuid": "1"}',
+    }
     ex = example_from_row(messages)
     assert (ex.output, ex.system_prompt, ex.metadata) == ("A.", THINKING_OFF, {"uuid": "1"})
 
@@ -95,8 +115,9 @@ def test_on_off_consistency():
         example_from_row(nvidia_row(system_prompt=THINKING_OFF))
     assert e.value.reason == "reasoning_mismatch"
     with pytest.raises(MalformedRowError) as e:
-        example_from_row(nvidia_row(input=[{"role": "system", "content": THINKING_OFF},
-                                           {"role": "user", "content": "Q?"}]))
+        example_from_row(
+            nvidia_row(input=[{"role": "system", "content": THINKING_OFF}, {"role": "user", "content": "Q?"}])
+        )
     assert e.value.reason == "reasoning_mismatch"
     # Either field alone determines the other.
     row = nvidia_row()
@@ -117,8 +138,9 @@ MALFORMED = {
     "bad_json": '{"input": [',
     "not_a_mapping": "[1, 2]",
     "bad_input": nvidia_row(input=[{"role": "user"}]),
-    "bad_role": nvidia_row(input=[{"role": "system", "content": "You are helpful."},
-                                  {"role": "user", "content": "Q?"}]),
+    "bad_role": nvidia_row(
+        input=[{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "Q?"}]
+    ),
     "bad_turn_order": nvidia_row(input=[{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A"}]),
     "bad_output": nvidia_row(output=""),
     "bad_reasoning": nvidia_row(reasoning="maybe"),
@@ -169,9 +191,17 @@ def test_round_trip(tmp_path):
     examples = [
         example_from_row(nvidia_row()),
         example_from_row(off_row()),
-        Example(input=[{"role": "user", "content": "gcd(12, 18)?"}], output="<think>\n18 = 1 * 12 + 6\n</think>\n\n6",
-                reasoning="on", system_prompt=THINKING_ON, category="reasoning-gym", generator="builtin-solver",
-                task="gcd", answer="6", metadata={"seed": 3, "entry": {"answer": "6"}}),
+        Example(
+            input=[{"role": "user", "content": "gcd(12, 18)?"}],
+            output="<think>\n18 = 1 * 12 + 6\n</think>\n\n6",
+            reasoning="on",
+            system_prompt=THINKING_ON,
+            category="reasoning-gym",
+            generator="builtin-solver",
+            task="gcd",
+            answer="6",
+            metadata={"seed": 3, "entry": {"answer": "6"}},
+        ),
     ]
     path = tmp_path / "out" / "data.jsonl"
     write_examples(path, examples)

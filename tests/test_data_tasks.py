@@ -66,9 +66,13 @@ def test_heldout_suite_is_fixed_and_disjoint_from_training():
     assert [i.task for i in suite] == [t for t in HELDOUT_TASKS for _ in range(20)]
     assert all(i.split == "heldout" and i.seed >= HELDOUT_SEED_START for i in suite)
     assert all(i.difficulty == HELDOUT_DIFFICULTY for i in suite)
+    # Seeds keep the suites apart where the question space is large. At easy difficulty it is small enough that a
+    # training seed can draw a held-out question by chance: the decontamination filter removes those
+    # (test_data_filters.py::test_easy_training_items_that_repeat_a_heldout_question_are_removed).
+    medium = heldout_suite_at("medium", 20)
     for task in HELDOUT_TASKS:
-        train = {i.question for i in make_items(task, 200, seed=0, difficulty=HELDOUT_DIFFICULTY)}
-        held = {i.question for i in suite if i.task == task}
+        train = {i.question for i in make_items(task, 200, seed=0, difficulty="medium")}
+        held = {i.question for i in medium if i.task == task}
         assert not train & held, task
     assert len(heldout_suite()) == len(HELDOUT_TASKS) * 50
 
@@ -114,7 +118,11 @@ def test_score_is_exactly_one_or_zero():
 def test_math_jsonl_scored_with_math_verify(tmp_path):
     rows = [
         {"question": "What is one divided by two?", "answer": "\\frac{1}{2}"},
-        {"problem": "What is three quarters?", "solution": "Three of four parts: \\boxed{\\frac{3}{4}}.", "level": "Level 1"},
+        {
+            "problem": "What is three quarters?",
+            "solution": "Three of four parts: \\boxed{\\frac{3}{4}}.",
+            "level": "Level 1",
+        },
         {"question": "Natalia sold 48 clips ...", "answer": "She sold 48/2 = 24 in May.\n48 + 24 = 72\n#### 72"},
         {"problem": "Half of one?", "answer": "0.5"},
     ]
@@ -143,3 +151,11 @@ def test_math_jsonl_rejects_bad_lines(tmp_path):
         load_math_jsonl(path)
     with pytest.raises(TaskError, match="no such file"):
         load_math_jsonl(tmp_path / "missing.jsonl")
+
+
+def heldout_suite_at(difficulty: str, n: int):
+    return [
+        item
+        for task in HELDOUT_TASKS
+        for item in make_items(task, n, split="heldout", seed=HELDOUT_SEED_START, difficulty=difficulty)
+    ]

@@ -19,8 +19,9 @@ def _ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, TINY_VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(1.0, 0, 1.0), (0.6, 0, 0.95), (1.3, 7, 1.0),
-                                                             (0.7, 20, 0.5), (1.0, 1, 0.9)])
+@pytest.mark.parametrize(
+    ("temperature", "top_k", "top_p"), [(1.0, 0, 1.0), (0.6, 0, 0.95), (1.3, 7, 1.0), (0.7, 20, 0.5), (1.0, 1, 0.9)]
+)
 def test_logit_processing_matches_transformers_warpers(temperature, top_k, top_p):
     logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
     expected = logits.clone()
@@ -113,8 +114,15 @@ def test_save_after_layout_round_trips(tmp_path):
 def test_num_return_sequences_and_min_new_tokens():
     model = random_decilm(heterogeneous_config(), seed=3)
     ids = _ids(2, 5)
-    kwargs = dict(max_new_tokens=6, min_new_tokens=6, num_return_sequences=2, do_sample=True, top_k=1, pad_token_id=0,
-                  eos_token_id=5)
+    kwargs = dict(
+        max_new_tokens=6,
+        min_new_tokens=6,
+        num_return_sequences=2,
+        do_sample=True,
+        top_k=1,
+        pad_token_id=0,
+        eos_token_id=5,
+    )
     fast = model.generate(ids, **kwargs)
     slow = model.generate(ids, fast_decode=False, **kwargs)
     assert fast.shape == (4, 11)

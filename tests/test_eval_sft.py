@@ -57,8 +57,17 @@ def test_bootstrap_interval_is_deterministic_and_brackets_the_mean():
 
 def test_eval_reports_every_field_and_is_deterministic(tiny_parent, math_suite, tmp_path):
     def once(name: str) -> dict:
-        config = EvalConfig(models=[str(tiny_parent)], suite=str(math_suite), samples=2, max_new_tokens_on=6,
-                            max_new_tokens_off=4, batch_size=3, bootstrap=200, seed=7, json_out=str(tmp_path / name))
+        config = EvalConfig(
+            models=[str(tiny_parent)],
+            suite=str(math_suite),
+            samples=2,
+            max_new_tokens_on=6,
+            max_new_tokens_off=4,
+            batch_size=3,
+            bootstrap=200,
+            seed=7,
+            json_out=str(tmp_path / name),
+        )
         return run_eval(config, progress=False)
 
     first, second = once("a.json"), once("b.json")
@@ -80,11 +89,28 @@ def _examples(n: int) -> list[Example]:
     for i in range(n):
         a, b = i % 7 + 1, i % 5 + 2
         question = [{"role": "user", "content": f"What is {a} + {b}?"}]
-        rows.append(Example(input=question, output=f"<think>\n{a} plus {b} is {a + b}.\n</think>\n\nThe answer is {a + b}.",
-                            reasoning="on", system_prompt=THINKING_ON, category="math", generator="test",
-                            answer=str(a + b)))
-        rows.append(Example(input=question, output=f"The answer is {a + b}.", reasoning="off",
-                            system_prompt=THINKING_OFF, category="math", generator="test", answer=str(a + b)))
+        rows.append(
+            Example(
+                input=question,
+                output=f"<think>\n{a} plus {b} is {a + b}.\n</think>\n\nThe answer is {a + b}.",
+                reasoning="on",
+                system_prompt=THINKING_ON,
+                category="math",
+                generator="test",
+                answer=str(a + b),
+            )
+        )
+        rows.append(
+            Example(
+                input=question,
+                output=f"The answer is {a + b}.",
+                reasoning="off",
+                system_prompt=THINKING_OFF,
+                category="math",
+                generator="test",
+                answer=str(a + b),
+            )
+        )
     return rows
 
 
@@ -98,8 +124,16 @@ def test_sft_trains_saves_and_resumes(tiny_parent, tmp_path):
     data = tmp_path / "data.jsonl"
     write_examples(data, _examples(6))
     out = tmp_path / "sft"
-    config = dict(model=str(tiny_parent), data=str(data), output_dir=str(out), batch_size=4, max_length=96,
-                  save_steps=2, logging_steps=1, learning_rate=1e-3)
+    config = dict(
+        model=str(tiny_parent),
+        data=str(data),
+        output_dir=str(out),
+        batch_size=4,
+        max_length=96,
+        save_steps=2,
+        logging_steps=1,
+        learning_rate=1e-3,
+    )
     first = run_sft(SFTRunConfig(max_steps=2, **config))
     assert first["steps"] == 2 and first["resumed_from"] is None
     assert first["last_loss"] is not None

@@ -22,8 +22,12 @@ from open_nemotron.model.modeling import DeciLMForCausalLM
 LLAMA_VARIANTS = {
     "gqa-untied-llama3-rope": dict(
         rope_parameters={
-            "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 32,
+            "rope_type": "llama3",
+            "rope_theta": 10000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
         }
     ),
     "mha-tied-default-rope": dict(
@@ -34,8 +38,12 @@ LLAMA_VARIANTS = {
     ),
     "mqa-yarn-rope": dict(
         num_key_value_heads=1,
-        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
-                         "original_max_position_embeddings": 64},
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
     ),
     "dynamic-rope-explicit-head-dim": dict(
         head_dim=16, rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}
@@ -128,11 +136,11 @@ def test_heterogeneous_layers_have_the_right_modules_and_no_extra_weights():
     assert model.model.layers[1].mlp.down_proj.weight.shape == (48, 33)
     assert "model.layers.2.mlp.linear_mlp.weight" in names
     assert model.model.layers[2].self_attn.k_proj.weight.shape == (8, 48)
-    assert not any(n.startswith("model.layers.3.self_attn") or n.startswith("model.layers.3.input_layernorm")
-                   for n in names)
+    assert not any(
+        n.startswith("model.layers.3.self_attn") or n.startswith("model.layers.3.input_layernorm") for n in names
+    )
     assert model.model.layers[3].mlp.gate_proj.weight.shape == (256, 48)  # ffn_mult 1.0 -> round_up(32, 256)
-    assert not any(n.startswith("model.layers.4.mlp") or n.startswith("model.layers.4.post_attention")
-                   for n in names)
+    assert not any(n.startswith("model.layers.4.mlp") or n.startswith("model.layers.4.post_attention") for n in names)
     assert not any(n.startswith("model.layers.5.") for n in names)
 
 
@@ -191,8 +199,9 @@ def test_left_padded_batch_equals_rows_alone():
 
 
 def test_attention_free_model_generates():
-    cfg = heterogeneous_config(block_configs=[{"attention": {"no_op": True}, "ffn": {"intermediate_size": 20}}] * 2,
-                               num_hidden_layers=2)
+    cfg = heterogeneous_config(
+        block_configs=[{"attention": {"no_op": True}, "ffn": {"intermediate_size": 20}}] * 2, num_hidden_layers=2
+    )
     model = random_decilm(cfg)
     ids = _ids(1, 6)
     a = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=2)
@@ -229,8 +238,9 @@ def test_eos_stops_rows_and_pads_after():
 def test_unsupported_generate_options_fall_back_to_transformers():
     model = random_decilm(heterogeneous_config(), seed=4)
     ids = _ids(1, 6)
-    out = model.generate(ids, max_new_tokens=4, num_beams=2, do_sample=False, pad_token_id=2,
-                         return_dict_in_generate=True)
+    out = model.generate(
+        ids, max_new_tokens=4, num_beams=2, do_sample=False, pad_token_id=2, return_dict_in_generate=True
+    )
     assert out.sequences.shape == (1, 10)
 
 
@@ -262,9 +272,16 @@ def test_nvidia_style_block_configs_are_accepted():
     for key in ("model_type", "architectures", "transformers_version"):
         cfg.pop(key, None)
     block = {
-        "attention": {"no_op": False, "replace_with_linear": False, "n_heads_in_group": 4, "window_length": None,
-                      "num_sink_tokens": None, "sparsify": None, "unshifted_sink": False,
-                      "use_prefill_window_in_sink_attention": False},
+        "attention": {
+            "no_op": False,
+            "replace_with_linear": False,
+            "n_heads_in_group": 4,
+            "window_length": None,
+            "num_sink_tokens": None,
+            "sparsify": None,
+            "unshifted_sink": False,
+            "use_prefill_window_in_sink_attention": False,
+        },
         "ffn": {"no_op": False, "replace_with_linear": False, "ffn_mult": 2.625, "sparsify": None},
     }
     config = DeciLMConfig(**{**cfg, "block_configs": [block] * 3})
@@ -300,3 +317,18 @@ def test_packed_sequences_attend_only_within_themselves():
         got = model(packed, position_ids=positions).logits
         expected = torch.cat([model(a).logits, model(b).logits], dim=1)
     assert (got - expected).abs().max().item() <= 1e-5
+
+
+def test_packed_rows_with_different_boundaries_use_one_block_mask():
+    """Several packed rows (positions restart at different places): each sequence still sees only itself."""
+    model = random_decilm(heterogeneous_config(), seed=8)
+    a, b, c, d = _ids(1, 7, seed=1), _ids(1, 5, seed=2), _ids(1, 3, seed=3), _ids(1, 9, seed=4)
+    packed = torch.cat([torch.cat([a, b], dim=1), torch.cat([c, d], dim=1)])
+    positions = torch.stack(
+        [torch.cat([torch.arange(7), torch.arange(5)]), torch.cat([torch.arange(3), torch.arange(9)])]
+    )
+    with torch.no_grad():
+        got = model(packed, position_ids=positions).logits
+        first = torch.cat([model(a).logits, model(b).logits], dim=1)
+        second = torch.cat([model(c).logits, model(d).logits], dim=1)
+    assert (got - torch.cat([first, second])).abs().max().item() <= 1e-5

@@ -38,8 +38,9 @@ def test_converted_parent_matches_transformers(parent_dir, converted_dir):
     assert type(ours) is DeciLMForCausalLM
     tok = AutoTokenizer.from_pretrained(converted_dir)
     messages = [{"role": "user", "content": "What is 12*7? Explain briefly."}]
-    ids = tok.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=False,
-                                  return_tensors="pt", return_dict=True)["input_ids"]
+    ids = tok.apply_chat_template(
+        messages, add_generation_prompt=True, enable_thinking=False, return_tensors="pt", return_dict=True
+    )["input_ids"]
     with torch.no_grad():
         diff = (parent(ids).logits - ours(ids).logits).abs().max().item()
     assert diff <= 1e-5

@@ -46,7 +46,9 @@ class DatagenConfig:
             raise OpenNemotronError(f"datagen: tasks = {self.tasks}: expected names from {', '.join(TASKS)}")
         bad = [d for d in self.difficulties if d not in DIFFICULTIES]
         if bad or not self.difficulties:
-            raise OpenNemotronError(f"datagen: difficulties = {self.difficulties}: expected from {', '.join(DIFFICULTIES)}")
+            raise OpenNemotronError(
+                f"datagen: difficulties = {self.difficulties}: expected from {', '.join(DIFFICULTIES)}"
+            )
         if self.n_per_task < 1:
             raise OpenNemotronError(f"datagen: n_per_task = {self.n_per_task}: expected a positive integer")
 

@@ -199,7 +199,9 @@ def shared_template(token_lists: Sequence[Sequence[str]]) -> tuple[int, int]:
     while prefix < shortest and all(t[prefix] == first[prefix] for t in token_lists):
         prefix += 1
     suffix = 0
-    while suffix < shortest - prefix and all(t[len(t) - 1 - suffix] == first[len(first) - 1 - suffix] for t in token_lists):
+    while suffix < shortest - prefix and all(
+        t[len(t) - 1 - suffix] == first[len(first) - 1 - suffix] for t in token_lists
+    ):
         suffix += 1
     return prefix, suffix
 
@@ -277,7 +279,11 @@ def limit_lengths(
     `max_length` maps mode to limit; a mode it does not name is unlimited. Default: `DEFAULT_MAX_TOKENS` with a
     tokenizer, `DEFAULT_MAX_CHARS` without.
     """
-    limits = dict(max_length) if max_length is not None else dict(DEFAULT_MAX_TOKENS if tokenizer is not None else DEFAULT_MAX_CHARS)
+    limits = (
+        dict(max_length)
+        if max_length is not None
+        else dict(DEFAULT_MAX_TOKENS if tokenizer is not None else DEFAULT_MAX_CHARS)
+    )
     for mode, limit in limits.items():
         if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
             raise FilterError(f"max_length[{mode!r}] = {limit!r}: expected a positive integer")

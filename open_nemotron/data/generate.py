@@ -266,9 +266,7 @@ def generate_to_jsonl(
                 for item, reply in zip(batch, replies, strict=True):
                     if reply is None:
                         continue
-                    row = example_to_row(
-                        example_from_reply(item, mode, reply.text, reply.generator, category_of(item))
-                    )
+                    row = example_to_row(example_from_reply(item, mode, reply.text, reply.generator, category_of(item)))
                     try:  # a row that would not load back is a failure, not a line for the next run to skip
                         example_from_row(row)
                     except MalformedRowError as err:

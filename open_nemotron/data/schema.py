@@ -57,7 +57,9 @@ _TOGGLES = {THINKING_ON: "on", THINKING_OFF: "off"}
 _SYSTEM_FOR = {"on": THINKING_ON, "off": THINKING_OFF}
 _PROMPT_ROLES = ("user", "assistant")
 # Llama-3 special tokens seen in the earliest v1 files, where input was a chat-formatted string.
-_LLAMA3_TURN = re.compile(r"<\|start_header_id\|>(\w+)<\|end_header_id\|>\n\n(.*?)(?:<\|eot_id\|>|(?=<\|start_header_id\|>)|$)", re.S)
+_LLAMA3_TURN = re.compile(
+    r"<\|start_header_id\|>(\w+)<\|end_header_id\|>\n\n(.*?)(?:<\|eot_id\|>|(?=<\|start_header_id\|>)|$)", re.S
+)
 _LLAMA3_BOS = "<|begin_of_text|>"
 _LLAMA3_EOT = "<|eot_id|>"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -146,8 +148,10 @@ def _coerce_messages(value: Any) -> list[dict[str, str]]:
         raise MalformedRowError("bad_input", f"input = {_short(value)}: expected a non-empty list of messages")
     messages = []
     for i, message in enumerate(value):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(
-            message.get("content"), str
+        if (
+            not isinstance(message, dict)
+            or not isinstance(message.get("role"), str)
+            or not isinstance(message.get("content"), str)
         ):
             raise MalformedRowError(
                 "bad_input", f"input[{i}] = {_short(message)}: expected {{'role': str, 'content': str}}"
@@ -182,9 +186,7 @@ def _split_system(messages: list[dict[str, str]]) -> tuple[str | None, list[dict
         raise MalformedRowError("bad_input", "input has no user message: expected at least one")
     if messages[0]["role"] != "user" or messages[-1]["role"] != "user":
         roles = ",".join(m["role"] for m in messages)
-        raise MalformedRowError(
-            "bad_turn_order", f"input roles = {roles}: expected to start and end with a user turn"
-        )
+        raise MalformedRowError("bad_turn_order", f"input roles = {roles}: expected to start and end with a user turn")
     return system, messages
 
 
@@ -193,12 +195,14 @@ def _check_output(output: str, reasoning: str) -> None:
     if reasoning == "off":
         if opens or closes:
             raise MalformedRowError(
-                "think_in_off", f"output has {opens} {THINK_OPEN} / {closes} {THINK_CLOSE} tags: expected none when reasoning is off"
+                "think_in_off",
+                f"output has {opens} {THINK_OPEN} / {closes} {THINK_CLOSE} tags: expected none when reasoning is off",
             )
         return
     if opens == 0 and closes == 0:
         raise MalformedRowError(
-            "missing_think", f"output = {_short(output)}: expected a {THINK_OPEN}…{THINK_CLOSE} block when reasoning is on"
+            "missing_think",
+            f"output = {_short(output)}: expected a {THINK_OPEN}…{THINK_CLOSE} block when reasoning is on",
         )
     stripped = output.lstrip()
     if opens != 1 or closes != 1 or not stripped.startswith(THINK_OPEN):
@@ -291,7 +295,8 @@ def example_from_row(row: dict) -> Example:
         system_prompt = None
     if system_prompt is not None and system_prompt not in _TOGGLES:
         raise MalformedRowError(
-            "bad_system_prompt", f"system_prompt = {_short(system_prompt)}: expected {THINKING_ON!r} or {THINKING_OFF!r}"
+            "bad_system_prompt",
+            f"system_prompt = {_short(system_prompt)}: expected {THINKING_ON!r} or {THINKING_OFF!r}",
         )
     if system_prompt is not None and system_in_input is not None and system_prompt != system_in_input:
         raise MalformedRowError(
@@ -306,7 +311,8 @@ def example_from_row(row: dict) -> Example:
     system_prompt = system_prompt or _SYSTEM_FOR[reasoning]
     if _TOGGLES[system_prompt] != reasoning:
         raise MalformedRowError(
-            "reasoning_mismatch", f"reasoning = {reasoning!r} but system_prompt = {system_prompt!r}: expected them to agree"
+            "reasoning_mismatch",
+            f"reasoning = {reasoning!r} but system_prompt = {system_prompt!r}: expected them to agree",
         )
     _check_output(output, reasoning)
 

@@ -149,7 +149,7 @@ def _tokenize(text: str) -> list[str]:
     while pos < len(text):
         m = _TOKEN.match(text, pos)
         if not m or m.end() == pos:
-            raise _Unsolvable(f"unexpected character at {text[pos:pos + 10]!r}")
+            raise _Unsolvable(f"unexpected character at {text[pos : pos + 10]!r}")
         tokens.append(m.group(m.lastindex))
         pos = m.end()
     return tokens
@@ -165,7 +165,7 @@ class _Parser:
     def parse(self):
         node = self.expr()
         if self.pos != len(self.tokens):
-            raise _Unsolvable(f"trailing tokens {self.tokens[self.pos:]}")
+            raise _Unsolvable(f"trailing tokens {self.tokens[self.pos :]}")
         return node
 
     def peek(self) -> str | None:
@@ -295,7 +295,9 @@ def _op_sentence(op: str, a: Fraction, b: Fraction, result: Fraction, rng: rando
         x, y = int(a), int(b)
         detail = _mul_detail(x, y)
         if (x < 0) != (y < 0) and x and y:
-            sign = rng.choice(["one factor is negative, so the product is negative", "the signs differ, so it is negative"])
+            sign = rng.choice(
+                ["one factor is negative, so the product is negative", "the signs differ, so it is negative"]
+            )
             return f"{detail}, and {sign}: {base}"
         if x < 0 and y < 0:
             return f"{detail}, and two negatives make a positive: {base}"
@@ -333,12 +335,18 @@ def _evaluate_steps(tree, rng: random.Random) -> tuple[list[str], Fraction]:
         node = _simplify(raw)
         step += 1
         if neg_depth < 0:
-            lead = rng.choice(["Still inside the parentheses: ", "Next, in the parentheses: "]) if seen_parens else (
-                rng.choice(["Inside the parentheses: ", "Parentheses first: ", "Start inside the brackets: "]))
+            lead = (
+                rng.choice(["Still inside the parentheses: ", "Next, in the parentheses: "])
+                if seen_parens
+                else (rng.choice(["Inside the parentheses: ", "Parentheses first: ", "Start inside the brackets: "]))
+            )
             seen_parens = True
         elif rank == 0 and mixed:
-            lead = rng.choice(["Next multiplication/division: ", "Then "]) if seen_product else (
-                rng.choice(["Multiplication and division come first: ", "First the * and / part: "]))
+            lead = (
+                rng.choice(["Next multiplication/division: ", "Then "])
+                if seen_product
+                else (rng.choice(["Multiplication and division come first: ", "First the * and / part: "]))
+            )
             seen_product = True
         elif isinstance(node, _Num):
             lead = rng.choice(["Finally, ", "Last step: "]) if step > 1 else ""
@@ -350,7 +358,9 @@ def _evaluate_steps(tree, rng: random.Random) -> tuple[list[str], Fraction]:
             line += f" With the minus sign in front, {_render(raw)} becomes {_render(node)}."
         elif not isinstance(node, _Num):
             rest = _render(node)
-            line += " " + rng.choice([f"Now it reads {rest}.", f"The expression becomes {rest}.", f"That leaves {rest}."])
+            line += " " + rng.choice(
+                [f"Now it reads {rest}.", f"The expression becomes {rest}.", f"That leaves {rest}."]
+            )
         lines.append(line)
     return lines, node.value
 
@@ -386,7 +396,9 @@ def _solve_basic_arithmetic(item: TaskItem, rng: random.Random) -> tuple[list[st
         raise _Unsolvable("unrecognised question")
     expression = m.group(1)
     tree = _Parser(expression).parse()
-    lines = [rng.choice([f"I need to evaluate {expression}.", f"The expression is {expression}.", f"Evaluate {expression}."])]
+    lines = [
+        rng.choice([f"I need to evaluate {expression}.", f"The expression is {expression}.", f"Evaluate {expression}."])
+    ]
     simple = _simplify(tree)
     rules = []
     if _has_parens(simple):
@@ -449,12 +461,20 @@ def _solve_chain_sum(item: TaskItem, rng: random.Random) -> tuple[list[str], str
             )
         elif len(values) == 2:
             back = total - signed[1]
-            lines.append(f"Check: {total} {'-' if signed[1] >= 0 else '+'} {abs(signed[1])} = {back}, the first number. ✓")
+            lines.append(
+                f"Check: {total} {'-' if signed[1] >= 0 else '+'} {abs(signed[1])} = {back}, the first number. ✓"
+            )
     else:
         plus = [s for s in signed if s > 0]
         minus = [-s for s in signed if s < 0]
-        lines.append(rng.choice(["Group the terms: add everything positive, then subtract the rest.",
-                                 "It is easier to collect the additions and the subtractions separately."]))
+        lines.append(
+            rng.choice(
+                [
+                    "Group the terms: add everything positive, then subtract the rest.",
+                    "It is easier to collect the additions and the subtractions separately.",
+                ]
+            )
+        )
         p, q = sum(plus), sum(minus)
         if plus:
             lines.append(f"Added: {_sum_text(plus)}.")
@@ -524,15 +544,26 @@ def _solve_simple_equations(item: TaskItem, rng: random.Random) -> tuple[list[st
     if a == 0:
         raise _Unsolvable("no variable")
     term = _var_term(a, var)
-    lines = [rng.choice([f"Solve {equation} for {var}.", f"We want the {var} that makes {equation} true.", f"Equation: {equation}."])]
+    lines = [
+        rng.choice(
+            [f"Solve {equation} for {var}.", f"We want the {var} that makes {equation} true.", f"Equation: {equation}."]
+        )
+    ]
     if b:
         rhs = r - b
         if b > 0:
-            move = rng.choice([f"Subtract {_fmt(b)} from both sides", f"Move the {_fmt(b)} to the right by subtracting it",
-                               f"Take {_fmt(b)} away from both sides"])
+            move = rng.choice(
+                [
+                    f"Subtract {_fmt(b)} from both sides",
+                    f"Move the {_fmt(b)} to the right by subtracting it",
+                    f"Take {_fmt(b)} away from both sides",
+                ]
+            )
             lines.append(f"{move}: {term} = {_fmt(r)} - {_fmt(b)} = {_fmt(rhs)}.")
         else:
-            move = rng.choice([f"Add {_fmt(-b)} to both sides", f"Move the -{_fmt(-b)} to the right by adding {_fmt(-b)}"])
+            move = rng.choice(
+                [f"Add {_fmt(-b)} to both sides", f"Move the -{_fmt(-b)} to the right by adding {_fmt(-b)}"]
+            )
             lines.append(f"{move}: {term} = {_fmt(r)} + {_fmt(-b)} = {_fmt(rhs)}.")
     else:
         rhs = r
@@ -577,16 +608,43 @@ def _uses_other_var(node, var: str) -> bool:
 
 # name -> (legs, plural). Common knowledge, kept here so the solver states facts, not reasoning-gym's metadata.
 _ANIMALS: dict[str, tuple[int, str]] = {
-    "snake": (0, "snakes"), "sea slug": (0, "sea slugs"), "jellyfish": (0, "jellyfish"), "flatworm": (0, "flatworms"),
-    "leech": (0, "leeches"), "chicken": (2, "chickens"), "bird": (2, "birds"), "human": (2, "humans"),
-    "duck": (2, "ducks"), "dog": (4, "dogs"), "cat": (4, "cats"), "cow": (4, "cows"), "horse": (4, "horses"),
-    "lion": (4, "lions"), "elephant": (4, "elephants"), "giraffe": (4, "giraffes"), "tiger": (4, "tigers"),
-    "deer": (4, "deer"), "sheep": (4, "sheep"), "starfish": (5, "starfish"), "insect": (6, "insects"),
-    "ant": (6, "ants"), "butterfly": (6, "butterflies"), "beetle": (6, "beetles"), "bee": (6, "bees"),
-    "wasp": (6, "wasps"), "grasshopper": (6, "grasshoppers"), "cricket": (6, "crickets"),
-    "cockroach": (6, "cockroaches"), "praying mantis": (6, "praying mantises"), "firefly": (6, "fireflies"),
-    "spider": (8, "spiders"), "scorpion": (8, "scorpions"), "crab": (10, "crabs"), "lobster": (10, "lobsters"),
-    "shrimp": (10, "shrimp"), "woodlouse": (14, "woodlice"),
+    "snake": (0, "snakes"),
+    "sea slug": (0, "sea slugs"),
+    "jellyfish": (0, "jellyfish"),
+    "flatworm": (0, "flatworms"),
+    "leech": (0, "leeches"),
+    "chicken": (2, "chickens"),
+    "bird": (2, "birds"),
+    "human": (2, "humans"),
+    "duck": (2, "ducks"),
+    "dog": (4, "dogs"),
+    "cat": (4, "cats"),
+    "cow": (4, "cows"),
+    "horse": (4, "horses"),
+    "lion": (4, "lions"),
+    "elephant": (4, "elephants"),
+    "giraffe": (4, "giraffes"),
+    "tiger": (4, "tigers"),
+    "deer": (4, "deer"),
+    "sheep": (4, "sheep"),
+    "starfish": (5, "starfish"),
+    "insect": (6, "insects"),
+    "ant": (6, "ants"),
+    "butterfly": (6, "butterflies"),
+    "beetle": (6, "beetles"),
+    "bee": (6, "bees"),
+    "wasp": (6, "wasps"),
+    "grasshopper": (6, "grasshoppers"),
+    "cricket": (6, "crickets"),
+    "cockroach": (6, "cockroaches"),
+    "praying mantis": (6, "praying mantises"),
+    "firefly": (6, "fireflies"),
+    "spider": (8, "spiders"),
+    "scorpion": (8, "scorpions"),
+    "crab": (10, "crabs"),
+    "lobster": (10, "lobsters"),
+    "shrimp": (10, "shrimp"),
+    "woodlouse": (14, "woodlice"),
 }
 _LEG_NOTES = {"starfish": " (its five arms count as legs)", "crab": " (counting the claws)"}
 
@@ -615,9 +673,15 @@ def _solve_leg_counting(item: TaskItem, rng: random.Random) -> tuple[list[str], 
         count = int(pm.group(1))
         groups.append((count, _animal(pm.group(2), count)))
 
-    lines = [rng.choice(["Count the legs for each kind of animal, then add them up.",
-                         "Go through the animals one kind at a time.",
-                         "For each animal: number of animals times legs per animal."])]
+    lines = [
+        rng.choice(
+            [
+                "Count the legs for each kind of animal, then add them up.",
+                "Go through the animals one kind at a time.",
+                "For each animal: number of animals times legs per animal.",
+            ]
+        )
+    ]
     products = []
     for count, name in groups:
         legs, plural = _ANIMALS[name]
@@ -715,8 +779,15 @@ def _solve_gcd(item: TaskItem, rng: random.Random) -> tuple[list[str], str]:
     lines = []
     # Factorizing by hand is only natural for small numbers; Euclid's algorithm scales.
     if max(numbers) <= 200 and rng.random() < 0.5:
-        lines.append(rng.choice(["Factor each number into primes.", "Use prime factorizations.",
-                                 f"The numbers are small ({', '.join(map(str, numbers))}), so factor them."]))
+        lines.append(
+            rng.choice(
+                [
+                    "Factor each number into primes.",
+                    "Use prime factorizations.",
+                    f"The numbers are small ({', '.join(map(str, numbers))}), so factor them.",
+                ]
+            )
+        )
         facts = [_factorize(n) for n in numbers]
         for n, f in zip(numbers, facts, strict=True):
             lines.append(_factor_text(n, f) + ".")
@@ -732,10 +803,16 @@ def _solve_gcd(item: TaskItem, rng: random.Random) -> tuple[list[str], str]:
                 lines.append(f"Common primes, each to the smallest power: {shared} = {g}.")
     else:
         listed = ", ".join(map(str, numbers))
-        lines.append(rng.choice([f"Use the Euclidean algorithm on {listed}: divide, keep the remainder, repeat.",
-                                 "Euclid's algorithm: replace the larger number by the remainder until it is 0.",
-                                 f"To find the GCD of {listed}, divide the larger by the smaller and continue with "
-                                 "the remainder until it is 0."]))
+        lines.append(
+            rng.choice(
+                [
+                    f"Use the Euclidean algorithm on {listed}: divide, keep the remainder, repeat.",
+                    "Euclid's algorithm: replace the larger number by the remainder until it is 0.",
+                    f"To find the GCD of {listed}, divide the larger by the smaller and continue with "
+                    "the remainder until it is 0.",
+                ]
+            )
+        )
         current = numbers[0]
         for n in numbers[1:]:
             steps = _euclid_lines(current, n)
@@ -748,7 +825,8 @@ def _solve_gcd(item: TaskItem, rng: random.Random) -> tuple[list[str], str]:
     if g > 1:
         quotients = [n // g for n in numbers]
         lines.append(
-            "Check: " + ", ".join(f"{n} = {g} * {q}" for n, q in zip(numbers, quotients, strict=True))
+            "Check: "
+            + ", ".join(f"{n} = {g} * {q}" for n, q in zip(numbers, quotients, strict=True))
             + f", and {', '.join(map(str, quotients))} have no common factor other than 1. ✓"
         )
     return lines, str(g)
@@ -800,16 +878,22 @@ def _to_decimal_lines(digits: str, base: int, rng: random.Random) -> tuple[list[
     if len(values) == 1:
         return [f"{digits} in {label} is just {value}."], value
     if rng.random() < 0.5:
-        lines = [f"Convert {digits} from {label} to decimal, reading the digits left to right: multiply by {base}, "
-                 f"then add the next digit{_digit_note(digits)}."]
+        lines = [
+            f"Convert {digits} from {label} to decimal, reading the digits left to right: multiply by {base}, "
+            f"then add the next digit{_digit_note(digits)}."
+        ]
         acc = values[0]
         lines.append(f"Start with {acc}.")
         for v in values[1:]:
             lines.append(f"{acc} * {base} + {v} = {acc * base + v}.")
             acc = acc * base + v
         return lines, value
-    intro = rng.choice([f"Expand {digits} ({label}) by place value{_digit_note(digits)}:",
-                        f"Each digit of {digits} times its power of {base}{_digit_note(digits)}:"])
+    intro = rng.choice(
+        [
+            f"Expand {digits} ({label}) by place value{_digit_note(digits)}:",
+            f"Each digit of {digits} times its power of {base}{_digit_note(digits)}:",
+        ]
+    )
     return [intro, _positional(digits, base) + "."], value
 
 
@@ -844,16 +928,28 @@ def _solve_base_conversion(item: TaskItem, rng: random.Random) -> tuple[list[str
         if source != 10 and len(digits) > 1:
             # Converting back by repeated division is the natural check.
             back_lines, back = _from_decimal_lines(value, source)
-            lines.append(f"Check by converting {value} back to {_base_label(source)}: " + "; ".join(back_lines)
-                         + f"; the remainders read upward give {back}. ✓")
+            lines.append(
+                f"Check by converting {value} back to {_base_label(source)}: "
+                + "; ".join(back_lines)
+                + f"; the remainders read upward give {back}. ✓"
+            )
         return lines, str(value)
     label = _base_label(target)
-    lines.append(rng.choice([f"Now convert {value} to {label} by repeated division by {target}:",
-                             f"To write {value} in {label}, divide by {target} repeatedly and keep the remainders:"]))
+    lines.append(
+        rng.choice(
+            [
+                f"Now convert {value} to {label} by repeated division by {target}:",
+                f"To write {value} in {label}, divide by {target} repeatedly and keep the remainders:",
+            ]
+        )
+    )
     div_lines, answer = _from_decimal_lines(value, target)
     lines += [line + "." for line in div_lines]
-    lines.append(rng.choice([f"Reading the remainders from last to first: {answer}.",
-                             f"The remainders read bottom-up give {answer}."]))
+    lines.append(
+        rng.choice(
+            [f"Reading the remainders from last to first: {answer}.", f"The remainders read bottom-up give {answer}."]
+        )
+    )
     if int(answer, target) != value:
         raise _Unsolvable("check failed")
     if len(answer) > 1:

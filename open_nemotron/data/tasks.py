@@ -29,7 +29,8 @@ DIFFICULTIES = ("easy", "medium", "hard")
 SPLITS = ("train", "heldout")
 HELDOUT_SEED_START = 10**9
 # Difficulty used for every held-out task, and how many items per task `heldout_suite()` gives by default.
-HELDOUT_DIFFICULTY = "medium"
+# Easy: the level at which a 135M parent can keep written steps exact (at medium, both modes score ~2%).
+HELDOUT_DIFFICULTY = "easy"
 HELDOUT_N_PER_TASK = 50
 ANSWER_INSTRUCTION = "Put your final answer within \\boxed{}."
 MATH_TASK = "math"
@@ -94,7 +95,13 @@ TASKS: dict[str, TaskSpec] = {
             "basic_arithmetic",
             # allow_parentheses stays True: with it off, reasoning-gym computes left to right, ignoring precedence.
             {
-                "easy": {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 1, "operators": ("+", "-", "*")},
+                "easy": {
+                    "min_terms": 2,
+                    "max_terms": 3,
+                    "min_digits": 1,
+                    "max_digits": 1,
+                    "operators": ("+", "-", "*"),
+                },
                 "medium": {"min_terms": 3, "max_terms": 4, "min_digits": 1, "max_digits": 2},
                 "hard": {"min_terms": 4, "max_terms": 6, "min_digits": 2, "max_digits": 3},
             },
@@ -158,7 +165,17 @@ TASKS: dict[str, TaskSpec] = {
 }
 
 # The held-out suite: these tasks, `HELDOUT_DIFFICULTY`, seeds HELDOUT_SEED_START + i.
-HELDOUT_TASKS: tuple[str, ...] = tuple(TASKS)
+# The tasks the built-in teacher covers. gsm_symbolic word problems stay available for training and evaluation through
+# the other teachers and jsonl suites, but no 135M-parameter model solves them in either mode, so in the fixed suite
+# they would only add zeros.
+HELDOUT_TASKS: tuple[str, ...] = (
+    "chain_sum",
+    "basic_arithmetic",
+    "simple_equations",
+    "leg_counting",
+    "gcd",
+    "base_conversion",
+)
 
 
 def _spec(task: str) -> TaskSpec:
@@ -177,9 +194,7 @@ def with_instruction(question: str) -> str:
     return f"{question.strip()}\n\n{ANSWER_INSTRUCTION}"
 
 
-def make_items(
-    task: str, n: int, *, split: str = "train", seed: int = 0, difficulty: str = "easy"
-) -> list[TaskItem]:
+def make_items(task: str, n: int, *, split: str = "train", seed: int = 0, difficulty: str = "easy") -> list[TaskItem]:
     """`n` items of `task` at `difficulty`, from seeds ``seed, seed + 1, …, seed + n - 1`` (deterministic).
 
     ``split="train"`` needs ``0 <= seed`` and ``seed + n <= HELDOUT_SEED_START``; ``split="heldout"`` needs

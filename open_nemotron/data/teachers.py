@@ -511,7 +511,4 @@ def make_teacher(spec: str, **options: Any) -> Teacher:
         from open_nemotron.model.loading import load_model, load_tokenizer
 
         return HFModelTeacher(load_model(path), load_tokenizer(path), name=f"hf:{path}", **options)
-    raise TeacherSpecError(
-        f"teacher spec {spec!r} is not one of builtin, openai:BASE_URL::MODEL, hf:PATH"
-    )
-
+    raise TeacherSpecError(f"teacher spec {spec!r} is not one of builtin, openai:BASE_URL::MODEL, hf:PATH")

@@ -38,7 +38,9 @@ class MemoryBandwidth:
     buffer_bytes: int
 
 
-def measure_memory_bandwidth(device: torch.device | None = None, buffer_mib: int = 512, repeats: int = 5) -> MemoryBandwidth:
+def measure_memory_bandwidth(
+    device: torch.device | None = None, buffer_mib: int = 512, repeats: int = 5
+) -> MemoryBandwidth:
     """Best copy and read bandwidth over a buffer far larger than any cache."""
     device = device or torch.device("cpu")
     n = buffer_mib * 1024 * 1024 // 4
@@ -50,8 +52,9 @@ def measure_memory_bandwidth(device: torch.device | None = None, buffer_mib: int
     return MemoryBandwidth(nbytes / copy_s, nbytes / read_s, nbytes)
 
 
-def measure_matmul_flops(device: torch.device | None = None, dtype: torch.dtype = torch.float32, size: int = 2048,
-                         repeats: int = 5) -> float:
+def measure_matmul_flops(
+    device: torch.device | None = None, dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 5
+) -> float:
     """Best FLOP/s of a square matmul: the compute ceiling training is compared against."""
     device = device or torch.device("cpu")
     a = torch.randn(size, size, device=device, dtype=dtype)
@@ -62,8 +65,13 @@ def measure_matmul_flops(device: torch.device | None = None, dtype: torch.dtype 
 
 def describe_device(device: torch.device) -> dict:
     """A short description of where numbers were measured (stored with every benchmark result)."""
-    info = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "python": platform.python_version(), "machine": platform.machine()}
+    info = {
+        "device": str(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+    }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     else:
@@ -83,4 +91,11 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-__all__ = ["MemoryBandwidth", "asdict", "describe_device", "measure_matmul_flops", "measure_memory_bandwidth", "synchronize"]
+__all__ = [
+    "MemoryBandwidth",
+    "asdict",
+    "describe_device",
+    "measure_matmul_flops",
+    "measure_memory_bandwidth",
+    "synchronize",
+]

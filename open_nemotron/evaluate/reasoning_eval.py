@@ -99,18 +99,34 @@ def _evaluate_mode(model, tokenizer, items: list, thinking: bool, config: EvalCo
     records = []
     for s in range(samples):
         texts = generate_chat(
-            model, tokenizer, conversations, thinking=thinking,
+            model,
+            tokenizer,
+            conversations,
+            thinking=thinking,
             max_new_tokens=config.max_new_tokens_on if thinking else config.max_new_tokens_off,
-            do_sample=thinking, temperature=config.temperature if thinking else None,
-            top_p=config.top_p if thinking else None, seed=seed + s, batch_size=config.batch_size,
+            do_sample=thinking,
+            temperature=config.temperature if thinking else None,
+            top_p=config.top_p if thinking else None,
+            seed=seed + s,
+            batch_size=config.batch_size,
         )
         for i, (item, text) in enumerate(zip(items, texts, strict=True)):
             scores[i, s] = 1.0 if score_answer(item, text) >= 1.0 else 0.0
             compliant[i, s] = float(is_toggle_compliant(text, thinking))
             tokens[i, s] = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-            records.append({"task": item.task, "seed": item.seed, "sample": s, "mode": "on" if thinking else "off",
-                            "question": item.question, "gold": item.answer, "output": text,
-                            "correct": bool(scores[i, s]), "compliant": bool(compliant[i, s])})
+            records.append(
+                {
+                    "task": item.task,
+                    "seed": item.seed,
+                    "sample": s,
+                    "mode": "on" if thinking else "off",
+                    "question": item.question,
+                    "gold": item.answer,
+                    "output": text,
+                    "correct": bool(scores[i, s]),
+                    "compliant": bool(compliant[i, s]),
+                }
+            )
     per_prompt = scores.mean(axis=1)
     return {
         "accuracy": float(per_prompt.mean()),
@@ -185,10 +201,13 @@ def render_markdown(result: dict[str, Any]) -> str:
         for mode in MODES:
             if mode in modes:
                 m = modes[mode]
-                lines.append(f"| {spec} | {mode} | {m['accuracy']:.3f} | [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}] | "
-                             f"{m['compliance']:.3f} | {m['mean_tokens']:.1f} | {m['n_prompts']} |")
+                lines.append(
+                    f"| {spec} | {mode} | {m['accuracy']:.3f} | [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}] | "
+                    f"{m['compliance']:.3f} | {m['mean_tokens']:.1f} | {m['n_prompts']} |"
+                )
         if "on_minus_off" in modes:
             d = modes["on_minus_off"]
-            lines.append(f"| {spec} | on - off | {d['difference']:+.3f} | [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] "
-                         "| | | |")
+            lines.append(
+                f"| {spec} | on - off | {d['difference']:+.3f} | [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] | | | |"
+            )
     return "\n".join(lines) + "\n"

@@ -51,7 +51,9 @@ class SpeedConfig:
             if getattr(self, name) < 1:
                 raise OpenNemotronError(f"bench-speed: {name} = {getattr(self, name)}: expected a positive integer")
         if self.gen_len < 2:
-            raise OpenNemotronError(f"bench-speed: gen_len = {self.gen_len}: expected at least 2 (decode = tokens after the first)")
+            raise OpenNemotronError(
+                f"bench-speed: gen_len = {self.gen_len}: expected at least 2 (decode = tokens after the first)"
+            )
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
             raise OpenNemotronError(f"bench-speed: batch_sizes = {self.batch_sizes}: expected positive integers")
         for spec in self.models:
@@ -162,8 +164,17 @@ def _reset_peak_rss() -> None:
 
 
 def _run_memory_probe(spec: str, batch: int, config: SpeedConfig) -> int | None:
-    cmd = [sys.executable, "-m", "open_nemotron.evaluate.throughput", "probe", spec, str(batch),
-           str(config.prompt_len), str(config.gen_len), config.device or ""]
+    cmd = [
+        sys.executable,
+        "-m",
+        "open_nemotron.evaluate.throughput",
+        "probe",
+        spec,
+        str(batch),
+        str(config.prompt_len),
+        str(config.gen_len),
+        config.device or "",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -188,7 +199,9 @@ def run(config: SpeedConfig, progress: bool = True) -> dict[str, Any]:
     samples: dict[tuple[int, int], dict[str, list[float]]] = {
         (m, b): {"prefill_s": [], "total_s": []} for m in range(len(models)) for b in config.batch_sizes
     }
-    prompts = {b: _prompt(b, config.prompt_len, models[0].config.vocab_size, config.seed, device) for b in config.batch_sizes}
+    prompts = {
+        b: _prompt(b, config.prompt_len, models[0].config.vocab_size, config.seed, device) for b in config.batch_sizes
+    }
     for m, model in enumerate(models):
         if model.config.vocab_size != models[0].config.vocab_size:
             raise OpenNemotronError(
@@ -231,8 +244,15 @@ def run(config: SpeedConfig, progress: bool = True) -> dict[str, Any]:
             if b == 1:
                 entry["decode_vs_floor"] = step_s / floor_s
             per_batch[str(b)] = entry
-        results.append({"spec": spec, **f, "floor_ms_per_token": floor_s * 1e3,
-                        "floor_read_ms_per_token": floor_read_s * 1e3, "batches": per_batch})
+        results.append(
+            {
+                "spec": spec,
+                **f,
+                "floor_ms_per_token": floor_s * 1e3,
+                "floor_read_ms_per_token": floor_read_s * 1e3,
+                "batches": per_batch,
+            }
+        )
     # Memory after timing: fresh processes, one at a time (never beside the timing loop).
     if config.memory:
         del models
@@ -270,20 +290,40 @@ def render_table(result: dict[str, Any]):
     from rich.table import Table
 
     bw = result["memory_bandwidth"]
-    table = Table(title=f"bench-speed (prompt {result['config']['prompt_len']}, gen {result['config']['gen_len']}; "
-                        f"bandwidth copy {bw['copy_gb_per_s']:.1f} GB/s, read {bw['read_gb_per_s']:.1f} GB/s)")
-    for col in ("model", "batch", "prefill tok/s", "decode tok/s", "ms/step", "x floor", "vs first (prefill/decode)",
-                "peak mem", "params", "KV B/token", "floor ms"):
+    table = Table(
+        title=f"bench-speed (prompt {result['config']['prompt_len']}, gen {result['config']['gen_len']}; "
+        f"bandwidth copy {bw['copy_gb_per_s']:.1f} GB/s, read {bw['read_gb_per_s']:.1f} GB/s)"
+    )
+    for col in (
+        "model",
+        "batch",
+        "prefill tok/s",
+        "decode tok/s",
+        "ms/step",
+        "x floor",
+        "vs first (prefill/decode)",
+        "peak mem",
+        "params",
+        "KV B/token",
+        "floor ms",
+    ):
         table.add_column(col, justify="left" if col == "model" else "right")
     for r in result["models"]:
         for b, e in r["batches"].items():
             ratio = r["ratio_to_first"][b]
             mem = e.get("peak_memory_bytes")
             table.add_row(
-                r["spec"], b, f"{e['prefill_tokens_per_s']:.0f}", f"{e['decode_tokens_per_s']:.1f}",
-                f"{e['decode_ms_per_step']:.1f}", f"{e['decode_vs_floor']:.2f}" if "decode_vs_floor" in e else "",
-                f"{ratio['prefill']:.2f} / {ratio['decode']:.2f}", f"{mem / 2**20:.0f} MiB" if mem is not None else "-",
-                f"{r['params'] / 1e6:.1f}M", f"{r['kv_cache_bytes_per_token']}", f"{r['floor_ms_per_token']:.1f}",
+                r["spec"],
+                b,
+                f"{e['prefill_tokens_per_s']:.0f}",
+                f"{e['decode_tokens_per_s']:.1f}",
+                f"{e['decode_ms_per_step']:.1f}",
+                f"{e['decode_vs_floor']:.2f}" if "decode_vs_floor" in e else "",
+                f"{ratio['prefill']:.2f} / {ratio['decode']:.2f}",
+                f"{mem / 2**20:.0f} MiB" if mem is not None else "-",
+                f"{r['params'] / 1e6:.1f}M",
+                f"{r['kv_cache_bytes_per_token']}",
+                f"{r['floor_ms_per_token']:.1f}",
             )
     return table
 
@@ -315,7 +355,8 @@ def render_markdown(result: dict[str, Any]) -> str:
             floor_cols = (
                 f"{e['decode_ms_per_step'] / r['floor_ms_per_token']:.2f} | "
                 f"{e['decode_ms_per_step'] / r['floor_read_ms_per_token']:.2f}"
-                if b == "1" else " | "
+                if b == "1"
+                else " | "
             )
             lines.append(
                 f"| {r['spec']} | {b} | {e['prefill_tokens_per_s']:.1f} | {e['decode_tokens_per_s']:.2f} | "
@@ -323,13 +364,24 @@ def render_markdown(result: dict[str, Any]) -> str:
                 f"{(f'{mem / 2**20:.0f} MiB') if mem is not None else '-'} | {r['params'] / 1e6:.2f} M | "
                 f"{r['kv_cache_bytes_per_token']} |"
             )
-    lines += ["", "Floors per token (batch 1): " + "; ".join(
-        f"{r['spec']}: {r['floor_ms_per_token']:.1f} ms (copy), {r['floor_read_ms_per_token']:.1f} ms (read)"
-        for r in result["models"]), ""]
+    lines += [
+        "",
+        "Floors per token (batch 1): "
+        + "; ".join(
+            f"{r['spec']}: {r['floor_ms_per_token']:.1f} ms (copy), {r['floor_read_ms_per_token']:.1f} ms (read)"
+            for r in result["models"]
+        ),
+        "",
+    ]
     return "\n".join(lines)
 
 
 if __name__ == "__main__" and len(sys.argv) >= 6 and sys.argv[1] == "probe":
-    out = memory_probe(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]),
-                       sys.argv[6] if len(sys.argv) > 6 and sys.argv[6] else None)
+    out = memory_probe(
+        sys.argv[2],
+        int(sys.argv[3]),
+        int(sys.argv[4]),
+        int(sys.argv[5]),
+        sys.argv[6] if len(sys.argv) > 6 and sys.argv[6] else None,
+    )
     print(json.dumps(out))

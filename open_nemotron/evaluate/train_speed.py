@@ -106,15 +106,17 @@ def run(config: TrainSpeedConfig, progress: bool = True) -> dict[str, Any]:
     for m, spec in enumerate(config.models):
         median_s = statistics.median(seconds[m])
         flops = training_flops_per_step(models[m], config.batch, config.seq) * config.steps
-        results.append({
-            "spec": spec,
-            "class": type(models[m]).__name__,
-            "tokens_per_s": tokens / median_s,
-            "step_s": median_s / config.steps,
-            "flop_rate": flops / median_s,
-            "flop_rate_vs_matmul": flops / median_s / matmul_rate,
-            "seconds_samples": seconds[m],
-        })
+        results.append(
+            {
+                "spec": spec,
+                "class": type(models[m]).__name__,
+                "tokens_per_s": tokens / median_s,
+                "step_s": median_s / config.steps,
+                "flop_rate": flops / median_s,
+                "flop_rate_vs_matmul": flops / median_s / matmul_rate,
+                "seconds_samples": seconds[m],
+            }
+        )
     for r in results:
         r["tokens_per_s_vs_first"] = r["tokens_per_s"] / results[0]["tokens_per_s"]
     result = {
@@ -134,13 +136,21 @@ def render_table(result: dict[str, Any]):
     from rich.table import Table
 
     cfg = result["config"]
-    table = Table(title=f"bench-train (batch {cfg['batch']} x seq {cfg['seq']}, AdamW; matmul rate "
-                        f"{result['matmul_flop_rate'] / 1e9:.1f} GFLOP/s)")
+    table = Table(
+        title=f"bench-train (batch {cfg['batch']} x seq {cfg['seq']}, AdamW; matmul rate "
+        f"{result['matmul_flop_rate'] / 1e9:.1f} GFLOP/s)"
+    )
     for col in ("model", "tokens/s", "s/step", "GFLOP/s", "vs matmul", "vs first"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for r in result["models"]:
-        table.add_row(r["spec"], f"{r['tokens_per_s']:.1f}", f"{r['step_s']:.2f}", f"{r['flop_rate'] / 1e9:.1f}",
-                      f"{r['flop_rate_vs_matmul']:.2f}", f"{r['tokens_per_s_vs_first']:.2f}")
+        table.add_row(
+            r["spec"],
+            f"{r['tokens_per_s']:.1f}",
+            f"{r['step_s']:.2f}",
+            f"{r['flop_rate'] / 1e9:.1f}",
+            f"{r['flop_rate_vs_matmul']:.2f}",
+            f"{r['tokens_per_s_vs_first']:.2f}",
+        )
     return table
 
 
@@ -158,6 +168,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|---:|",
     ]
     for r in result["models"]:
-        lines.append(f"| {r['spec']} | {r['tokens_per_s']:.1f} | {r['step_s']:.2f} | {r['flop_rate'] / 1e9:.1f} | "
-                     f"{r['flop_rate_vs_matmul']:.2f} | {r['tokens_per_s_vs_first']:.2f} |")
+        lines.append(
+            f"| {r['spec']} | {r['tokens_per_s']:.1f} | {r['step_s']:.2f} | {r['flop_rate'] / 1e9:.1f} | "
+            f"{r['flop_rate_vs_matmul']:.2f} | {r['tokens_per_s_vs_first']:.2f} |"
+        )
     return "\n".join(lines) + "\n"

@@ -85,14 +85,12 @@ class LayerBlocks:
 def _check_bool(layer: int, part: str, entry: dict[str, Any], key: str) -> bool:
     value = entry.get(key, False)
     if not isinstance(value, bool):
-        raise BlockConfigError(
-            f"block_configs[{layer}].{part}.{key} = {value!r}: expected true or false"
-        )
+        raise BlockConfigError(f"block_configs[{layer}].{part}.{key} = {value!r}: expected true or false")
     return value
 
 
 def _replacement_kind(layer: int, part: str, entry: dict[str, Any]) -> str | None:
-    """"no_op", "linear" or None (the real sub-block) from the two mutually exclusive flags."""
+    """ "no_op", "linear" or None (the real sub-block) from the two mutually exclusive flags."""
     no_op = _check_bool(layer, part, entry, "no_op")
     linear = _check_bool(layer, part, entry, "replace_with_linear")
     if no_op and linear:
@@ -116,8 +114,9 @@ def _check_unknown_and_inactive(layer: int, part: str, entry: dict[str, Any], kn
             )
 
 
-def parse_block_config(layer: int, block: Any, *, hidden_size: int, num_attention_heads: int,
-                       hidden_act: str = "silu") -> LayerBlocks:
+def parse_block_config(
+    layer: int, block: Any, *, hidden_size: int, num_attention_heads: int, hidden_act: str = "silu"
+) -> LayerBlocks:
     """Validate one `block_configs` entry and resolve it to concrete layer shapes."""
     if not isinstance(block, dict) or set(block) - {"attention", "ffn"} or not {"attention", "ffn"} <= set(block):
         raise BlockConfigError(
@@ -129,9 +128,13 @@ def parse_block_config(layer: int, block: Any, *, hidden_size: int, num_attentio
             raise BlockConfigError(f"block_configs[{layer}].{part} = {entry!r}: expected a mapping")
 
     # Attention.
-    _check_unknown_and_inactive(layer, "attention", attn,
-                                {"no_op", "replace_with_linear", "n_heads_in_group"} | _ATTENTION_OPTIONAL_KEYS,
-                                _ATTENTION_INACTIVE_KEYS)
+    _check_unknown_and_inactive(
+        layer,
+        "attention",
+        attn,
+        {"no_op", "replace_with_linear", "n_heads_in_group"} | _ATTENTION_OPTIONAL_KEYS,
+        _ATTENTION_INACTIVE_KEYS,
+    )
     kind = _replacement_kind(layer, "attention", attn)
     if kind is not None:
         attention = AttentionBlock(kind)
@@ -146,9 +149,13 @@ def parse_block_config(layer: int, block: Any, *, hidden_size: int, num_attentio
         attention = AttentionBlock("gqa", num_attention_heads // group)
 
     # FFN.
-    _check_unknown_and_inactive(layer, "ffn", ffn,
-                                {"no_op", "replace_with_linear", "ffn_mult", "intermediate_size"} | _FFN_OPTIONAL_KEYS,
-                                _FFN_INACTIVE_KEYS)
+    _check_unknown_and_inactive(
+        layer,
+        "ffn",
+        ffn,
+        {"no_op", "replace_with_linear", "ffn_mult", "intermediate_size"} | _FFN_OPTIONAL_KEYS,
+        _FFN_INACTIVE_KEYS,
+    )
     kind = _replacement_kind(layer, "ffn", ffn)
     act = ffn.get("hidden_act") or hidden_act
     if act not in ("silu", "swish"):
@@ -173,13 +180,16 @@ def parse_block_config(layer: int, block: Any, *, hidden_size: int, num_attentio
     return LayerBlocks(attention, ffn_block)
 
 
-def block_config_dict(layer: LayerBlocks, num_attention_heads: int, hidden_size: int,
-                      ffn_mult: float | None = None) -> dict[str, Any]:
+def block_config_dict(
+    layer: LayerBlocks, num_attention_heads: int, hidden_size: int, ffn_mult: float | None = None
+) -> dict[str, Any]:
     """The canonical on-disk `block_configs` entry for resolved layer shapes: every field explicit, both `ffn_mult`
     and `intermediate_size` written (vLLM reads the former, NVIDIA's newer code and ours the latter); a given
     `ffn_mult` is kept when it reproduces the width."""
     a, f = layer.attention, layer.ffn
-    if f.kind == "swiglu" and (ffn_mult is None or ffn_mult_to_intermediate_size(ffn_mult, hidden_size) != f.intermediate_size):
+    if f.kind == "swiglu" and (
+        ffn_mult is None or ffn_mult_to_intermediate_size(ffn_mult, hidden_size) != f.intermediate_size
+    ):
         ffn_mult = intermediate_size_to_ffn_mult(f.intermediate_size, hidden_size)
     attention = {
         "no_op": a.kind == "no_op",
@@ -223,7 +233,9 @@ class DeciLMConfig(LlamaConfig):
                 for _ in range(self.num_hidden_layers)
             ]
         if not isinstance(self.block_configs, list) or len(self.block_configs) != self.num_hidden_layers:
-            found = len(self.block_configs) if isinstance(self.block_configs, list) else type(self.block_configs).__name__
+            found = (
+                len(self.block_configs) if isinstance(self.block_configs, list) else type(self.block_configs).__name__
+            )
             raise BlockConfigError(
                 f"block_configs has {found} entries: expected one per layer (num_hidden_layers={self.num_hidden_layers})"
             )
@@ -238,8 +250,13 @@ class DeciLMConfig(LlamaConfig):
     def layers_blocks(self) -> list[LayerBlocks]:
         """Resolved (validated) shapes of every layer."""
         return [
-            parse_block_config(i, b, hidden_size=self.hidden_size, num_attention_heads=self.num_attention_heads,
-                               hidden_act=self.hidden_act)
+            parse_block_config(
+                i,
+                b,
+                hidden_size=self.hidden_size,
+                num_attention_heads=self.num_attention_heads,
+                hidden_act=self.hidden_act,
+            )
             for i, b in enumerate(self.block_configs)
         ]
 

@@ -114,7 +114,11 @@ def _to_gemv_layout(model: nn.Module) -> None:
     for module in model.modules():
         # o_proj, linear attention/FFN replacements, the LM head (tied embedding); never a fused part again,
         # which would give it its own storage and silently turn the fused path off.
-        if isinstance(module, nn.Linear) and id(module) not in fused_parts and module.out_features >= module.in_features:
+        if (
+            isinstance(module, nn.Linear)
+            and id(module) not in fused_parts
+            and module.out_features >= module.in_features
+        ):
             _column_major(module.weight)
             relaid.add(id(module.weight))
     _own_remaining(model, relaid)

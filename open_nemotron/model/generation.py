@@ -57,9 +57,7 @@ class StaticKVCache:
         return self.lengths[layer_idx]
 
 
-def process_logits(
-    logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
-) -> torch.Tensor:
+def process_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """transformers' warpers in transformers' order: temperature, top-k, top-p (keeping at least one token)."""
     if temperature != 1.0:
         logits = logits / temperature
@@ -169,15 +167,38 @@ def decode(
 
 # GenerationConfig fields the lean loop implements; any other field must keep its default for the fast path.
 _FAST_FIELDS = {
-    "max_length", "max_new_tokens", "min_length", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
-    "pad_token_id", "bos_token_id", "eos_token_id", "num_return_sequences", "use_cache", "cache_implementation",
-    "disable_compile", "compile_config", "transformers_version",
+    "max_length",
+    "max_new_tokens",
+    "min_length",
+    "min_new_tokens",
+    "do_sample",
+    "temperature",
+    "top_k",
+    "top_p",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+    "num_return_sequences",
+    "use_cache",
+    "cache_implementation",
+    "disable_compile",
+    "compile_config",
+    "transformers_version",
 }
 # generate() arguments that only transformers' implementation handles.
 _SLOW_ARGUMENTS = {
-    "logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "synced_gpus", "assistant_model",
-    "streamer", "negative_prompt_ids", "negative_prompt_attention_mask", "custom_generate", "past_key_values",
-    "inputs_embeds", "generator",
+    "logits_processor",
+    "stopping_criteria",
+    "prefix_allowed_tokens_fn",
+    "synced_gpus",
+    "assistant_model",
+    "streamer",
+    "negative_prompt_ids",
+    "negative_prompt_attention_mask",
+    "custom_generate",
+    "past_key_values",
+    "inputs_embeds",
+    "generator",
 }
 
 

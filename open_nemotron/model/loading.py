@@ -163,9 +163,7 @@ def gguf_to_hf_dir(gguf_path: Path, out_dir: Path, progress: bool = True) -> Pat
 
     arch = _gguf_architecture(gguf_path)
     if arch != "llama":
-        raise UnsupportedArchitectureError(
-            f"{gguf_path}: unsupported GGUF architecture '{arch}'; supported: llama"
-        )
+        raise UnsupportedArchitectureError(f"{gguf_path}: unsupported GGUF architecture '{arch}'; supported: llama")
     tmp = atomic_directory(out_dir)
     try:
         directory, name = str(gguf_path.parent), gguf_path.name
@@ -178,7 +176,9 @@ def gguf_to_hf_dir(gguf_path: Path, out_dir: Path, progress: bool = True) -> Pat
         missing, unexpected = model.load_state_dict(quantised.state_dict(), strict=False)
         missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
         if missing or unexpected:
-            raise ModelLoadError(f"{gguf_path}: GGUF tensors do not match a Llama (missing {missing}, unexpected {unexpected})")
+            raise ModelLoadError(
+                f"{gguf_path}: GGUF tensors do not match a Llama (missing {missing}, unexpected {unexpected})"
+            )
         del quantised
         model.tie_weights()
         for k in ("bos", "eos", "pad"):
@@ -226,7 +226,9 @@ def resolve_model_dir(spec: str | os.PathLike, progress: bool = True) -> Path:
     if path.is_dir():
         return path
     if path.exists():
-        raise ModelLoadError(f"{path}: expected a model directory, a .gguf file, an alias ({', '.join(ALIASES)}) or a hub id")
+        raise ModelLoadError(
+            f"{path}: expected a model directory, a .gguf file, an alias ({', '.join(ALIASES)}) or a hub id"
+        )
     if text.count("/") == 1 and not text.startswith((".", "/", "~")):
         return _hub_snapshot(text)
     raise ModelLoadError(
@@ -292,7 +294,9 @@ def load_model(
     except OpenNemotronError:
         raise
     except Exception as err:
-        raise ModelLoadError(f"{model_dir}: could not load weights ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+        raise ModelLoadError(
+            f"{model_dir}: could not load weights ({type(err).__name__}: {str(err).splitlines()[0]})"
+        ) from None
     return model.to(device).eval()
 
 
@@ -303,8 +307,9 @@ def load_tokenizer(spec: str | os.PathLike):
     return AutoTokenizer.from_pretrained(model_dir)
 
 
-def load_parent(spec: str | os.PathLike = DEFAULT_PARENT, dtype: torch.dtype | None = None,
-                device: str | torch.device | None = None):
+def load_parent(
+    spec: str | os.PathLike = DEFAULT_PARENT, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+):
     """Load a parent (any supported spec) as (model, tokenizer)."""
     return load_model(spec, dtype=dtype, device=device), load_tokenizer(spec)
 
@@ -313,7 +318,9 @@ def deci_config_from_llama(config: dict[str, Any]):
     """A nemotron-nas config whose every block equals the Llama parent's."""
     from open_nemotron.model.configuration import DeciLMConfig
 
-    cfg = {k: v for k, v in config.items() if k not in ("model_type", "architectures", "auto_map", "transformers_version")}
+    cfg = {
+        k: v for k, v in config.items() if k not in ("model_type", "architectures", "auto_map", "transformers_version")
+    }
     cfg.pop("block_configs", None)
     return DeciLMConfig(**cfg)
 

@@ -15,6 +15,8 @@ computes (same RoPE module, same RMSNorm math, SDPA attention); tests check logi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -103,7 +105,7 @@ class DeciLMAttention(nn.Module):
         hidden_states: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        attention_mask: torch.Tensor | None,
+        attention_mask: torch.Tensor | PackedSegments | None,
         is_causal: bool,
         past_key_values=None,
     ) -> torch.Tensor:
@@ -116,17 +118,30 @@ class DeciLMAttention(nn.Module):
         k = apply_rotary(k, cos, sin)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
-        out = F.scaled_dot_product_attention(
+        if isinstance(attention_mask, PackedSegments):
+            # One causal kernel call per packed sequence: a [total, total] block mask would cost total^2 on the
+            # slow masked path (TRL's padding-free packing puts a whole batch in one row).
+            out = torch.cat(
+                [self.attend(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], None, True) for a, b in attention_mask.bounds],
+                dim=2,
+            )
+        else:
+            out = self.attend(q, k, v, attention_mask, is_causal)
+        return self.o_proj(out.transpose(1, 2).reshape(bsz, seq, -1))
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool
+    ) -> torch.Tensor:
+        return F.scaled_dot_product_attention(
             q,
             k,
             v,
-            attn_mask=attention_mask,
+            attn_mask=mask,
             dropout_p=self.attention_dropout if self.training else 0.0,
             is_causal=is_causal,
             scale=self.scaling,
             enable_gqa=self.num_key_value_heads != self.num_heads,
         )
-        return self.o_proj(out.transpose(1, 2).reshape(bsz, seq, -1))
 
 
 class DeciLMLinearAttention(nn.Module):
@@ -282,6 +297,19 @@ def packed_sequences(position_ids: torch.Tensor) -> bool:
     return bool((position_ids[..., 1:] <= position_ids[..., :-1]).any())
 
 
+@dataclass(frozen=True)
+class PackedSegments:
+    """Where the sequences packed into a single row start and end: [(start, end), ...] covering the row."""
+
+    bounds: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def from_position_ids(cls, position_ids: torch.Tensor) -> PackedSegments:
+        starts = [0] + ((position_ids[0, 1:] <= position_ids[0, :-1]).nonzero().flatten() + 1).tolist()
+        ends = starts[1:] + [position_ids.shape[-1]]
+        return cls(tuple(zip(starts, ends, strict=True)))
+
+
 def packed_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
     """Block-diagonal causal mask [batch, 1, seq, seq]: a token sees earlier tokens of its own sequence only."""
     restarts = position_ids[..., 1:] <= position_ids[..., :-1]
@@ -343,7 +371,10 @@ class DeciLMModel(DeciLMPreTrainedModel):
             else:
                 position_ids = torch.arange(past, past + seq, device=inputs_embeds.device)[None]
         if attention_mask is None and past == 0 and seq > 1 and packed_sequences(position_ids):
-            mask, is_causal = packed_causal_mask(position_ids), False
+            if position_ids.shape[0] == 1:
+                mask, is_causal = PackedSegments.from_position_ids(position_ids), False
+            else:  # rows packed differently: one block-diagonal mask
+                mask, is_causal = packed_causal_mask(position_ids), False
         else:
             mask, is_causal = attention_masks(attention_mask, seq, past)
 
