@@ -1,4 +1,4 @@
-"""The `open-nemotron` command line: convert, bench-speed, bench-train, generate, datagen, sft, eval.
+"""The `open-nemotron` command line: convert, bench-speed, bench-train, generate, datagen, sft, eval, puzzle.
 
 Heavy modules (torch, transformers, the model code) are imported inside each command, so that `--help` and bad
 arguments answer without loading them. Bad input ends with one line, ``error: <message>``, on stderr and exit
@@ -461,6 +461,67 @@ def eval_command(
     typer.echo(render_markdown(result))
     if markdown_out is not None:
         typer.echo(f"wrote {json_out}, {markdown_out} and {json_out.with_suffix('.samples.jsonl')}")
+
+
+puzzle_app = typer.Typer(
+    help="Puzzle NAS: block library by local distillation, measured costs, replace-1-block scores, MIP search, "
+    "assembly. `puzzle run` runs every stage; each stage is also its own verb (artifacts: docs/puzzle.md).",
+    no_args_is_help=True,
+)
+app.add_typer(puzzle_app, name="puzzle")
+
+PuzzleConfigOption = Annotated[Path, typer.Option("--config", help="Puzzle YAML config (recipes/puzzle-demo.yaml).")]
+RunDirOption = Annotated[Path, typer.Option("--run-dir", help="Run directory holding every stage's artifacts.")]
+
+
+def _puzzle_run(config_path: Path, run_dir: Path):
+    from open_nemotron.puzzle.config import load_config
+    from open_nemotron.puzzle.pipeline import PuzzleRun
+
+    return PuzzleRun(load_config(config_path), run_dir)
+
+
+@puzzle_app.command("run")
+@reports_user_errors
+def puzzle_run(config: PuzzleConfigOption, run_dir: RunDirOption) -> None:
+    """Every stage in order; stages already done with the same settings are skipped, long ones resume."""
+    from open_nemotron.puzzle.config import load_config
+    from open_nemotron.puzzle.pipeline import run
+
+    report = run(load_config(config), run_dir, echo=typer.echo)
+    for t in report["targets"]:
+        if "layers" in t:
+            measured = f"{t['measured_speedup']:.2f}x" if t.get("measured_speedup") else "-"
+            typer.echo(
+                f"{t['name']}: predicted {t['predicted_speedup']:.2f}x, measured {measured}, held-out KL "
+                f"{t['heldout_kl']:.4f}, top-1 agreement {t['top1_agreement']:.3f} -> {t['child_dir']}"
+            )
+        else:
+            typer.echo(f"{t['name']}: no solution ({t.get('error')})")
+    typer.echo(f"report: {run_dir / 'report.md'}")
+
+
+def _stage_command(stage: str, doc: str) -> None:
+    def command(config: PuzzleConfigOption, run_dir: RunDirOption) -> None:
+        from open_nemotron.puzzle.pipeline import run_stage
+
+        seconds = run_stage(_puzzle_run(config, run_dir), stage, force=True)
+        typer.echo(f"{stage}: {seconds:.1f} s; artifacts in {run_dir}")
+
+    command.__doc__ = doc
+    puzzle_app.command(stage)(reports_user_errors(command))
+
+
+for _stage, _doc in (
+    ("calibration", "Calibration tokens: train and held-out sequences (cached parent generations by default)."),
+    ("build-library", "Decoupled BLD of every variant (resumable per layer and variant; shard with bld.shard)."),
+    ("costs", "Measure every variant's decode/prefill time, parameter and KV-cache bytes on this device."),
+    ("score", "Replace-1-block KL / LM-loss scores on held-out tokens (resumable per layer)."),
+    ("search", "MIP search (scipy HiGHS) for every target, greedy baseline, and the speedup front."),
+    ("assemble", "Build each chosen child, measure held-out KL, top-1 agreement and bench-speed vs the parent."),
+    ("report", "report.json, report.md and front.png from the artifacts."),
+):
+    _stage_command(_stage, _doc)
 
 
 def main() -> None:

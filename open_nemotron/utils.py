@@ -35,3 +35,25 @@ def write_result(json_path: str | Path, result: dict, markdown: str) -> None:
     json_path = Path(json_path)
     atomic_write_text(json_path, json.dumps(result, indent=2))
     atomic_write_text(json_path.with_suffix(".md"), markdown)
+
+
+class atomic_path:  # noqa: N801 - used like a function: `with atomic_path(p) as tmp: save(tmp)`
+    """A temporary path beside `path`, renamed onto it when the block ends without error (for writers that want
+    a file name, such as safetensors' `save_file`)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __enter__(self) -> Path:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        os.close(fd)
+        self.tmp = Path(tmp)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            os.chmod(self.tmp, 0o644)
+            os.replace(self.tmp, self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)

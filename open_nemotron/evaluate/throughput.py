@@ -98,7 +98,7 @@ def kv_cache_bytes_per_token(config, bytes_per_element: int) -> int:
     return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * bytes_per_element
 
 
-def _timed_generate(model, input_ids: torch.Tensor, new_tokens: int, device: torch.device) -> float:
+def timed_generate(model, input_ids: torch.Tensor, new_tokens: int, device: torch.device) -> float:
     synchronize(device)
     start = time.perf_counter()
     with torch.inference_mode():
@@ -114,7 +114,7 @@ def _timed_generate(model, input_ids: torch.Tensor, new_tokens: int, device: tor
     return time.perf_counter() - start
 
 
-def _prompt(batch: int, length: int, vocab: int, seed: int, device: torch.device) -> torch.Tensor:
+def random_prompt(batch: int, length: int, vocab: int, seed: int, device: torch.device) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed + batch)
     # Stay clear of the lowest ids (often special tokens) so the prompt is ordinary text-like ids.
     return torch.randint(min(100, vocab - 1), vocab, (batch, length), generator=gen).to(device)
@@ -130,14 +130,14 @@ def memory_probe(spec: str, batch: int, prompt_len: int, gen_len: int, device: s
         model = load_model(path, device=dev, implementation=impl)
         dev = next(model.parameters()).device
         torch.cuda.reset_peak_memory_stats(dev)
-        ids = _prompt(batch, prompt_len, model.config.vocab_size, 0, dev)
-        _timed_generate(model, ids, gen_len, dev)
+        ids = random_prompt(batch, prompt_len, model.config.vocab_size, 0, dev)
+        timed_generate(model, ids, gen_len, dev)
         return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated(dev))}
     baseline = _rss_bytes()
     model = load_model(path, device="cpu", implementation=impl)
-    ids = _prompt(batch, prompt_len, model.config.vocab_size, 0, torch.device("cpu"))
+    ids = random_prompt(batch, prompt_len, model.config.vocab_size, 0, torch.device("cpu"))
     _reset_peak_rss()
-    _timed_generate(model, ids, gen_len, torch.device("cpu"))
+    timed_generate(model, ids, gen_len, torch.device("cpu"))
     return {"peak_memory_bytes": _peak_rss_bytes() - baseline}
 
 
@@ -200,7 +200,8 @@ def run(config: SpeedConfig, progress: bool = True) -> dict[str, Any]:
         (m, b): {"prefill_s": [], "total_s": []} for m in range(len(models)) for b in config.batch_sizes
     }
     prompts = {
-        b: _prompt(b, config.prompt_len, models[0].config.vocab_size, config.seed, device) for b in config.batch_sizes
+        b: random_prompt(b, config.prompt_len, models[0].config.vocab_size, config.seed, device)
+        for b in config.batch_sizes
     }
     for m, model in enumerate(models):
         if model.config.vocab_size != models[0].config.vocab_size:
@@ -217,10 +218,10 @@ def run(config: SpeedConfig, progress: bool = True) -> dict[str, Any]:
             for _ in range(config.repeats):
                 for m, model in enumerate(models):
                     if not samples[(m, b)]["prefill_s"]:  # warm-up at this batch size
-                        _timed_generate(model, prompts[b], 4, device)
+                        timed_generate(model, prompts[b], 4, device)
                         bar.advance(task)
-                    samples[(m, b)]["prefill_s"].append(_timed_generate(model, prompts[b], 1, device))
-                    samples[(m, b)]["total_s"].append(_timed_generate(model, prompts[b], config.gen_len, device))
+                    samples[(m, b)]["prefill_s"].append(timed_generate(model, prompts[b], 1, device))
+                    samples[(m, b)]["total_s"].append(timed_generate(model, prompts[b], config.gen_len, device))
                     bar.advance(task)
     results = []
     for m, spec in enumerate(config.models):

@@ -136,6 +136,24 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def weights_digest(model_dir: Path) -> str:
+    """A cheap identity for a model directory's weights (config + each safetensors file's size and its first and
+    last MiB): enough to key caches derived from the weights without reading gigabytes."""
+    h = hashlib.sha256()
+    model_dir = Path(model_dir)
+    config = model_dir / "config.json"
+    if config.is_file():
+        h.update(config.read_bytes())
+    for path in sorted(model_dir.glob("*.safetensors")):
+        size = path.stat().st_size
+        h.update(f"{path.name}:{size}".encode())
+        with open(path, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            fh.seek(max(0, size - (1 << 20)))
+            h.update(fh.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
 def atomic_directory(final: Path) -> Path:
     """A fresh temp directory beside `final`; `publish_directory` renames it into place."""
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -354,3 +372,15 @@ def convert(src: str | os.PathLike, out: str | os.PathLike) -> Path:
 def _saved_dtype(config: dict[str, Any]) -> torch.dtype:
     name = config.get("dtype") or config.get("torch_dtype") or "float32"
     return getattr(torch, str(name).replace("torch.", ""), torch.float32)
+
+
+def load_deci_config(spec: str | os.PathLike):
+    """The parent's architecture as a nemotron-nas config (a Llama becomes every block equal to its own)."""
+    from open_nemotron.model.configuration import DeciLMConfig
+
+    model_dir = resolve_model_dir(spec)
+    config = read_config(model_dir)
+    if check_architecture(config, str(model_dir)) == "llama":
+        return deci_config_from_llama(config)
+    data = {k: v for k, v in config.items() if k not in ("architectures", "auto_map", "transformers_version")}
+    return DeciLMConfig.from_dict(data)

@@ -229,13 +229,29 @@ class DeciLMDecoderLayer(GradientCheckpointingLayer):
         is_causal: bool = False,
         past_key_values=None,
     ) -> torch.Tensor:
-        if self.attention_kind != "no_op":
-            hidden_states = hidden_states + self.self_attn(
-                self.input_layernorm(hidden_states), cos, sin, attention_mask, is_causal, past_key_values
-            )
-        if self.ffn_kind != "no_op":
-            hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
-        return hidden_states
+        hidden_states = self.attention_residual(hidden_states, cos, sin, attention_mask, is_causal, past_key_values)
+        return self.ffn_residual(hidden_states)
+
+    def attention_residual(
+        self,
+        hidden_states: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attention_mask: torch.Tensor | PackedSegments | None = None,
+        is_causal: bool = False,
+        past_key_values=None,
+    ) -> torch.Tensor:
+        """The residual stream after this layer's attention (Puzzle trains and scores the two halves apart)."""
+        if self.attention_kind == "no_op":
+            return hidden_states
+        return hidden_states + self.self_attn(
+            self.input_layernorm(hidden_states), cos, sin, attention_mask, is_causal, past_key_values
+        )
+
+    def ffn_residual(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.ffn_kind == "no_op":
+            return hidden_states
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
 class DeciLMPreTrainedModel(PreTrainedModel):

@@ -1,0 +1,78 @@
+"""Assembly: build the chosen child from the block library in our nemotron-nas format, and measure it.
+
+The child's embeddings, final norm and LM head are the parent's; each layer takes its attention and FFN halves from
+the parent (parent variants) or the library (trained variants); no-op halves have no tensors at all (vLLM refuses
+extra keys for them). The directory is written atomically with the parent's tokenizer. Quality against the parent
+on the held-out calibration tokens: mean KL(parent || child) per token and next-token top-1 agreement.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from open_nemotron.puzzle.scoring import library_layer
+from open_nemotron.puzzle.search_space import SearchSpace, Variant, child_block_configs
+
+
+def child_config(parent_config, attention: list[Variant], ffn: list[Variant]):
+    from open_nemotron.model.configuration import DeciLMConfig
+
+    data = parent_config.to_dict()
+    data["block_configs"] = child_block_configs(parent_config, attention, ffn)
+    data.pop("layer_types", None)
+    return DeciLMConfig.from_dict(data)
+
+
+def assemble_child(parent_model, space: SearchSpace, library: Path, attention: list[Variant], ffn: list[Variant]):
+    """The child model (same dtype and device as the parent), weights from the parent and the library."""
+    from open_nemotron.model.modeling import DeciLMForCausalLM
+
+    config = child_config(parent_model.config, attention, ffn)
+    ref = parent_model.model.embed_tokens.weight
+    with torch.device("meta"):
+        child = DeciLMForCausalLM(config)
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in parent_model.state_dict().items():
+        if not name.startswith("model.layers."):
+            state[name] = tensor
+    for i, (a, f) in enumerate(zip(attention, ffn, strict=True)):
+        layer = library_layer(parent_model, space, library, i, a, f)
+        state.update({f"model.layers.{i}.{k}": v for k, v in layer.state_dict().items()})
+    child.load_state_dict(state, strict=False, assign=True)
+    child.tie_weights()
+    missing = [n for n, p in child.named_parameters() if p.is_meta]
+    if missing:
+        raise RuntimeError(f"assembled child lacks weights for {missing[:3]}")
+    # Buffers (RoPE frequencies) are recomputed on the real device.
+    with torch.device(ref.device):
+        child.model.rotary_emb = type(parent_model.model.rotary_emb)(config=config)
+    return child.to(device=ref.device, dtype=ref.dtype).eval()
+
+
+def save_child(child, tokenizer, out_dir: Path) -> Path:
+    from open_nemotron.model.loading import atomic_directory, publish_directory
+
+    tmp = atomic_directory(out_dir)
+    child.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    publish_directory(tmp, out_dir)
+    return out_dir
+
+
+@torch.no_grad()
+def heldout_agreement(parent_model, child_model, heldout: torch.Tensor, batch_size: int = 4) -> dict[str, Any]:
+    """Mean KL(parent || child) per next-token position and top-1 agreement, over the held-out tokens."""
+    device = parent_model.model.embed_tokens.weight.device
+    kl_sum, agree, n = 0.0, 0.0, 0
+    for start in range(0, heldout.shape[0], batch_size):
+        ids = heldout[start : start + batch_size].to(device)
+        logp = F.log_softmax(parent_model(ids).logits[:, :-1].float(), dim=-1)
+        logq = F.log_softmax(child_model(ids).logits[:, :-1].float(), dim=-1)
+        kl_sum += (logp.exp() * (logp - logq)).sum(-1).sum().item()
+        agree += (logp.argmax(-1) == logq.argmax(-1)).float().sum().item()
+        n += logp.shape[0] * logp.shape[1]
+    return {"heldout_kl": kl_sum / n, "top1_agreement": agree / n, "tokens": n}

@@ -1,0 +1,454 @@
+"""Decoupled blockwise local distillation (BLD, paper-digest §1.3): the block library.
+
+Every attention variant is trained inside a layer whose FFN is the parent's (frozen), every FFN variant inside a
+layer whose attention is the parent's (frozen); both reproduce the parent layer's output from the parent layer's
+input. Per step, one parent forward pass (no grad) yields every layer's input, mid-layer residual and output, and
+feeds every pending variant of every layer; parent activations are never recomputed per variant, and no gradient
+crosses layers.
+
+Loss: ``||y_child - y_parent||^2 / ||y_parent - x||^2`` per layer, with x the layer input. The numerator is the
+paper's normalised MSE numerator; normalising by the parent layer's own contribution instead of its whole output
+(which includes the residual stream) changes only the scale, and makes the number read as "share of the parent
+block's contribution not reproduced": 1.0 for a no-op. All variants' losses are summed into one backward and one
+AdamW step; since their parameters are disjoint and Adam is elementwise, that is exactly one optimiser per variant.
+
+Variants start from the training-free inits (`puzzle.init`): FFN channel pruning by calibrated channel contribution,
+KV-head mean pooling, linear attention W_o·W_v, linear FFN W_down·W_up. Parent sub-blocks and no-ops need no
+training.
+
+Artifacts (``library/``): ``layer_XXX/<variant>.safetensors`` per trained variant, holding the layer's tensors for
+that half under their model names (``input_layernorm.weight``, ``self_attn.q_proj.weight``, ... or
+``post_attention_layernorm.weight``, ``mlp.gate_proj.weight``, ...), with losses in the file's metadata;
+``library.json`` (an index rebuilt from the files, so parallel shards never write one file together);
+``_checkpoint/`` while a run is in progress. Resume: finished (layer, variant) files are skipped; unfinished ones
+continue from the newest checkpoint. Layers split across processes with ``bld.shard = "K/N"`` or automatically under
+``torchrun`` (RANK / WORLD_SIZE).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from open_nemotron.errors import OpenNemotronError
+from open_nemotron.puzzle.config import BLDConfig, parse_shard
+from open_nemotron.puzzle.search_space import ATTENTION, FFN, SearchSpace, Variant
+from open_nemotron.utils import atomic_path, atomic_write_text
+
+LIBRARY_VERSION = 1
+
+
+class LibraryError(OpenNemotronError, ValueError):
+    """A library that is missing, incomplete or built for other settings."""
+
+
+# ----------------------------------------------------------------------------------------------- parent activations
+
+
+@dataclass
+class ParentActivations:
+    inputs: list[torch.Tensor]  # inputs[i] = residual entering layer i; inputs[i + 1] = layer i's output
+    mids: list[torch.Tensor]  # residual after layer i's attention
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+
+@torch.no_grad()
+def parent_activations(model, input_ids: torch.Tensor, last_layer: int | None = None) -> ParentActivations:
+    """Run the parent's layers 0..last_layer once, keeping every layer's input and mid-layer residual."""
+    inner = model.model
+    layers = inner.layers if last_layer is None else inner.layers[: last_layer + 1]
+    x = inner.embed_tokens(input_ids)
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+    cos, sin = inner.rotary_emb(x, positions)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    inputs, mids = [x], []
+    for layer in layers:
+        h = layer.attention_residual(x, cos, sin, None, True)
+        mids.append(h)
+        x = layer.ffn_residual(h)
+        inputs.append(x)
+    return ParentActivations(inputs, mids, cos, sin)
+
+
+# ----------------------------------------------------------------------------------------------- child layers
+
+
+def layer_config(parent_config, layer: int, attention: Variant, ffn: Variant):
+    """A copy of the parent config whose `layer` has the given attention and FFN (other layers unchanged)."""
+    from open_nemotron.model.configuration import LayerBlocks, block_config_dict
+
+    config = parent_config.__class__.from_dict(parent_config.to_dict())
+    blocks = list(config.block_configs)
+    blocks[layer] = block_config_dict(
+        LayerBlocks(attention.block, ffn.block), config.num_attention_heads, config.hidden_size
+    )
+    config.block_configs = blocks
+    return config.__class__.from_dict(config.to_dict())
+
+
+def half_prefixes(part: str) -> tuple[str, str]:
+    return ("input_layernorm.", "self_attn.") if part == ATTENTION else ("post_attention_layernorm.", "mlp.")
+
+
+def half_state(layer: nn.Module, part: str) -> dict[str, torch.Tensor]:
+    """The tensors of one half of a decoder layer, under their layer-relative names."""
+    prefixes = half_prefixes(part)
+    return {k: v.detach().contiguous() for k, v in layer.state_dict().items() if k.startswith(prefixes)}
+
+
+def build_child_layer(parent_model, layer: int, attention: Variant, ffn: Variant) -> nn.Module:
+    """An uninitialised decoder layer with these variants, the parent's dtype and device."""
+    from open_nemotron.model.modeling import DeciLMDecoderLayer
+
+    config = layer_config(parent_model.config, layer, attention, ffn)
+    ref = parent_model.model.embed_tokens.weight
+    return DeciLMDecoderLayer(config, layer).to(device=ref.device, dtype=ref.dtype)
+
+
+def initial_layer(parent_model, layer: int, space: SearchSpace, variant: Variant, contributions) -> nn.Module:
+    """A child layer whose `variant` half starts from its training-free init and whose other half *is* the parent's
+    (shared, frozen) module."""
+    from open_nemotron.puzzle import init as inits
+
+    parent_layer = parent_model.model.layers[layer]
+    config = parent_model.config
+    other = space.parent_variant(layer, FFN if variant.part == ATTENTION else ATTENTION)
+    attention, ffn = (variant, other) if variant.part == ATTENTION else (other, variant)
+    child = build_child_layer(parent_model, layer, attention, ffn)
+    child_config = layer_config(config, layer, attention, ffn)
+    if variant.part == ATTENTION:
+        if variant.kind == "gqa":
+            module = inits.fewer_kv_heads_attention(parent_layer.self_attn, child_config, variant.size, layer)
+        elif variant.kind == "linear":
+            module = inits.linear_attention(parent_layer.self_attn, child_config)
+        else:
+            module = None
+        if module is not None:
+            child.self_attn = module
+            child.input_layernorm.load_state_dict(parent_layer.input_layernorm.state_dict())
+        if other.kind != "no_op":
+            child.post_attention_layernorm = parent_layer.post_attention_layernorm
+            child.mlp = parent_layer.mlp
+    else:
+        if variant.kind == "swiglu":
+            module = inits.pruned_mlp(parent_layer.mlp, child_config, variant.size, contributions[layer])
+        elif variant.kind == "linear":
+            module = inits.linear_mlp(parent_layer.mlp, child_config)
+        else:
+            module = None
+        if module is not None:
+            child.mlp = module
+            child.post_attention_layernorm.load_state_dict(parent_layer.post_attention_layernorm.state_dict())
+        if other.kind != "no_op":
+            child.input_layernorm = parent_layer.input_layernorm
+            child.self_attn = parent_layer.self_attn
+    ref = parent_model.model.embed_tokens.weight
+    return child.to(device=ref.device, dtype=ref.dtype)
+
+
+def trainable_parameters(child: nn.Module, part: str) -> list[tuple[str, nn.Parameter]]:
+    prefixes = half_prefixes(part)
+    return [(n, p) for n, p in child.named_parameters() if n.startswith(prefixes)]
+
+
+def normalized_mse(y_child: torch.Tensor, y_parent: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return (y_child - y_parent).float().pow(2).mean() / (y_parent - x).float().pow(2).mean().clamp_min(1e-12)
+
+
+def child_output(child: nn.Module, part: str, acts: ParentActivations, layer: int) -> torch.Tensor:
+    if part == ATTENTION:
+        return child(acts.inputs[layer], acts.cos, acts.sin, None, True)
+    return child.ffn_residual(acts.mids[layer])
+
+
+# ----------------------------------------------------------------------------------------------- channel contributions
+
+
+@torch.no_grad()
+def ffn_contributions(
+    parent_model, tokens: torch.Tensor, layers: list[int], batch_size: int
+) -> dict[int, torch.Tensor]:
+    """Mean channel contribution of every parent FFN channel over `tokens` (for the width-pruning init)."""
+    from open_nemotron.puzzle.init import ChannelContributionMeter
+
+    swiglu = [i for i in layers if parent_model.model.layers[i].ffn_kind == "swiglu"]
+    if not swiglu:
+        return {}
+    meters = {i: ChannelContributionMeter(parent_model.model.layers[i].mlp) for i in swiglu}
+    for start in range(0, tokens.shape[0], batch_size):
+        acts = parent_activations(parent_model, tokens[start : start + batch_size], max(swiglu))
+        for i in swiglu:
+            layer = parent_model.model.layers[i]
+            meters[i].update(layer.post_attention_layernorm(acts.mids[i]))
+    return {i: m.mean() for i, m in meters.items()}
+
+
+# ----------------------------------------------------------------------------------------------- library files
+
+
+def variant_path(library: Path, layer: int, variant: Variant) -> Path:
+    return library / f"layer_{layer:03d}" / f"{variant.name.replace(':', '-')}.safetensors"
+
+
+def settings_digest(bld: BLDConfig, calibration_digest: str) -> str:
+    """What a library entry depends on (shard assignment excluded: it only decides who trains what)."""
+    import hashlib
+
+    data = {k: v for k, v in asdict(bld).items() if k not in ("shard", "checkpoint_every")}
+    text = json.dumps({"v": LIBRARY_VERSION, "bld": data, "calibration": calibration_digest}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def read_entry_metadata(path: Path) -> dict[str, Any] | None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except Exception:
+        return None  # unreadable (e.g. truncated by a kill): retrain
+    try:
+        return json.loads(meta.get("open_nemotron", "{}"))
+    except json.JSONDecodeError:
+        return None
+
+
+def entry_done(library: Path, layer: int, variant: Variant, digest: str) -> bool:
+    path = variant_path(library, layer, variant)
+    if not path.is_file():
+        return False
+    meta = read_entry_metadata(path)
+    return meta is not None and meta.get("settings") == digest
+
+
+def load_half(library: Path, layer: int, variant: Variant) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    path = variant_path(library, layer, variant)
+    if not path.is_file():
+        raise LibraryError(f"{path}: missing; run build-library first (layer {layer}, variant {variant.name})")
+    return load_file(str(path))
+
+
+def write_index(library: Path, space: SearchSpace) -> dict[str, Any]:
+    entries = {}
+    for i in range(space.num_layers):
+        for part in (ATTENTION, FFN):
+            for v in space.variants(part)[i][1:]:
+                path = variant_path(library, i, v)
+                if v.trainable and path.is_file():
+                    meta = read_entry_metadata(path) or {}
+                    entries[f"{i}:{v.name}"] = {"file": str(path.relative_to(library)), **meta}
+    index = {"version": LIBRARY_VERSION, "entries": entries}
+    atomic_write_text(library / "library.json", json.dumps(index, indent=1))
+    return index
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+def assigned_layers(num_layers: int, shard: str | None) -> list[int]:
+    if shard is not None:
+        k, n = parse_shard(shard)
+    else:
+        k, n = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    return [i for i in range(num_layers) if i % n == k]
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@torch.no_grad()
+def evaluate_variants(
+    parent_model, trainers: dict, tokens: torch.Tensor, batch_size: int, last: int
+) -> dict[str, float]:
+    sums = dict.fromkeys(trainers, 0.0)
+    batches = 0
+    for start in range(0, tokens.shape[0], batch_size):
+        acts = parent_activations(parent_model, tokens[start : start + batch_size], last)
+        batches += 1
+        for key, (layer, variant, child) in trainers.items():
+            y = child_output(child, variant.part, acts, layer)
+            sums[key] += normalized_mse(y, acts.inputs[layer + 1], acts.inputs[layer]).item()
+    return {k: s / batches for k, s in sums.items()}
+
+
+def build_library(
+    parent_model,
+    space: SearchSpace,
+    tokens: dict[str, torch.Tensor],
+    config: BLDConfig,
+    library: Path,
+    calibration_digest: str,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train every missing (layer, variant) of this process's layers; returns the library index and timings."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from safetensors.torch import save_file
+
+    library.mkdir(parents=True, exist_ok=True)
+    digest = settings_digest(config, calibration_digest)
+    layers = assigned_layers(space.num_layers, config.shard)
+    pending = [
+        (i, v)
+        for i in layers
+        for part in (ATTENTION, FFN)
+        for v in space.variants(part)[i][1:]
+        if v.trainable and not entry_done(library, i, v, digest)
+    ]
+    started = time.perf_counter()
+    if not pending:
+        return {"index": write_index(library, space), "trained": 0, "seconds": 0.0}
+
+    parent_model.eval()
+    for p in parent_model.parameters():
+        p.requires_grad_(False)
+    train, heldout = tokens["train"], tokens["heldout"]
+    device = parent_model.model.embed_tokens.weight.device
+    train, heldout = train.to(device), heldout.to(device)
+    last = max(i for i, _ in pending)
+    need_contrib = sorted({i for i, v in pending if v.part == FFN and v.kind == "swiglu"})
+    contributions = ffn_contributions(parent_model, train[: config.init_sequences], need_contrib, config.batch_size)
+
+    trainers: dict[str, tuple[int, Variant, nn.Module]] = {}
+    for i, v in pending:
+        trainers[f"{i}:{v.name}"] = (i, v, initial_layer(parent_model, i, space, v, contributions))
+    params = []
+    for _, v, child in trainers.values():
+        for _, p in trainable_parameters(child, v.part):
+            p.requires_grad_(True)
+            params.append(p)
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    steps_per_epoch = math.ceil(train.shape[0] / config.batch_size)
+    total = max(1, math.ceil(steps_per_epoch * config.epochs))
+    warmup = max(1, round(config.warmup_ratio * total))
+
+    checkpoint = library / "_checkpoint"
+    keys = sorted(trainers)
+    step, init_losses = _load_checkpoint(checkpoint, keys, digest, trainers, optimizer)
+    if step == 0:
+        init_losses = evaluate_variants(parent_model, trainers, heldout, config.batch_size, last)
+    generator = torch.Generator().manual_seed(0)
+    orders = [torch.randperm(train.shape[0], generator=generator) for _ in range(math.ceil(config.epochs) + 1)]
+
+    columns = [
+        TextColumn("BLD {task.fields[what]}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("loss {task.fields[loss]:.3f}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    ]
+    running: dict[str, float] = {}
+    with Progress(*columns, disable=not progress, transient=False) as bar:
+        task = bar.add_task("bld", total=total, completed=step, what=f"{len(trainers)} variants", loss=float("nan"))
+        for child in (c for _, _, c in trainers.values()):
+            child.train()
+        while step < total:
+            epoch, offset = divmod(step * config.batch_size, max(1, train.shape[0]))
+            idx = orders[epoch % len(orders)][offset : offset + config.batch_size]
+            acts = parent_activations(parent_model, train[idx.to(device)], last)
+            for group in optimizer.param_groups:
+                group["lr"] = config.learning_rate * lr_factor(step, total, warmup)
+            losses = []
+            for key, (layer, variant, child) in trainers.items():
+                y = child_output(child, variant.part, acts, layer)
+                loss = normalized_mse(y, acts.inputs[layer + 1], acts.inputs[layer])
+                losses.append(loss)
+                running[key] = loss.item() if key not in running else 0.9 * running[key] + 0.1 * loss.item()
+            optimizer.zero_grad(set_to_none=True)
+            torch.stack(losses).sum().backward()
+            optimizer.step()
+            step += 1
+            bar.update(task, completed=step, loss=sum(running.values()) / len(running))
+            if step % config.checkpoint_every == 0 and step < total:
+                _save_checkpoint(checkpoint, keys, digest, trainers, optimizer, step, init_losses)
+
+    for child in (c for _, _, c in trainers.values()):
+        child.eval()
+    final_losses = evaluate_variants(parent_model, trainers, heldout, config.batch_size, last)
+    seconds = time.perf_counter() - started
+    for key, (layer, variant, child) in trainers.items():
+        meta = {
+            "settings": digest,
+            "layer": layer,
+            "variant": variant.name,
+            "steps": total,
+            "init_heldout_loss": init_losses.get(key),
+            "heldout_loss": final_losses[key],
+            "train_loss": running.get(key),
+        }
+        with atomic_path(variant_path(library, layer, variant)) as tmp:
+            save_file(half_state(child, variant.part), str(tmp), metadata={"open_nemotron": json.dumps(meta)})
+    _clear_checkpoint(checkpoint)
+    return {"index": write_index(library, space), "trained": len(trainers), "seconds": seconds, "steps": total}
+
+
+def _save_checkpoint(path: Path, keys, digest, trainers, optimizer, step: int, init_losses) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for key in keys:
+        _, variant, child = trainers[key]
+        for name, p in trainable_parameters(child, variant.part):
+            tensors[f"param/{key}/{name}"] = p.detach().contiguous()
+    state = optimizer.state_dict()["state"]
+    for idx, entry in state.items():
+        for name, value in entry.items():
+            tensors[f"adam/{idx}/{name}"] = value.detach().reshape(value.shape).contiguous()
+    meta = {"settings": digest, "keys": keys, "step": step, "init_losses": init_losses}
+    path.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path / "state.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"open_nemotron": json.dumps(meta)})
+
+
+def _load_checkpoint(path: Path, keys, digest, trainers, optimizer) -> tuple[int, dict]:
+    """Restore parameters and AdamW state if a checkpoint for exactly these variants and settings exists."""
+    from safetensors.torch import load_file
+
+    file = path / "state.safetensors"
+    if not file.is_file():
+        return 0, {}
+    meta = read_entry_metadata(file)
+    if not meta or meta.get("settings") != digest or meta.get("keys") != keys:
+        return 0, {}  # other settings or another variant set: start the pending variants afresh
+    tensors = load_file(str(file))
+    with torch.no_grad():
+        for key in keys:
+            _, variant, child = trainers[key]
+            for name, p in trainable_parameters(child, variant.part):
+                p.copy_(tensors[f"param/{key}/{name}"])
+    state = optimizer.state_dict()
+    restored: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        if name.startswith("adam/"):
+            _, idx, field = name.split("/")
+            restored.setdefault(int(idx), {})[field] = value
+    state["state"] = restored
+    optimizer.load_state_dict(state)
+    return int(meta["step"]), meta.get("init_losses", {})
+
+
+def _clear_checkpoint(path: Path) -> None:
+    (path / "state.safetensors").unlink(missing_ok=True)
+    if path.is_dir() and not any(path.iterdir()):
+        path.rmdir()
+
+
+def library_files(library: Path) -> list[Path]:
+    """Every variant file in a library, sorted (layer, then name)."""
+    return sorted(library.glob("layer_*/*.safetensors"))

@@ -1,0 +1,309 @@
+"""Calibration tokens for Puzzle: training sequences for BLD and the pruning inits, held-out sequences for scoring.
+
+Sources (``calibration.source``):
+- ``parent`` (the default, needs no data): the parent answers a fixed, diverse prompt set (writing, code, science,
+  chat, instructions) plus reasoning-task prompts, and the rendered conversations are the text. Puzzle only needs
+  the parent's own distribution (the paper distils from the parent, never from its training data). Generated once
+  per (parent weights, settings) and cached under the user cache directory.
+- a local ``.jsonl`` (field ``text_field``, or chat rows with ``messages`` / ``input`` + ``output``), ``.parquet``
+  or ``.txt`` (documents separated by blank lines), or a hub dataset id (``datasets.load_dataset``; offline only
+  when cached).
+
+Documents are split into train and held-out *before* tokenising (a document never feeds both), then each side is
+tokenised, joined with EOS and cut into ``seq_len`` windows. Artifact: ``calibration/tokens.safetensors``
+(``train`` [N, seq_len], ``heldout`` [M, seq_len], int64) and ``calibration/calibration.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from open_nemotron.errors import OpenNemotronError
+from open_nemotron.puzzle.config import CalibrationConfig
+from open_nemotron.utils import atomic_write_text
+
+CALIBRATION_VERSION = 1
+
+# Fixed, deliberately varied prompts: the parent's answers cover prose, lists, code, numbers and dialogue.
+PROMPTS: tuple[str, ...] = (
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain how photosynthesis works to a ten-year-old.",
+    "Write a Python function that checks whether a string is a palindrome, with a docstring and tests.",
+    "What are the main causes of the French Revolution?",
+    "Give me a recipe for a simple vegetable soup.",
+    "Summarise the plot of Romeo and Juliet in five sentences.",
+    "How does a binary search work? Show an example in JavaScript.",
+    "Write a polite email asking a colleague to review a pull request.",
+    "What is the difference between weather and climate?",
+    "List ten tips for improving sleep quality.",
+    "Explain the Pythagorean theorem and give a worked example.",
+    "Describe the water cycle step by step.",
+    "Write a haiku about autumn leaves, then explain its imagery.",
+    "What is a neural network? Keep it brief and concrete.",
+    "Compare renting and buying a home: pros and cons.",
+    "Translate 'Good morning, how are you today?' into French, Spanish and German.",
+    "Write a SQL query that finds the top five customers by total order value.",
+    "Why is the sky blue?",
+    "Plan a three-day trip to Rome for a first-time visitor.",
+    "Explain recursion with a factorial example in C.",
+    "What should I consider when adopting a dog?",
+    "Write a limerick about a forgetful robot.",
+    "How do vaccines train the immune system?",
+    "Give an overview of the causes and effects of inflation.",
+    "Write a bash script that counts the lines in every .txt file in a folder.",
+    "What were the main achievements of the Apollo program?",
+    "Explain what a hash table is and when to use one.",
+    "Write a dialogue between a customer and a barista.",
+    "How do I calculate compound interest? Give the formula and an example.",
+    "Describe the rules of chess in simple terms.",
+    "What is the role of mitochondria in a cell?",
+    "Write a product description for a reusable water bottle.",
+    "Explain the difference between a list and a tuple in Python.",
+    "What are black holes and how do they form?",
+    "Give advice to a student preparing for a maths exam.",
+    "Write a short poem about the sea.",
+    "How does public-key cryptography work?",
+    "Summarise the benefits of regular exercise.",
+    "Write a function in Rust that reverses a vector in place.",
+    "What is the capital of Australia, and why was it chosen?",
+    "Explain supply and demand with an everyday example.",
+    "Write a thank-you note to a teacher.",
+    "How do airplanes stay in the air?",
+    "Describe three sorting algorithms and their time complexity.",
+    "What is machine learning overfitting and how can it be prevented?",
+    "Write instructions for planting a tomato seedling.",
+    "Explain the greenhouse effect.",
+    "Write a regular expression that matches email addresses and explain each part.",
+)
+# Reasoning-task prompts (training seeds, never the held-out suite) in the mix, answered with thinking on.
+REASONING_TASKS = ("chain_sum", "leg_counting", "simple_equations", "basic_arithmetic")
+
+
+class CalibrationError(OpenNemotronError, ValueError):
+    """Calibration text that cannot be read or is too short for the requested sequences."""
+
+
+def generation_prompts(n: int, seed: int) -> list[tuple[list[dict], bool]]:
+    """``n`` (conversation, thinking) pairs: the fixed prompts first, then reasoning-task prompts with thinking on."""
+    prompts: list[tuple[list[dict], bool]] = [
+        ([{"role": "user", "content": p}], False) for p in PROMPTS[: min(n, len(PROMPTS))]
+    ]
+    rest = n - len(prompts)
+    if rest > 0:
+        try:
+            from open_nemotron.data.tasks import make_items
+        except ImportError:  # the reasoning extra is not installed: cycle the fixed prompts instead
+            make_items = None
+        if make_items is None:
+            prompts += [([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], True) for i in range(rest)]
+        else:
+            per = -(-rest // len(REASONING_TASKS))
+            items = [it for t in REASONING_TASKS for it in make_items(t, per, seed=seed, difficulty="easy")]
+            prompts += [([{"role": "user", "content": it.question}], True) for it in items[:rest]]
+    return prompts
+
+
+def parent_documents(model, tokenizer, config: CalibrationConfig, batch_size: int = 16) -> list[str]:
+    """Render each prompt and the parent's sampled answer as one chat document."""
+    from open_nemotron.model.chat import ensure_reasoning_template, generate_chat
+    from open_nemotron.model.chat_template import THINKING_OFF, THINKING_ON
+
+    ensure_reasoning_template(tokenizer)
+    pairs = generation_prompts(config.generate_prompts, config.seed)
+    documents: list[str] = [""] * len(pairs)
+    for thinking in (False, True):
+        idx = [i for i, (_, t) in enumerate(pairs) if t == thinking]
+        if not idx:
+            continue
+        replies = generate_chat(
+            model,
+            tokenizer,
+            [pairs[i][0] for i in idx],
+            thinking=thinking,
+            max_new_tokens=config.generate_tokens,
+            do_sample=True,
+            temperature=0.8,
+            top_p=0.95,
+            seed=config.seed,
+            batch_size=batch_size,
+        )
+        for i, reply in zip(idx, replies, strict=True):
+            system = {"role": "system", "content": THINKING_ON if thinking else THINKING_OFF}
+            conversation = [system, *pairs[i][0], {"role": "assistant", "content": reply}]
+            documents[i] = tokenizer.apply_chat_template(conversation, tokenize=False)
+    return documents
+
+
+def _row_text(row: dict[str, Any], text_field: str) -> str | None:
+    if isinstance(row.get(text_field), str):
+        return row[text_field]
+    messages = row.get("messages")
+    if messages is None and isinstance(row.get("input"), list):
+        messages = [*row["input"], {"role": "assistant", "content": row.get("output", "")}]
+    if isinstance(messages, list):
+        return "\n\n".join(str(m.get("content", "")) for m in messages if isinstance(m, dict))
+    return None
+
+
+def file_documents(source: str, config: CalibrationConfig) -> list[str]:
+    path = Path(source)
+    if path.suffix == ".txt":
+        return [d.strip() for d in path.read_text(encoding="utf-8").split("\n\n") if d.strip()]
+    if path.suffix == ".jsonl":
+        rows = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise CalibrationError(f"{path}:{n}: not valid JSON") from None
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(path).to_pylist()
+    else:
+        raise CalibrationError(f"calibration.source = {source!r}: expected a .jsonl, .parquet or .txt file")
+    texts = [_row_text(r, config.text_field) for r in rows if isinstance(r, dict)]
+    docs = [t for t in texts if t]
+    if not docs:
+        raise CalibrationError(
+            f"{path}: no rows with a {config.text_field!r} string or chat messages (calibration.text_field)"
+        )
+    return docs
+
+
+def hub_documents(source: str, config: CalibrationConfig) -> list[str]:
+    import datasets
+
+    try:
+        data = datasets.load_dataset(source, split=config.split)
+    except Exception as err:  # offline, unknown id, bad split: one clear line
+        raise CalibrationError(
+            f"calibration.source = {source!r}: cannot load it as a hub dataset ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); expected 'parent', a local file or a cached dataset id"
+        ) from None
+    docs = [t for t in (_row_text(r, config.text_field) for r in data) if t]
+    if not docs:
+        raise CalibrationError(f"{source}: no rows with a {config.text_field!r} string (calibration.text_field)")
+    return docs
+
+
+def windows(tokenizer, documents: list[str], seq_len: int, count: int, what: str) -> torch.Tensor:
+    """Tokenise, join with EOS, cut into `count` windows of `seq_len` tokens (cycling the stream if it is short)."""
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    stream: list[int] = []
+    for doc in documents:
+        stream += tokenizer(doc, add_special_tokens=False)["input_ids"] + [eos]
+    needed = seq_len * count
+    if len(stream) < seq_len:
+        raise CalibrationError(
+            f"calibration: the {what} documents give {len(stream)} tokens: expected at least seq_len = {seq_len}"
+        )
+    if len(stream) < needed:  # repeat rather than fail: a small local file still calibrates; reported in the json
+        stream = (stream * (needed // len(stream) + 1))[:needed]
+    return torch.tensor(stream[:needed], dtype=torch.long).view(count, seq_len)
+
+
+def split_documents(documents: list[str], config: CalibrationConfig) -> tuple[list[str], list[str]]:
+    """Disjoint train / held-out documents: about one document in eight is held out (at least one)."""
+    order = list(range(len(documents)))
+    random.Random(config.seed).shuffle(order)
+    n_held = max(1, len(documents) // 8)
+    if len(documents) < 2:
+        raise CalibrationError(
+            f"calibration: {len(documents)} document(s): expected at least 2 (train and held-out are disjoint)"
+        )
+    held = sorted(order[:n_held])
+    train = sorted(order[n_held:])
+    return [documents[i] for i in train], [documents[i] for i in held]
+
+
+def cache_key(parent_dir: Path, config: CalibrationConfig) -> str:
+    from open_nemotron.model.loading import weights_digest
+
+    text = json.dumps(
+        {
+            "v": CALIBRATION_VERSION,
+            "weights": weights_digest(parent_dir),
+            "generate_prompts": config.generate_prompts,
+            "generate_tokens": config.generate_tokens,
+            "seed": config.seed,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def build(parent_spec: str, config: CalibrationConfig, out_dir: Path, model=None, tokenizer=None) -> dict[str, Any]:
+    """Write ``tokens.safetensors`` + ``calibration.json`` into `out_dir` (skips if they exist for these settings)."""
+    from safetensors.torch import save_file
+
+    from open_nemotron.model.loading import load_model, load_tokenizer, resolve_model_dir
+    from open_nemotron.utils import atomic_path
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta_path = out_dir / "calibration.json"
+    settings = {"config": _asdict(config)}
+    if meta_path.is_file() and (out_dir / "tokens.safetensors").is_file():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("settings") == settings:
+            return meta
+
+    tokenizer = tokenizer or load_tokenizer(parent_spec)
+    if config.source == "parent":
+        parent_dir = resolve_model_dir(parent_spec)
+        cache = _cache_dir() / cache_key(Path(parent_dir), config) / "documents.json"
+        if cache.is_file():
+            documents = json.loads(cache.read_text())
+        else:
+            model = model or load_model(parent_spec)
+            documents = parent_documents(model, tokenizer, config)
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(cache, json.dumps(documents))
+    elif Path(config.source).suffix in (".jsonl", ".parquet", ".txt"):
+        if not Path(config.source).is_file():
+            raise CalibrationError(f"calibration.source = {config.source!r}: no such file")
+        documents = file_documents(config.source, config)
+    else:
+        documents = hub_documents(config.source, config)
+
+    train_docs, held_docs = split_documents(documents, config)
+    train = windows(tokenizer, train_docs, config.seq_len, config.train_sequences, "training")
+    heldout = windows(tokenizer, held_docs, config.seq_len, config.heldout_sequences, "held-out")
+    with atomic_path(out_dir / "tokens.safetensors") as tmp:
+        save_file({"train": train, "heldout": heldout}, str(tmp))
+    meta = {
+        "settings": settings,
+        "documents": {"train": len(train_docs), "heldout": len(held_docs)},
+        "tokens": {"train": train.numel(), "heldout": heldout.numel()},
+    }
+    atomic_write_text(meta_path, json.dumps(meta, indent=1))
+    return meta
+
+
+def load_tokens(out_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    path = out_dir / "tokens.safetensors"
+    if not path.is_file():
+        raise CalibrationError(f"{path}: missing; run the calibration stage first (open-nemotron puzzle run)")
+    return load_file(str(path))
+
+
+def _asdict(config: CalibrationConfig) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(config)
+
+
+def _cache_dir() -> Path:
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("open-nemotron")) / "calibration"

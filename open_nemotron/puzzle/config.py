@@ -1,0 +1,269 @@
+"""The `puzzle` configuration: one YAML file, one section per stage (recipes/puzzle-demo.yaml is the example).
+
+Loading validates every field: an unknown key, a wrong type or an out-of-range value is a `PuzzleConfigError`
+naming the field path (``bld.learning_rate``), the value and what was expected. docs/puzzle.md lists the fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from open_nemotron.errors import OpenNemotronError
+from open_nemotron.puzzle.search_space import SearchSpaceConfig, SearchSpaceError
+
+
+class PuzzleConfigError(OpenNemotronError, ValueError):
+    """A puzzle configuration that cannot be used as written."""
+
+
+@dataclass
+class CalibrationConfig:
+    # "parent": text the parent generates from a fixed prompt set (+ reasoning-task prompts), cached; or a local
+    # .jsonl/.parquet/.txt file, or a hub dataset id (only when online or cached).
+    source: str = "parent"
+    text_field: str = "text"
+    split: str = "train"
+    seq_len: int = 128
+    train_sequences: int = 192
+    heldout_sequences: int = 8
+    generate_prompts: int = 64  # parent source: prompts to answer (fixed list first, then reasoning tasks)
+    generate_tokens: int = 128  # parent source: new tokens per answer
+    seed: int = 0
+
+
+@dataclass
+class BLDConfig:
+    batch_size: int = 4  # sequences per step; one parent forward per step feeds every variant of every layer
+    epochs: float = 1.0
+    learning_rate: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    init_sequences: int = 32  # calibration sequences for channel-contribution pruning
+    checkpoint_every: int = 20  # steps; a killed run resumes from the last checkpoint
+    shard: str | None = None  # "K/N": train layers i with i % N == K (default: from torch.distributed / 0/1)
+
+
+@dataclass
+class CostsConfig:
+    batch_sizes: list[int] = field(default_factory=lambda: [16])
+    prompt_len: int = 64
+    gen_len: int = 32
+    probe_layers: int = 8  # copies of a sub-block timed together (weights stream from memory as in the model)
+    repeats: int = 5
+
+
+@dataclass
+class ScoreConfig:
+    metric: str = "kl"  # "kl" (KL(parent || child), the paper's choice) or "lm_loss"
+    batch_size: int = 4
+
+
+@dataclass
+class TargetConfig:
+    # Exactly one kind of target per entry; relative targets refer to the parent at the search batch size.
+    decode_speedup: float | None = None
+    min_throughput: float | None = None  # decoded tokens/s
+    max_step_latency_ms: float | None = None
+    max_memory_gib: float | None = None
+    max_params: int | None = None
+
+
+@dataclass
+class SearchConfig:
+    batch_sizes: list[int] = field(default_factory=lambda: [16])
+    seq_len: int | None = None  # KV-cache length for memory budgets (default: costs.prompt_len + costs.gen_len)
+    targets: list[TargetConfig] = field(default_factory=lambda: [TargetConfig(decode_speedup=1.5)])
+    n_solutions: int = 1
+    alpha: float = 0.8
+    front_points: int = 12  # extra MIP solves over a range of speedups for the plotted front
+    time_limit_s: float = 60.0
+
+
+@dataclass
+class AssembleConfig:
+    bench_repeats: int = 3  # bench-speed repeats for the measured speedup (parent and children interleaved)
+
+
+@dataclass
+class PuzzleConfig:
+    parent: str = "smollm2-135m"
+    device: str | None = None
+    seed: int = 0
+    search_space: SearchSpaceConfig = field(default_factory=SearchSpaceConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    bld: BLDConfig = field(default_factory=BLDConfig)
+    costs: CostsConfig = field(default_factory=CostsConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    assemble: AssembleConfig = field(default_factory=AssembleConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def section_hash(self, *sections: str) -> str:
+        """A digest of the named sections (plus the parent): a stage reruns when its inputs change."""
+        data = {"parent": self.parent, **{s: getattr(self, s) for s in sections}}
+        text = json.dumps(json.loads(json.dumps(data, default=_jsonable)), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return asdict(obj)
+    raise TypeError(type(obj).__name__)
+
+
+POSITIVE_INTS = {
+    "calibration.seq_len",
+    "calibration.train_sequences",
+    "calibration.heldout_sequences",
+    "calibration.generate_prompts",
+    "calibration.generate_tokens",
+    "bld.batch_size",
+    "bld.init_sequences",
+    "bld.checkpoint_every",
+    "costs.prompt_len",
+    "costs.probe_layers",
+    "costs.repeats",
+    "score.batch_size",
+    "search.n_solutions",
+    "assemble.bench_repeats",
+}
+
+
+def _check_value(path: str, value: Any, annotation: Any) -> Any:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_value(path, value, arg)
+            except PuzzleConfigError as err:
+                errors.append(str(err))
+        raise PuzzleConfigError(errors[0] if len(errors) == 1 else f"{path} = {value!r}: expected {annotation}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise PuzzleConfigError(f"{path} = {value!r}: expected a list")
+        return [_check_value(f"{path}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(annotation):
+        return build_section(annotation, value, path)
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise PuzzleConfigError(f"{path} = {value!r}: expected a number")
+        return float(value)
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise PuzzleConfigError(f"{path} = {value!r}: expected an integer")
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise PuzzleConfigError(f"{path} = {value!r}: expected true or false")
+        return value
+    if annotation is str:
+        if not isinstance(value, str):
+            raise PuzzleConfigError(f"{path} = {value!r}: expected a string")
+        return value
+    raise PuzzleConfigError(f"{path}: unsupported field type {annotation}")
+
+
+def build_section(cls: type, data: Any, path: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise PuzzleConfigError(f"{path or 'config'} = {data!r}: expected a mapping")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise PuzzleConfigError(
+            f"{path + '.' if path else ''}{unknown[0]}: unknown field; expected one of {', '.join(sorted(known))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        sub = f"{path}.{name}" if path else name
+        kwargs[name] = _check_value(sub, value, hints[name])
+        if sub in POSITIVE_INTS and kwargs[name] < 1:
+            raise PuzzleConfigError(f"{sub} = {value!r}: expected a positive integer")
+    try:
+        return cls(**kwargs)
+    except SearchSpaceError as err:
+        raise PuzzleConfigError(str(err)) from None
+
+
+def validate(config: PuzzleConfig) -> PuzzleConfig:
+    """Range checks that span fields."""
+    b, s, c = config.bld, config.search, config.costs
+    if b.learning_rate <= 0:
+        raise PuzzleConfigError(f"bld.learning_rate = {b.learning_rate}: expected a positive number")
+    if b.epochs <= 0:
+        raise PuzzleConfigError(f"bld.epochs = {b.epochs}: expected a positive number")
+    if not 0 <= b.warmup_ratio < 1:
+        raise PuzzleConfigError(f"bld.warmup_ratio = {b.warmup_ratio}: expected a number in [0, 1)")
+    if b.shard is not None:
+        parse_shard(b.shard)
+    if c.gen_len < 2:
+        raise PuzzleConfigError(f"costs.gen_len = {c.gen_len}: expected at least 2")
+    for name, sizes in (("costs.batch_sizes", c.batch_sizes), ("search.batch_sizes", s.batch_sizes)):
+        if not sizes or any(x < 1 for x in sizes):
+            raise PuzzleConfigError(f"{name} = {sizes}: expected a non-empty list of positive integers")
+    missing = sorted(set(s.batch_sizes) - set(c.batch_sizes))
+    if missing:
+        raise PuzzleConfigError(
+            f"search.batch_sizes = {s.batch_sizes}: {missing} not in costs.batch_sizes = {c.batch_sizes} "
+            "(costs are measured only at those)"
+        )
+    if config.score.metric not in ("kl", "lm_loss"):
+        raise PuzzleConfigError(f"score.metric = {config.score.metric!r}: expected 'kl' or 'lm_loss'")
+    if not 0 <= s.alpha <= 1:
+        raise PuzzleConfigError(f"search.alpha = {s.alpha}: expected a number in [0, 1]")
+    if not s.targets:
+        raise PuzzleConfigError("search.targets = []: expected at least one target")
+    for i, t in enumerate(s.targets):
+        given = [k for k, v in asdict(t).items() if v is not None]
+        if not given:
+            raise PuzzleConfigError(f"search.targets[{i}]: empty; expected one of {', '.join(asdict(t))}")
+        for k in given:
+            if getattr(t, k) <= 0:
+                raise PuzzleConfigError(f"search.targets[{i}].{k} = {getattr(t, k)}: expected a positive number")
+    if config.calibration.heldout_sequences < 1:
+        raise PuzzleConfigError("calibration.heldout_sequences: expected a positive integer")
+    return config
+
+
+def parse_shard(shard: str) -> tuple[int, int]:
+    try:
+        k, n = (int(x) for x in shard.split("/"))
+    except ValueError:
+        raise PuzzleConfigError(f"bld.shard = {shard!r}: expected 'K/N' with 0 <= K < N") from None
+    if not 0 <= k < n:
+        raise PuzzleConfigError(f"bld.shard = {shard!r}: expected 'K/N' with 0 <= K < N")
+    return k, n
+
+
+def load_config(path: str | Path) -> PuzzleConfig:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise PuzzleConfigError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise PuzzleConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    return validate(build_section(PuzzleConfig, data, ""))
+
+
+def config_from_dict(data: dict[str, Any]) -> PuzzleConfig:
+    return validate(build_section(PuzzleConfig, data, ""))
