@@ -103,13 +103,21 @@ def library(tmp_path_factory, parent, space, tokens, config) -> Path:
 def test_search_space_lists_parent_first_and_every_requested_variant(space):
     names = [v.name for v in space.attention[0]]
     assert names == ["attn:gqa_kv2", "attn:gqa_kv1", "attn:linear", "attn:no_op"]
-    assert [v.name for v in space.ffn[0]] == ["ffn:swiglu_70", "ffn:swiglu_32", "ffn:swiglu_16", "ffn:linear", "ffn:no_op"]
+    assert [v.name for v in space.ffn[0]] == [
+        "ffn:swiglu_70",
+        "ffn:swiglu_32",
+        "ffn:swiglu_16",
+        "ffn:linear",
+        "ffn:no_op",
+    ]
     for v in space.attention[0] + space.ffn[0]:
         assert parse_variant(v.name) == v
 
 
 def test_vllm_compatible_space_has_only_what_vllm_serves(parent):
-    space = build_search_space(parent.config, SearchSpaceConfig(vllm_compatible=True, ffn_fractions=[0.5], ffn_multiple=8))
+    space = build_search_space(
+        parent.config, SearchSpaceConfig(vllm_compatible=True, ffn_fractions=[0.5], ffn_multiple=8)
+    )
     assert [v.name for v in space.attention[0]] == ["attn:gqa_kv2"]  # layer 0 keeps its attention
     assert [v.name for v in space.attention[1]] == ["attn:gqa_kv2", "attn:no_op"]  # one KV-head count everywhere
     assert all(v.kind != "linear" for layer in space.attention + space.ffn for v in layer)
@@ -151,12 +159,17 @@ def test_calibration_train_and_heldout_come_from_disjoint_documents(tokens):
 def test_bld_trains_every_variant_and_improves_on_the_inits(library, space):
     index = json.loads((library / "library.json").read_text())
     expected = {
-        f"{i}:{v.name}" for i in range(space.num_layers) for part in ("attention", "ffn")
-        for v in space.variants(part)[i][1:] if v.kind != "no_op"
+        f"{i}:{v.name}"
+        for i in range(space.num_layers)
+        for part in ("attention", "ffn")
+        for v in space.variants(part)[i][1:]
+        if v.kind != "no_op"
     }
     assert set(index["entries"]) == expected
-    improved = [e["heldout_loss"] < e["init_heldout_loss"] for e in index["entries"].values()]
-    assert sum(improved) >= 0.8 * len(improved)
+    entries = index["entries"].values()
+    assert all(e["heldout_loss"] <= e["init_heldout_loss"] for e in entries)  # never worse than its init
+    trained = [e for e in entries if not e["variant"].endswith("linear")]
+    assert sum(e["heldout_loss"] < e["init_heldout_loss"] for e in trained) >= 0.8 * len(trained)
 
 
 def test_bld_skips_finished_entries_and_retrains_only_a_missing_one(tmp_path, parent, space, tokens, config):
@@ -212,10 +225,15 @@ def test_bld_shards_together_equal_one_process(tmp_path, parent, space, tokens, 
 
 
 def test_replace_one_block_kl_equals_the_whole_model_with_that_block_swapped(tmp_path, parent, space, library, tokens):
-    scores = score_library(parent, space, library, tokens["heldout"], tmp_path / "scores.json", batch_size=3, progress=False)
+    scores = score_library(
+        parent, space, library, tokens["heldout"], tmp_path / "scores.json", batch_size=3, progress=False
+    )
     layer, variant = 1, space.ffn[1][2]  # the narrower FFN in the middle layer
     child = assemble_child(
-        parent, space, library, [a[0] for a in space.attention],
+        parent,
+        space,
+        library,
+        [a[0] for a in space.attention],
         [variant if i == layer else f[0] for i, f in enumerate(space.ffn)],
     )
     ids = tokens["heldout"]
@@ -226,7 +244,9 @@ def test_replace_one_block_kl_equals_the_whole_model_with_that_block_swapped(tmp
     assert scores["layers"][layer]["ffn"][variant.name]["kl"] == pytest.approx(reference, rel=1e-4, abs=1e-7)
     assert scores["layers"][0]["attention"]["attn:no_op"]["kl"] > 0
     # No-op FFN in the last layer from the cached residual equals the agreement measured on the assembled child.
-    again = score_library(parent, space, library, tokens["heldout"], tmp_path / "scores.json", batch_size=3, progress=False)
+    again = score_library(
+        parent, space, library, tokens["heldout"], tmp_path / "scores.json", batch_size=3, progress=False
+    )
     assert again == scores  # resumed: nothing left to score
 
 
@@ -259,7 +279,11 @@ def test_costs_cover_every_variant_with_exact_parameter_counts(parent, space, co
             continue
         other = parse_variant("ffn:no_op" if v.part == "attention" else "attn:no_op")
         layer = build_child_layer(parent, 0, v if v.part == "attention" else other, v if v.part == "ffn" else other)
-        assert entry["params"] == sum(t.numel() for t in half_state(layer, v.part).values()) == half_params(parent.config, v)
+        assert (
+            entry["params"]
+            == sum(t.numel() for t in half_state(layer, v.part).values())
+            == half_params(parent.config, v)
+        )
         assert entry["decode_s"]["2"] > 0 and entry["prefill_s"]["2"] > 0
     assert costs["fixed"]["params"] == 2 * 259 * 48 + 48  # untied embeddings + LM head + final norm
     assert costs["fixed"]["parent_decode_step_s"]["2"] > 0

@@ -114,7 +114,7 @@ def build_child_layer(parent_model, layer: int, attention: Variant, ffn: Variant
     return DeciLMDecoderLayer(config, layer).to(device=ref.device, dtype=ref.dtype)
 
 
-def initial_layer(parent_model, layer: int, space: SearchSpace, variant: Variant, contributions) -> nn.Module:
+def initial_layer(parent_model, layer: int, space: SearchSpace, variant: Variant, stats: InitStatistics) -> nn.Module:
     """A child layer whose `variant` half starts from its training-free init and whose other half *is* the parent's
     (shared, frozen) module."""
     from open_nemotron.puzzle import init as inits
@@ -129,7 +129,7 @@ def initial_layer(parent_model, layer: int, space: SearchSpace, variant: Variant
         if variant.kind == "gqa":
             module = inits.fewer_kv_heads_attention(parent_layer.self_attn, child_config, variant.size, layer)
         elif variant.kind == "linear":
-            module = inits.linear_attention(parent_layer.self_attn, child_config)
+            module = inits.linear_attention(parent_layer.self_attn, child_config, stats.fits.get((layer, ATTENTION)))
         else:
             module = None
         if module is not None:
@@ -140,9 +140,9 @@ def initial_layer(parent_model, layer: int, space: SearchSpace, variant: Variant
             child.mlp = parent_layer.mlp
     else:
         if variant.kind == "swiglu":
-            module = inits.pruned_mlp(parent_layer.mlp, child_config, variant.size, contributions[layer])
+            module = inits.pruned_mlp(parent_layer.mlp, child_config, variant.size, stats.contributions[layer])
         elif variant.kind == "linear":
-            module = inits.linear_mlp(parent_layer.mlp, child_config)
+            module = inits.linear_mlp(parent_layer.mlp, child_config, stats.fits.get((layer, FFN)))
         else:
             module = None
         if module is not None:
@@ -173,23 +173,39 @@ def child_output(child: nn.Module, part: str, acts: ParentActivations, layer: in
 # ----------------------------------------------------------------------------------------------- channel contributions
 
 
-@torch.no_grad()
-def ffn_contributions(
-    parent_model, tokens: torch.Tensor, layers: list[int], batch_size: int
-) -> dict[int, torch.Tensor]:
-    """Mean channel contribution of every parent FFN channel over `tokens` (for the width-pruning init)."""
-    from open_nemotron.puzzle.init import ChannelContributionMeter
+@dataclass
+class InitStatistics:
+    contributions: dict[int, torch.Tensor]  # layer -> mean channel contribution of each parent FFN channel
+    fits: dict[tuple[int, str], Any]  # (layer, part) -> LinearFit of the half's inputs -> the parent half's outputs
 
-    swiglu = [i for i in layers if parent_model.model.layers[i].ffn_kind == "swiglu"]
-    if not swiglu:
-        return {}
-    meters = {i: ChannelContributionMeter(parent_model.model.layers[i].mlp) for i in swiglu}
+
+@torch.no_grad()
+def init_statistics(
+    parent_model, tokens: torch.Tensor, pending: list[tuple[int, Variant]], batch_size: int, linear_init: str
+) -> InitStatistics:
+    """One pass over calibration tokens for the inits that need data: channel contributions (FFN pruning) and, with
+    ``linear_init="fit"``, least-squares fits for linear variants."""
+    from open_nemotron.puzzle.init import ChannelContributionMeter, LinearFit
+
+    hidden = parent_model.config.hidden_size
+    prune = sorted({i for i, v in pending if v.part == FFN and v.kind == "swiglu"})
+    fit_keys = sorted({(i, v.part) for i, v in pending if v.kind == "linear"}) if linear_init == "fit" else []
+    if not prune and not fit_keys:
+        return InitStatistics({}, {})
+    meters = {i: ChannelContributionMeter(parent_model.model.layers[i].mlp) for i in prune}
+    fits = {key: LinearFit(hidden, hidden) for key in fit_keys}
+    last = max(prune + [i for i, _ in fit_keys])
     for start in range(0, tokens.shape[0], batch_size):
-        acts = parent_activations(parent_model, tokens[start : start + batch_size], max(swiglu))
-        for i in swiglu:
+        acts = parent_activations(parent_model, tokens[start : start + batch_size], last)
+        for i in prune:
+            meters[i].update(parent_model.model.layers[i].post_attention_layernorm(acts.mids[i]))
+        for (i, part), fit in fits.items():
             layer = parent_model.model.layers[i]
-            meters[i].update(layer.post_attention_layernorm(acts.mids[i]))
-    return {i: m.mean() for i, m in meters.items()}
+            if part == ATTENTION:  # the attention's own output: the residual it adds
+                fit.update(layer.input_layernorm(acts.inputs[i]), acts.mids[i] - acts.inputs[i])
+            else:
+                fit.update(layer.post_attention_layernorm(acts.mids[i]), acts.inputs[i + 1] - acts.mids[i])
+    return InitStatistics({i: m.mean() for i, m in meters.items()}, fits)
 
 
 # ----------------------------------------------------------------------------------------------- library files
@@ -321,12 +337,13 @@ def build_library(
     device = parent_model.model.embed_tokens.weight.device
     train, heldout = train.to(device), heldout.to(device)
     last = max(i for i, _ in pending)
-    need_contrib = sorted({i for i, v in pending if v.part == FFN and v.kind == "swiglu"})
-    contributions = ffn_contributions(parent_model, train[: config.init_sequences], need_contrib, config.batch_size)
+    stats = init_statistics(
+        parent_model, train[: config.init_sequences], pending, config.batch_size, config.linear_init
+    )
 
     trainers: dict[str, tuple[int, Variant, nn.Module]] = {}
     for i, v in pending:
-        trainers[f"{i}:{v.name}"] = (i, v, initial_layer(parent_model, i, space, v, contributions))
+        trainers[f"{i}:{v.name}"] = (i, v, initial_layer(parent_model, i, space, v, stats))
     params = []
     for _, v, child in trainers.values():
         for _, p in trainable_parameters(child, v.part):
@@ -342,6 +359,18 @@ def build_library(
     step, init_losses = _load_checkpoint(checkpoint, keys, digest, trainers, optimizer)
     if step == 0:
         init_losses = evaluate_variants(parent_model, trainers, heldout, config.batch_size, last)
+    # The inits are kept for variants BLD does not improve on held-out tokens (a least-squares init is already
+    # optimal for its data; Adam's first steps can only move it away). Held in memory; a resumed run recomputes them.
+    init_states = (
+        {
+            key: half_state(initial_layer(parent_model, i, space, v, stats), v.part)
+            for key, (i, v, _) in trainers.items()
+            if v.kind == "linear"
+        }
+        if step > 0
+        else {key: half_state(child, v.part) for key, (_, v, child) in trainers.items() if v.kind == "linear"}
+    )
+    init_states = {k: {n: t.clone() for n, t in st.items()} for k, st in init_states.items()}
     generator = torch.Generator().manual_seed(0)
     orders = [torch.randperm(train.shape[0], generator=generator) for _ in range(math.ceil(config.epochs) + 1)]
 
@@ -383,7 +412,12 @@ def build_library(
     final_losses = evaluate_variants(parent_model, trainers, heldout, config.batch_size, last)
     seconds = time.perf_counter() - started
     for key, (layer, variant, child) in trainers.items():
+        kept = "bld"
+        if key in init_states and final_losses[key] > init_losses[key]:
+            child.load_state_dict(init_states[key], strict=False)
+            final_losses[key], kept = init_losses[key], "init"
         meta = {
+            "kept": kept,
             "settings": digest,
             "layer": layer,
             "variant": variant.name,
