@@ -14,8 +14,8 @@ score. Diversity (the paper's α): for every earlier solution y, Σ_i x[i, y_i] 
 differs from each earlier one in at least ceil((1-α)·L) layers.
 
 The solver is HiGHS through :func:`scipy.optimize.milp` (the paper used python-mip; both are exact branch and bound).
-Each cost row is shifted by its per-layer minimum and scaled to O(1) so HiGHS's absolute tolerances act as relative
-ones, the relative MIP gap is 0, and every returned choice is re-checked in exact arithmetic (integers for bytes and
+Each cost row is shifted by its per-layer minimum and scaled so HiGHS's tolerances are far below one byte or 1e-9
+of the budget, the MIP gap is 0, and every returned choice is re-checked in exact arithmetic (integers for bytes and
 parameters, a 1e-9 relative tolerance for seconds); a choice that only fits within the solver's tolerance tightens
 that row and is solved again. Scores and costs of a :class:`Solution` are recomputed from the candidates, never taken
 from the solver.
@@ -34,7 +34,10 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from open_nemotron.errors import OpenNemotronError
 
 REL_TOL = 1e-9  # budgets in seconds are honoured to this relative tolerance (bytes and parameters exactly)
-_MAX_TIGHTEN = 12  # re-solves allowed when HiGHS returns a choice that fits only within its own tolerance
+_MAX_TIGHTEN = 8  # re-solves allowed when HiGHS returns a choice that fits only within its own tolerance
+_TIGHTEN_MARGIN = 1e-10  # first relative cut below such a choice's use (then 4x per retry)
+_OBJ_SCALE = 1e6  # the largest per-layer score difference, in objective units (see _milp)
+_ROW_SCALE = 1e6  # the traded range of each budget row, in row units (see _milp)
 GIB = 1 << 30
 
 
@@ -90,9 +93,6 @@ class Budget:
             if not ok:
                 expected = "a positive number" if strict else "a non-negative number"
                 raise SearchError(f"budget.{name}={value!r}: expected {expected} or None (unconstrained)")
-
-    def is_unconstrained(self) -> bool:
-        return all(getattr(self, name) is None for name in _BUDGET_FIELDS)
 
 
 _BUDGET_FIELDS = ("min_throughput", "max_step_latency_s", "max_memory_bytes", "max_params")
@@ -334,7 +334,8 @@ def evaluate(
 
 
 def _budget_summary(budget: Budget) -> str:
-    return ", ".join(f"{n}={getattr(budget, n):g}" for n in _BUDGET_FIELDS if getattr(budget, n) is not None)
+    text = ", ".join(f"{n}={getattr(budget, n):g}" for n in _BUDGET_FIELDS if getattr(budget, n) is not None)
+    return text or "none"
 
 
 # ---------------------------------------------------------------------------------------------------------- MIP
@@ -354,7 +355,8 @@ def _rows(problem: _Problem) -> list[_Row]:
     rows = []
     step = problem.step_limit()
     if step is not None:
-        rows.append(_Row("runtime", problem.runtime, step - fixed.runtime_s[b]))
+        # The same 1e-9 relative tolerance as the exact check, so solver and check agree on what fits.
+        rows.append(_Row("runtime", problem.runtime, step * (1 + REL_TOL) - fixed.runtime_s[b]))
     if bud.max_memory_bytes is not None:
         rows.append(_Row("memory", problem.memory, int(bud.max_memory_bytes) - int(fixed.params_bytes)))
     if bud.max_params is not None:
@@ -362,30 +364,28 @@ def _rows(problem: _Problem) -> list[_Row]:
     return rows
 
 
-def _row_excess(problem: _Problem, row: _Row, choice: Sequence[int]) -> float:
-    """How far a choice's exact layer sum exceeds the row's limit (<= 0 when it fits within the tolerance)."""
+def _row_used(row: _Row, choice: Sequence[int]) -> float | int:
+    """A choice's exact layer sum on one row (fsum for seconds, integers for bytes and parameters)."""
     if row.name == "runtime":
-        used = math.fsum(row.cost[i][j] for i, j in enumerate(choice))
-        step = row.limit + problem.fixed.runtime_s[problem.batch_size]
-        return used - row.limit - REL_TOL * abs(step)
-    return float(sum(row.cost[i][j] for i, j in enumerate(choice)) - row.limit)
+        return math.fsum(row.cost[i][j] for i, j in enumerate(choice))
+    return sum(row.cost[i][j] for i, j in enumerate(choice))
 
 
 def _milp(
     problem: _Problem, rows: list[_Row], avoid: list[list[int]], alpha: float, time_limit_s: float
-) -> tuple[list[int] | None, bool, str]:
-    """One HiGHS solve. Returns (choice or None, proven optimal, solver message)."""
+) -> tuple[list[int] | None, bool, int, str]:
+    """One HiGHS solve. Returns (choice or None, proven optimal, scipy status, solver message)."""
     sizes = [len(layer) for layer in problem.layers]
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
     n, L = int(offsets[-1]), problem.num_layers
 
     # Objective: subtract each layer's best score (a constant, since one candidate per layer is chosen) and scale
-    # to O(1) so HiGHS's absolute gap tolerance cannot hide a better architecture.
+    # the largest difference to _OBJ_SCALE so HiGHS's absolute gap (1e-6) cannot hide a better architecture.
     c = np.zeros(n)
     for i, sc in enumerate(problem.score):
         c[offsets[i] : offsets[i + 1]] = np.asarray(sc) - min(sc)
     if c.max() > 0:
-        c /= c.max()
+        c *= _OBJ_SCALE / c.max()
 
     constraints = []
     one_hot = np.zeros((L, n))
@@ -394,19 +394,20 @@ def _milp(
     constraints.append(LinearConstraint(one_hot, 1.0, 1.0))
 
     for row in rows:
-        # Shift by each layer's cheapest candidate and scale by the remaining slack, so feasibility tolerances are
-        # relative to the part of the budget the search actually trades.
+        # Shift by each layer's cheapest candidate and scale the traded range to _ROW_SCALE: at O(1) HiGHS accepts
+        # overruns of ~1e-7 of the range; at 1e9 it returned a suboptimal "optimum" in tests; 1e6 was exact.
         a = np.zeros(n)
-        slack = float(row.limit)
+        slack, widest = float(row.limit), 0.0
         for i, costs in enumerate(row.cost):
             low = min(costs)
             a[offsets[i] : offsets[i + 1]] = np.asarray(costs, dtype=float) - float(low)
             slack -= float(low)
+            widest += float(max(costs) - low)
         slack = max(slack, 0.0)
-        if a.max() <= slack:
-            continue  # every combination fits this budget
-        scale = max(slack, float(a.max()))
-        constraints.append(LinearConstraint(a[None, :] / scale, -np.inf, slack / scale))
+        if widest <= slack:
+            continue  # even the most expensive combination fits this budget
+        scale = _ROW_SCALE / max(slack, float(a.max()))
+        constraints.append(LinearConstraint(a[None, :] * scale, -np.inf, slack * scale))
 
     if avoid:
         cap = math.floor(alpha * L + 1e-9)
@@ -416,18 +417,21 @@ def _milp(
                 div[k, offsets[i] + j] = 1.0
         constraints.append(LinearConstraint(div, -np.inf, float(cap)))
 
-    res = milp(
-        c,
-        integrality=np.ones(n),
-        bounds=Bounds(np.zeros(n), np.ones(n)),
-        constraints=constraints,
-        options={"time_limit": float(time_limit_s), "mip_rel_gap": 0.0, "disp": False, "presolve": True},
-    )
+    for presolve in (True, False):  # HiGHS occasionally reports "Solve error" after presolve; retry without it
+        res = milp(
+            c,
+            integrality=np.ones(n),
+            bounds=Bounds(np.zeros(n), np.ones(n)),
+            constraints=constraints,
+            options={"time_limit": float(time_limit_s), "mip_rel_gap": 0.0, "disp": False, "presolve": presolve},
+        )
+        if res.status != 4:
+            break
     if res.x is None:
-        return None, False, f"status {res.status}: {res.message}"
+        return None, False, int(res.status), str(res.message)
     x = np.asarray(res.x)
     choice = [int(np.argmax(x[offsets[i] : offsets[i + 1]])) for i in range(L)]
-    return choice, res.status == 0, str(res.message)
+    return choice, res.status == 0, int(res.status), str(res.message)
 
 
 def solve_mip(
@@ -449,25 +453,36 @@ def solve_mip(
     problem = _problem(layers, fixed, budget, batch_size, seq_len)
     alpha = _check_alpha(alpha)
     previous = _check_avoid(avoid, problem)
-    if isinstance(time_limit_s, bool) or not isinstance(time_limit_s, (int, float)) or not time_limit_s > 0:
+    if isinstance(time_limit_s, bool) or not isinstance(time_limit_s, (int, float, np.integer, np.floating)):
+        raise SearchError(f"time_limit_s={time_limit_s!r}: expected a positive number of seconds")
+    if not time_limit_s > 0:
         raise SearchError(f"time_limit_s={time_limit_s!r}: expected a positive number of seconds")
     reasons = _unreachable(problem)
     if reasons:
         raise SearchError("; ".join(reasons))
 
     rows = _rows(problem)
-    for _ in range(_MAX_TIGHTEN):
-        choice, optimal, message = _milp(problem, rows, previous, alpha, time_limit_s)
+    for attempt in range(_MAX_TIGHTEN):
+        choice, optimal, status, message = _milp(problem, rows, previous, alpha, time_limit_s)
+        if choice is None and attempt > 0 and status == 2:
+            raise SearchError(
+                f"at batch size {problem.batch_size} only architectures that overrun the budget "
+                f"({_budget_summary(budget)}) by less than the solver's tolerance were found; relax it slightly"
+            )
         if choice is None:
-            raise SearchError(_why_infeasible(problem, rows, previous, alpha, time_limit_s, message))
-        excess = [(row, _row_excess(problem, row, choice)) for row in rows]
-        broken = [(row, e) for row, e in excess if e > 0]
-        if not broken:
-            return problem.evaluate(choice, "mip", proven_optimal=optimal)
-        # HiGHS accepted the choice within its feasibility tolerance: tighten each broken row by the excess so that
-        # this choice (and anything as expensive) is cut off, and solve again.
-        for row, e in broken:
-            row.limit = row.limit - e - (REL_TOL * abs(row.limit) if row.name == "runtime" else 0)
+            raise SearchError(_why_infeasible(problem, rows, previous, alpha, time_limit_s, status, message))
+        sol = problem.evaluate(choice, "mip", proven_optimal=optimal)
+        if not _violations(problem, sol):
+            return sol
+        # HiGHS accepted the choice within its own (partly relative, ~1e-10) feasibility tolerance: pull each row it
+        # overruns below this choice's use by a margin that grows 4x per retry (at least one byte/parameter).
+        for row in rows:
+            used = _row_used(row, choice)
+            if used > row.limit:
+                margin = _TIGHTEN_MARGIN * 4**attempt * abs(float(row.limit))
+                if row.name != "runtime":
+                    margin = max(math.ceil(margin), 1)
+                row.limit = row.limit - max(used - row.limit, margin)
     raise SearchError(
         f"the MIP kept returning choices that break the budget ({_budget_summary(budget)}) at batch size "
         f"{problem.batch_size} by less than the solver tolerance; relax the budget slightly"
@@ -475,17 +490,26 @@ def solve_mip(
 
 
 def _why_infeasible(
-    problem: _Problem, rows: list[_Row], previous: list[list[int]], alpha: float, time_limit_s: float, message: str
+    problem: _Problem,
+    rows: list[_Row],
+    previous: list[list[int]],
+    alpha: float,
+    time_limit_s: float,
+    status: int,
+    message: str,
 ) -> str:
+    """Explain a solve without a solution: time limit, solver failure, diversity, or budgets that clash."""
     b = problem.batch_size
-    if "time limit" in message.lower() or "time_limit" in message.lower():
+    if status == 1:
         return (
             f"the MIP found no architecture within time_limit_s={time_limit_s:g} at batch size {b} ({message}); "
             "raise time_limit_s"
         )
+    if status != 2:
+        return f"the MIP solver failed at batch size {b} ({message})"
     if previous:
         # Is it the diversity constraint? Re-solve without it.
-        choice, _, _ = _milp(problem, rows, [], alpha, time_limit_s)
+        choice, _, _, _ = _milp(problem, rows, [], alpha, time_limit_s)
         if choice is not None:
             need = problem.num_layers - math.floor(alpha * problem.num_layers + 1e-9)
             return (
@@ -504,8 +528,9 @@ def _best_values(problem: _Problem) -> str:
     fastest = fixed.runtime_s[b] + math.fsum(min(rt) for rt in problem.runtime)
     smallest = int(fixed.params_bytes) + sum(min(m) for m in problem.memory)
     fewest = int(fixed.params) + sum(min(p) for p in problem.params)
+    speed = f"{b / fastest:.6g}" if fastest > 0 else "inf"
     return (
-        f"fastest step {fastest:.6g} s = {b / fastest:.6g} tok/s; smallest memory {_fmt_bytes(smallest)}; "
+        f"fastest step {fastest:.6g} s = {speed} tok/s; smallest memory {_fmt_bytes(smallest)}; "
         f"fewest parameters {fewest}"
     )
 
