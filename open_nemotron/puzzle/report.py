@@ -168,7 +168,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"| {t['name']} | {t['predicted_speedup']:.2f}x | "
             + (f"{t['measured_speedup']:.2f}x | {t['prediction_error']:+.1%}" if t["measured_speedup"] else "- | -")
             + f" | {t['summed_score']:.4f} | {t['heldout_kl']:.4f} | {t['top1_agreement']:.3f} | "
-            f"{t['params'] / 1e6:.1f}M | {t['greedy_summed_score'] if t['greedy_summed_score'] is None else round(t['greedy_summed_score'], 4)} |"
+            f"{t['params'] / 1e6:.2f}M | {t['greedy_summed_score'] if t['greedy_summed_score'] is None else round(t['greedy_summed_score'], 4)} |"
         )
     lines += ["", "![front](front.png)", "", "## Chosen architectures", ""]
     for t in report["targets"]:
