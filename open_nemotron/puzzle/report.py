@@ -122,7 +122,7 @@ def plot_front(path, search: dict[str, Any], targets: list[dict[str, Any]]) -> N
                 alpha=0.7,
                 label="greedy baseline (predicted)",
             )
-    for t in targets:
+    for k, t in enumerate(targets):
         if "layers" not in t:
             continue
         ax.scatter([t["predicted_speedup"]], [t["summed_score"]], marker="D", s=60, color="tab:orange", zorder=3)
@@ -132,7 +132,7 @@ def plot_front(path, search: dict[str, Any], targets: list[dict[str, Any]]) -> N
                 f"{t['name']}: measured {t['measured_speedup']:.2f}x",
                 (t["measured_speedup"], t["summed_score"]),
                 textcoords="offset points",
-                xytext=(6, 6),
+                xytext=(8, -14 if k % 2 else 8),
                 fontsize=8,
             )
     ax.scatter([], [], marker="D", color="tab:orange", label="chosen child (predicted)")

@@ -142,9 +142,11 @@ def run_search(
 
 
 def front(layers, fixed: FixedCosts, batch: int, seq_len: int, parent_runtime: float, config: SearchConfig) -> list:
-    """MIP optima over evenly spaced speedups from 1 to the fastest architecture in the space."""
+    """MIP optima over evenly spaced speedups from 1 to 1.5x the largest speedup target (at least 2x), capped by the
+    fastest architecture in the space: the region where the chosen children sit, at a readable scale."""
     fastest = fixed.runtime_s[batch] + sum(min(c.runtime_s[batch] for c in layer) for layer in layers)
-    top = parent_runtime / fastest
+    targets = [t.decode_speedup for t in config.targets if t.decode_speedup is not None]
+    top = min(parent_runtime / fastest, max([2.0, *(1.5 * t for t in targets)]))
     points = []
     for k in range(config.front_points):
         speedup = 1.0 + (top - 1.0) * k / max(1, config.front_points - 1)
