@@ -222,3 +222,29 @@ def test_parse_positive_ints() -> None:
     assert parse_positive_ints("--batch-sizes", "1, 16") == [1, 16]
     with pytest.raises(OpenNemotronError, match=r"--x '1,,2'"):
         parse_positive_ints("--x", "1,,2")
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "fragments"),
+    [
+        ("bld:\n  learning_rat: 0.1\n", ["bld.learning_rat: unknown field"]),
+        ("search:\n  alpha: 2\n", ["search.alpha = 2.0", "[0, 1]"]),
+        ("score:\n  metric: bleu\n", ["score.metric = 'bleu'"]),
+        ("search:\n  targets: []\n", ["search.targets = []"]),
+        ("parent: [unclosed\n", ["not valid YAML"]),
+    ],
+)
+@pytest.mark.parametrize("verb", ["run", "costs"])
+def test_bad_puzzle_configs_are_one_line_errors(yaml_text: str, fragments: list[str], verb: str, tmp_path: Path) -> None:
+    config = tmp_path / "puzzle.yaml"
+    config.write_text(yaml_text)
+    result = invoke("puzzle", verb, "--config", config, "--run-dir", tmp_path / "run")
+    assert_one_line_error(result, *fragments)
+    assert not (tmp_path / "run").exists()  # nothing written for a config that cannot be used
+
+
+def test_puzzle_stage_without_its_inputs_names_the_missing_stage(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    config = tmp_path / "puzzle.yaml"
+    config.write_text(f"parent: {tiny_llama_dir}\ndevice: cpu\n")
+    result = invoke("puzzle", "search", "--config", config, "--run-dir", tmp_path / "run")
+    assert_one_line_error(result, "costs.json: missing", "puzzle costs")

@@ -18,6 +18,7 @@ scoring per layer). docs/puzzle.md documents every artifact.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -67,6 +68,8 @@ class PuzzleRun:
             from open_nemotron.model.loading import default_device, load_model
 
             device = torch.device(self.config.device) if self.config.device else default_device()
+            if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+                device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # one GPU per torchrun process
             torch.manual_seed(self.config.seed)
             # Our class even for a plain Llama parent: Puzzle swaps its layers for heterogeneous ones.
             self._parent = load_model(self.config.parent, device=device, implementation="ours")
