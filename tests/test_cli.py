@@ -235,7 +235,9 @@ def test_parse_positive_ints() -> None:
     ],
 )
 @pytest.mark.parametrize("verb", ["run", "costs"])
-def test_bad_puzzle_configs_are_one_line_errors(yaml_text: str, fragments: list[str], verb: str, tmp_path: Path) -> None:
+def test_bad_puzzle_configs_are_one_line_errors(
+    yaml_text: str, fragments: list[str], verb: str, tmp_path: Path
+) -> None:
     config = tmp_path / "puzzle.yaml"
     config.write_text(yaml_text)
     result = invoke("puzzle", verb, "--config", config, "--run-dir", tmp_path / "run")
