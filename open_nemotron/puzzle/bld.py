@@ -354,23 +354,18 @@ def build_library(
     total = max(1, math.ceil(steps_per_epoch * config.epochs))
     warmup = max(1, round(config.warmup_ratio * total))
 
+    # Linear variants keep their init if BLD does not improve it on held-out tokens (a least-squares init is already
+    # optimal for its data; Adam's first steps can only move it away). Snapshot before a checkpoint overwrites them.
+    init_states = {
+        key: {n: t.clone() for n, t in half_state(child, v.part).items()}
+        for key, (_, v, child) in trainers.items()
+        if v.kind == "linear"
+    }
     checkpoint = library / "_checkpoint"
     keys = sorted(trainers)
     step, init_losses = _load_checkpoint(checkpoint, keys, digest, trainers, optimizer)
     if step == 0:
         init_losses = evaluate_variants(parent_model, trainers, heldout, config.batch_size, last)
-    # The inits are kept for variants BLD does not improve on held-out tokens (a least-squares init is already
-    # optimal for its data; Adam's first steps can only move it away). Held in memory; a resumed run recomputes them.
-    init_states = (
-        {
-            key: half_state(initial_layer(parent_model, i, space, v, stats), v.part)
-            for key, (i, v, _) in trainers.items()
-            if v.kind == "linear"
-        }
-        if step > 0
-        else {key: half_state(child, v.part) for key, (_, v, child) in trainers.items() if v.kind == "linear"}
-    )
-    init_states = {k: {n: t.clone() for n, t in st.items()} for k, st in init_states.items()}
     generator = torch.Generator().manual_seed(0)
     orders = [torch.randperm(train.shape[0], generator=generator) for _ in range(math.ceil(config.epochs) + 1)]
 
