@@ -325,3 +325,39 @@ def test_parent_activations_match_the_model_hidden_states(parent, tokens):
         hidden = parent(tokens["heldout"], output_hidden_states=True).hidden_states
     for i in range(len(acts.inputs) - 1):
         assert torch.allclose(acts.inputs[i], hidden[i], atol=1e-6)
+
+
+def test_parent_generated_calibration_is_cached_and_deterministic(tmp_path, parent_dir, monkeypatch):
+    from open_nemotron.puzzle import calibration
+    from open_nemotron.puzzle.config import CalibrationConfig
+
+    monkeypatch.setattr(calibration, "_cache_dir", lambda: tmp_path / "cache")
+    cfg = CalibrationConfig(
+        source="parent", seq_len=8, train_sequences=4, heldout_sequences=2, generate_prompts=6, generate_tokens=6
+    )
+    first = build_calibration(str(parent_dir), cfg, tmp_path / "a")
+    assert first["documents"] == {"train": 5, "heldout": 1}
+    cached = list((tmp_path / "cache").glob("*/documents.json"))
+    assert len(cached) == 1
+    docs = json.loads(cached[0].read_text())
+    assert len(docs) == 6 and all("<|im_start|>assistant" in d for d in docs)
+    monkeypatch.setattr(calibration, "parent_documents", lambda *a, **k: pytest.fail("regenerated despite the cache"))
+    build_calibration(str(parent_dir), cfg, tmp_path / "b")
+    assert torch.equal(load_tokens(tmp_path / "a")["train"], load_tokens(tmp_path / "b")["train"])
+
+
+def test_jsonl_calibration_reads_text_and_chat_rows_and_names_bad_lines(tmp_path, parent_dir):
+    from open_nemotron.puzzle.calibration import CalibrationError
+    from open_nemotron.puzzle.config import CalibrationConfig
+
+    rows = [{"text": f"document number {i} " * 5} for i in range(6)]
+    rows += [{"input": [{"role": "user", "content": "hi there"}], "output": "hello, how can I help?"}]
+    good = tmp_path / "c.jsonl"
+    good.write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = CalibrationConfig(source=str(good), seq_len=8, train_sequences=3, heldout_sequences=1)
+    meta = build_calibration(str(parent_dir), cfg, tmp_path / "out")
+    assert meta["documents"]["train"] + meta["documents"]["heldout"] == 7
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{not json\n')
+    with pytest.raises(CalibrationError, match=r"bad.jsonl:2: not valid JSON"):
+        build_calibration(str(parent_dir), CalibrationConfig(source=str(bad)), tmp_path / "out2")
