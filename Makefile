@@ -1,4 +1,5 @@
-# Developer entry points: `make demo` converts and benchmarks the default parent, `make test` runs the test suite.
+# Developer entry points: `make demo` converts and benchmarks the default parent, then runs Puzzle NAS on it (1.5x and
+# 2x decode targets); `make test` runs the test suite.
 
 PYTHON ?= python3
 VENV := .venv
@@ -25,6 +26,7 @@ demo: venv
 	$(BIN)/open-nemotron convert smollm2-135m --out $(DEMO_DIR)/converted
 	$(BIN)/open-nemotron bench-speed smollm2-135m $(DEMO_DIR)/converted --batch-sizes 1,16 \
 		--json $(DEMO_DIR)/bench-speed.json
+	$(BIN)/open-nemotron puzzle run --config recipes/puzzle-demo.yaml --run-dir $(DEMO_DIR)/puzzle
 
 test: venv
 	$(BIN)/python -m pytest -q
