@@ -361,3 +361,47 @@ def test_jsonl_calibration_reads_text_and_chat_rows_and_names_bad_lines(tmp_path
     bad.write_text('{"text": "ok"}\n{not json\n')
     with pytest.raises(CalibrationError, match=r"bad.jsonl:2: not valid JSON"):
         build_calibration(str(parent_dir), CalibrationConfig(source=str(bad)), tmp_path / "out2")
+
+
+def test_candidates_sum_their_halves_and_lm_loss_scores_are_relative_to_the_parent(parent, config):
+    from open_nemotron.puzzle.searching import build_candidates, fixed_costs, run_search
+
+    space = build_search_space(
+        parent.config,
+        SearchSpaceConfig(kv_heads=[2], attention_linear=False, ffn_fractions=[0.5], ffn_multiple=8, ffn_linear=False),
+    )
+    names = {v.name for layer in space.attention + space.ffn for v in layer}
+    costs = {
+        "fixed": {"decode_s": {"2": 0.01}, "params": 1000, "params_bytes": 4000},
+        "variants": {
+            n: {
+                "decode_s": {"2": 0.0 if "no_op" in n else 0.002 * (2 if "70" in n or "kv" in n else 1)},
+                "params": 0 if "no_op" in n else 100,
+                "params_bytes": 0 if "no_op" in n else 400,
+                "kv_bytes_per_token": 64 if "kv" in n else 0,
+            }
+            for n in names
+        },
+    }
+    layer_scores = {
+        "attention": {"attn:no_op": {"kl": 0.5, "lm_loss": 3.5, "top1": 0.5}},
+        "ffn": {
+            "ffn:swiglu_32": {"kl": 0.1, "lm_loss": 3.1, "top1": 0.9},
+            "ffn:no_op": {"kl": 0.7, "lm_loss": 3.9, "top1": 0.4},
+        },
+    }
+    scores = {"metric": "lm_loss", "parent_lm_loss": 3.0, "layers": [layer_scores] * space.num_layers}
+    layers = build_candidates(space, costs, scores)
+    pair = {(c.attention, c.ffn): c for c in layers[1]}
+    c = pair[("attn:no_op", "ffn:swiglu_32")]
+    assert c.score == pytest.approx(0.5 + 0.1) and c.runtime_s[2] == pytest.approx(0.002)
+    assert c.params == 100 and c.kv_bytes_per_token == 0
+    assert pair[("attn:gqa_kv2", "ffn:swiglu_70")].score == 0.0
+    assert fixed_costs(costs).runtime_s == {2: 0.01}
+    search = config.search.__class__(
+        batch_sizes=[2], targets=[config.search.targets[0].__class__(decode_speedup=1.5)], front_points=3
+    )
+    result = run_search(space, costs, scores, search, config.costs)
+    sol = result["targets"][0]["solution"]
+    assert sol["predicted_speedup"] >= 1.5
+    assert result["parent"]["runtime_s"] == pytest.approx(0.01 + 3 * 0.008)
