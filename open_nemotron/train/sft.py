@@ -172,7 +172,7 @@ def run(config: SFTRunConfig) -> dict[str, Any]:
         seed=config.seed,
         use_cpu=not on_gpu,
         bf16=on_gpu and torch.cuda.is_bf16_supported(),
-        gradient_checkpointing=False,
+        activation_checkpointing=False,  # TRL turns it on by default; slow on CPU
         max_length=config.max_length,
         packing=config.packing,
         assistant_only_loss=True,
