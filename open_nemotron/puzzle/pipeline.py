@@ -3,8 +3,8 @@
     calibration/     tokens.safetensors, calibration.json           (calibration)
     search_space.json                                                (every stage)
     library/         layer_XXX/<variant>.safetensors, library.json  (build-library)
-    costs.json                                                       (costs)
     scores.json                                                      (score)
+    costs.json                                                       (costs)
     search.json                                                      (search)
     children/<target>/  model + tokenizer; assemble.json             (assemble)
     report.json, report.md, front.png                                (report)
@@ -29,7 +29,9 @@ from open_nemotron.puzzle.config import PuzzleConfig, TargetConfig
 from open_nemotron.puzzle.search_space import ATTENTION, FFN, SearchSpace, build_search_space
 from open_nemotron.utils import atomic_write_text
 
-STAGES = ("calibration", "build-library", "costs", "score", "search", "assemble", "report")
+# Costs run right before search and assembly: on a shared machine the speed of memory and cores drifts over minutes,
+# and the prediction is only as good as the match between the machine state at `costs` and at `assemble`'s bench.
+STAGES = ("calibration", "build-library", "score", "costs", "search", "assemble", "report")
 # Which config sections (and upstream stages) each stage's output depends on.
 STAGE_INPUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "calibration": (("calibration",), ()),
@@ -268,9 +270,14 @@ class PuzzleRun:
         for ch, model in zip(children, speed["models"][1:], strict=True):
             ch["measured_speedup"] = model["ratio_to_first"][str(batch)]["decode"]
             ch["decode_tokens_per_s"] = model["batches"][str(batch)]["decode_tokens_per_s"]
+        costs = self.read_json("costs.json", "costs")
+        parent_step = speed["models"][0]["batches"][str(batch)]["decode_ms_per_step"] / 1e3
         result = {
             "batch_size": batch,
             "parent_decode_tokens_per_s": speed["models"][0]["batches"][str(batch)]["decode_tokens_per_s"],
+            # The parent's decode step here vs when costs were measured: far from 1, the machine changed state in
+            # between and the predictions (made in the other state) are off by about as much.
+            "machine_drift": parent_step / costs["fixed"]["parent_decode_step_s"][str(batch)],
             "children": children,
         }
         atomic_write_text(self.dir / "assemble.json", json.dumps(result, indent=1))

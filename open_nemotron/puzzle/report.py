@@ -83,6 +83,7 @@ def write_report(run) -> dict[str, Any]:
             "mean_heldout_loss": _mean([e["heldout_loss"] for e in losses]),
         },
         "parent_decode_tokens_per_s": assembled["parent_decode_tokens_per_s"],
+        "machine_drift": assembled.get("machine_drift"),
         "front": search["front"],
     }
     plot_front(run.dir / "front.png", search, targets)
@@ -170,6 +171,18 @@ def render_markdown(report: dict[str, Any]) -> str:
             + f" | {t['summed_score']:.4f} | {t['heldout_kl']:.4f} | {t['top1_agreement']:.3f} | "
             f"{t['params'] / 1e6:.2f}M | {t['greedy_summed_score'] if t['greedy_summed_score'] is None else round(t['greedy_summed_score'], 4)} |"
         )
+    drift = report.get("machine_drift")
+    if drift is not None:
+        lines += [
+            "",
+            f"Machine drift: the parent's decode step during the bench was {drift:.2f}x its time when costs were "
+            "measured"
+            + (
+                " (predictions assume the costs-time state; rerun `costs` and `search` for a fresh one)."
+                if abs(drift - 1) > 0.05
+                else "."
+            ),
+        ]
     lines += ["", "![front](front.png)", "", "## Chosen architectures", ""]
     for t in report["targets"]:
         if "layers" not in t:
