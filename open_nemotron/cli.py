@@ -515,8 +515,8 @@ def _stage_command(stage: str, doc: str) -> None:
 for _stage, _doc in (
     ("calibration", "Calibration tokens: train and held-out sequences (cached parent generations by default)."),
     ("build-library", "Decoupled BLD of every variant (resumable per layer and variant; shard with bld.shard)."),
-    ("costs", "Measure every variant's decode/prefill time, parameter and KV-cache bytes on this device."),
     ("score", "Replace-1-block KL / LM-loss scores on held-out tokens (resumable per layer)."),
+    ("costs", "Measure every variant's decode/prefill time, parameter and KV-cache bytes on this device."),
     ("search", "MIP search (scipy HiGHS) for every target, greedy baseline, and the speedup front."),
     ("assemble", "Build each chosen child, measure held-out KL, top-1 agreement and bench-speed vs the parent."),
     ("report", "report.json, report.md and front.png from the artifacts."),
