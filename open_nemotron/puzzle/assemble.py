@@ -15,16 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from open_nemotron.puzzle.scoring import library_layer
-from open_nemotron.puzzle.search_space import SearchSpace, Variant, child_block_configs
+from open_nemotron.puzzle.search_space import SearchSpace, Variant, child_block_configs, config_with_blocks
 
 
 def child_config(parent_config, attention: list[Variant], ffn: list[Variant]):
-    from open_nemotron.model.configuration import DeciLMConfig
-
-    data = parent_config.to_dict()
-    data["block_configs"] = child_block_configs(parent_config, attention, ffn)
-    data.pop("layer_types", None)
-    return DeciLMConfig.from_dict(data)
+    return config_with_blocks(parent_config, child_block_configs(parent_config, attention, ffn))
 
 
 def assemble_child(parent_model, space: SearchSpace, library: Path, attention: list[Variant], ffn: list[Variant]):

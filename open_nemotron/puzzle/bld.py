@@ -40,7 +40,7 @@ from torch import nn
 
 from open_nemotron.errors import OpenNemotronError
 from open_nemotron.puzzle.config import BLDConfig, parse_shard
-from open_nemotron.puzzle.search_space import ATTENTION, FFN, SearchSpace, Variant
+from open_nemotron.puzzle.search_space import ATTENTION, FFN, SearchSpace, Variant, config_with_blocks
 from open_nemotron.utils import atomic_path, atomic_write_text
 
 LIBRARY_VERSION = 1
@@ -82,21 +82,23 @@ def parent_activations(model, input_ids: torch.Tensor, last_layer: int | None = 
 # ----------------------------------------------------------------------------------------------- child layers
 
 
+# The modules of each half of a decoder layer: (its pre-norm, the sub-block).
+HALF_MODULES = {ATTENTION: ("input_layernorm", "self_attn"), FFN: ("post_attention_layernorm", "mlp")}
+
+
 def layer_config(parent_config, layer: int, attention: Variant, ffn: Variant):
     """A copy of the parent config whose `layer` has the given attention and FFN (other layers unchanged)."""
     from open_nemotron.model.configuration import LayerBlocks, block_config_dict
 
-    config = parent_config.__class__.from_dict(parent_config.to_dict())
-    blocks = list(config.block_configs)
+    blocks = list(parent_config.block_configs)
     blocks[layer] = block_config_dict(
-        LayerBlocks(attention.block, ffn.block), config.num_attention_heads, config.hidden_size
+        LayerBlocks(attention.block, ffn.block), parent_config.num_attention_heads, parent_config.hidden_size
     )
-    config.block_configs = blocks
-    return config.__class__.from_dict(config.to_dict())
+    return config_with_blocks(parent_config, blocks)
 
 
 def half_prefixes(part: str) -> tuple[str, str]:
-    return ("input_layernorm.", "self_attn.") if part == ATTENTION else ("post_attention_layernorm.", "mlp.")
+    return tuple(f"{name}." for name in HALF_MODULES[part])
 
 
 def half_state(layer: nn.Module, part: str) -> dict[str, torch.Tensor]:
@@ -105,52 +107,46 @@ def half_state(layer: nn.Module, part: str) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous() for k, v in layer.state_dict().items() if k.startswith(prefixes)}
 
 
-def build_child_layer(parent_model, layer: int, attention: Variant, ffn: Variant) -> nn.Module:
+def build_child_layer(parent_model, layer: int, attention: Variant, ffn: Variant, config=None) -> nn.Module:
     """An uninitialised decoder layer with these variants, the parent's dtype and device."""
     from open_nemotron.model.modeling import DeciLMDecoderLayer
 
-    config = layer_config(parent_model.config, layer, attention, ffn)
+    config = config or layer_config(parent_model.config, layer, attention, ffn)
     ref = parent_model.model.embed_tokens.weight
     return DeciLMDecoderLayer(config, layer).to(device=ref.device, dtype=ref.dtype)
 
 
-def initial_layer(parent_model, layer: int, space: SearchSpace, variant: Variant, stats: InitStatistics) -> nn.Module:
-    """A child layer whose `variant` half starts from its training-free init and whose other half *is* the parent's
-    (shared, frozen) module."""
+def initial_half(parent_layer, config, layer: int, variant: Variant, stats: InitStatistics) -> nn.Module | None:
+    """The training-free init of one variant (None for a no-op)."""
     from open_nemotron.puzzle import init as inits
 
-    parent_layer = parent_model.model.layers[layer]
-    config = parent_model.config
-    other = space.parent_variant(layer, FFN if variant.part == ATTENTION else ATTENTION)
-    attention, ffn = (variant, other) if variant.part == ATTENTION else (other, variant)
-    child = build_child_layer(parent_model, layer, attention, ffn)
-    child_config = layer_config(config, layer, attention, ffn)
+    if variant.kind == "no_op":
+        return None
     if variant.part == ATTENTION:
         if variant.kind == "gqa":
-            module = inits.fewer_kv_heads_attention(parent_layer.self_attn, child_config, variant.size, layer)
-        elif variant.kind == "linear":
-            module = inits.linear_attention(parent_layer.self_attn, child_config, stats.fits.get((layer, ATTENTION)))
-        else:
-            module = None
-        if module is not None:
-            child.self_attn = module
-            child.input_layernorm.load_state_dict(parent_layer.input_layernorm.state_dict())
-        if other.kind != "no_op":
-            child.post_attention_layernorm = parent_layer.post_attention_layernorm
-            child.mlp = parent_layer.mlp
-    else:
-        if variant.kind == "swiglu":
-            module = inits.pruned_mlp(parent_layer.mlp, child_config, variant.size, stats.contributions[layer])
-        elif variant.kind == "linear":
-            module = inits.linear_mlp(parent_layer.mlp, child_config, stats.fits.get((layer, FFN)))
-        else:
-            module = None
-        if module is not None:
-            child.mlp = module
-            child.post_attention_layernorm.load_state_dict(parent_layer.post_attention_layernorm.state_dict())
-        if other.kind != "no_op":
-            child.input_layernorm = parent_layer.input_layernorm
-            child.self_attn = parent_layer.self_attn
+            return inits.fewer_kv_heads_attention(parent_layer.self_attn, config, variant.size, layer)
+        return inits.linear_attention(parent_layer.self_attn, config, stats.fits.get((layer, ATTENTION)))
+    if variant.kind == "swiglu":
+        return inits.pruned_mlp(parent_layer.mlp, config, variant.size, stats.contributions[layer])
+    return inits.linear_mlp(parent_layer.mlp, config, stats.fits.get((layer, FFN)))
+
+
+def initial_layer(parent_model, layer: int, space: SearchSpace, variant: Variant, stats: InitStatistics) -> nn.Module:
+    """A child layer whose `variant` half starts from its training-free init (its norm from the parent's) and whose
+    other half *is* the parent's (shared, frozen) module."""
+    parent_layer = parent_model.model.layers[layer]
+    other = space.parent_variant(layer, FFN if variant.part == ATTENTION else ATTENTION)
+    attention, ffn = (variant, other) if variant.part == ATTENTION else (other, variant)
+    config = layer_config(parent_model.config, layer, attention, ffn)
+    child = build_child_layer(parent_model, layer, attention, ffn, config)
+    module = initial_half(parent_layer, config, layer, variant, stats)
+    if module is not None:
+        norm, block = HALF_MODULES[variant.part]
+        setattr(child, block, module)
+        getattr(child, norm).load_state_dict(getattr(parent_layer, norm).state_dict())
+    if other.kind != "no_op":
+        for name in HALF_MODULES[other.part]:
+            setattr(child, name, getattr(parent_layer, name))
     ref = parent_model.model.embed_tokens.weight
     return child.to(device=ref.device, dtype=ref.dtype)
 

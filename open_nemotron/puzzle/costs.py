@@ -24,27 +24,26 @@ import torch
 
 from open_nemotron.evaluate.hardware import describe_device, synchronize
 from open_nemotron.puzzle.config import CostsConfig
-from open_nemotron.puzzle.search_space import ATTENTION, SearchSpace, Variant
+from open_nemotron.puzzle.search_space import (
+    ATTENTION,
+    SearchSpace,
+    Variant,
+    attention_variant,
+    child_block_configs,
+    config_with_blocks,
+    ffn_variant,
+)
 
 
 def probe_model(parent_config, variant: Variant, layers: int, device: torch.device, dtype: torch.dtype):
     """A small DeciLM whose every layer is `variant` plus a no-op other half (tiny vocabulary: only layers run)."""
-    from open_nemotron.model.configuration import AttentionBlock, DeciLMConfig, FFNBlock, LayerBlocks, block_config_dict
+    from open_nemotron.model.configuration import AttentionBlock, FFNBlock
     from open_nemotron.model.modeling import DeciLMForCausalLM
 
-    attention = variant.block if variant.part == ATTENTION else AttentionBlock("no_op")
-    ffn = variant.block if variant.part != ATTENTION else FFNBlock("no_op")
-    data = parent_config.to_dict()
-    data.update(
-        num_hidden_layers=layers,
-        vocab_size=128,
-        block_configs=[
-            block_config_dict(LayerBlocks(attention, ffn), parent_config.num_attention_heads, parent_config.hidden_size)
-        ]
-        * layers,
-    )
-    data.pop("layer_types", None)
-    config = DeciLMConfig.from_dict(data)
+    attention = variant if variant.part == ATTENTION else attention_variant(AttentionBlock("no_op"))
+    ffn = variant if variant.part != ATTENTION else ffn_variant(FFNBlock("no_op"))
+    blocks = child_block_configs(parent_config, [attention] * layers, [ffn] * layers)
+    config = config_with_blocks(parent_config, blocks, num_hidden_layers=layers, vocab_size=128)
     with torch.device(device):
         model = DeciLMForCausalLM(config).to(dtype).eval()
     return model

@@ -21,11 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from open_nemotron.puzzle.bld import (
-    build_child_layer,
-    load_half,
-    parent_activations,
-)
+from open_nemotron.puzzle.bld import build_child_layer, half_state, load_half, parent_activations
 from open_nemotron.puzzle.search_space import ATTENTION, FFN, SearchSpace, Variant
 from open_nemotron.utils import atomic_write_text
 
@@ -41,10 +37,7 @@ def library_layer(parent_model, space: SearchSpace, library: Path, layer: int, a
         if variant.kind == "no_op":
             continue
         if variant.name == space.parent_variant(layer, part).name:
-            prefixes = (
-                ("input_layernorm.", "self_attn.") if part == ATTENTION else ("post_attention_layernorm.", "mlp.")
-            )
-            state.update({k: v for k, v in parent_layer.state_dict().items() if k.startswith(prefixes)})
+            state.update(half_state(parent_layer, part))
         else:
             state.update(load_half(library, layer, variant))
     child.load_state_dict(state, strict=True)

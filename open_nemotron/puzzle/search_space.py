@@ -243,6 +243,16 @@ def child_block_configs(
     ]
 
 
+def config_with_blocks(
+    parent_config: DeciLMConfig, block_configs: list[dict[str, Any]], **overrides: Any
+) -> DeciLMConfig:
+    """A copy of the parent config with other `block_configs` (and any other fields overridden)."""
+    data = parent_config.to_dict()
+    data.update(block_configs=block_configs, **overrides)
+    data.pop("layer_types", None)  # derived from block_configs
+    return DeciLMConfig.from_dict(data)
+
+
 def vllm_servable(attention: list[Variant], ffn: list[Variant]) -> list[str]:
     """Why stock vLLM could not serve this architecture (empty when it can)."""
     problems = []
