@@ -251,6 +251,17 @@ def load_half(library: Path, layer: int, variant: Variant) -> dict[str, torch.Te
     return load_file(str(path))
 
 
+def missing_entries(space: SearchSpace, library: Path, digest: str, layers: list[int] | None = None) -> list:
+    """(layer, variant) pairs of these layers (default: all) that need training and have no finished file."""
+    return [
+        (i, v)
+        for i in (range(space.num_layers) if layers is None else layers)
+        for part in (ATTENTION, FFN)
+        for v in space.variants(part)[i][1:]
+        if v.trainable and not entry_done(library, i, v, digest)
+    ]
+
+
 def write_index(library: Path, space: SearchSpace) -> dict[str, Any]:
     entries = {}
     for i in range(space.num_layers):
@@ -315,13 +326,7 @@ def build_library(
     library.mkdir(parents=True, exist_ok=True)
     digest = settings_digest(config, calibration_digest)
     layers = assigned_layers(space.num_layers, config.shard)
-    pending = [
-        (i, v)
-        for i in layers
-        for part in (ATTENTION, FFN)
-        for v in space.variants(part)[i][1:]
-        if v.trainable and not entry_done(library, i, v, digest)
-    ]
+    pending = missing_entries(space, library, digest, layers)
     started = time.perf_counter()
     if not pending:
         return {"index": write_index(library, space), "trained": 0, "seconds": 0.0}

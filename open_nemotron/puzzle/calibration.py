@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -250,7 +251,7 @@ def build(parent_spec: str, config: CalibrationConfig, out_dir: Path, model=None
 
     out_dir.mkdir(parents=True, exist_ok=True)
     meta_path = out_dir / "calibration.json"
-    settings = {"config": _asdict(config)}
+    settings = {"config": asdict(config)}
     if meta_path.is_file() and (out_dir / "tokens.safetensors").is_file():
         meta = json.loads(meta_path.read_text())
         if meta.get("settings") == settings:
@@ -295,12 +296,6 @@ def load_tokens(out_dir: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CalibrationError(f"{path}: missing; run the calibration stage first (open-nemotron puzzle run)")
     return load_file(str(path))
-
-
-def _asdict(config: CalibrationConfig) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    return asdict(config)
 
 
 def _cache_dir() -> Path:

@@ -78,6 +78,11 @@ class TargetConfig:
     max_memory_gib: float | None = None
     max_params: int | None = None
 
+    @property
+    def name(self) -> str:
+        """``decode_speedup_1.5``: the target's kind and value (the child's directory name)."""
+        return next((f"{k}_{v:g}" for k, v in asdict(self).items() if v is not None), "target")
+
 
 @dataclass
 class SearchConfig:

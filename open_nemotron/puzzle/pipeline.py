@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from open_nemotron.errors import OpenNemotronError
-from open_nemotron.puzzle.config import PuzzleConfig, TargetConfig
-from open_nemotron.puzzle.search_space import ATTENTION, FFN, SearchSpace, build_search_space
+from open_nemotron.puzzle.config import PuzzleConfig
+from open_nemotron.puzzle.search_space import SearchSpace, build_search_space
 from open_nemotron.utils import atomic_write_text
 
 # Costs run right before search and assembly: on a shared machine the speed of memory and cores drifts over minutes,
@@ -164,29 +164,19 @@ class PuzzleRun:
             self.digest("calibration"),
             progress=self.progress,
         )
-        from open_nemotron.puzzle.bld import assigned_layers
-
-        mine = assigned_layers(self.space.num_layers, self.config.bld.shard)
-        if len(mine) < self.space.num_layers:
-            missing = self.missing_library_entries()
-            if missing:  # other shards still running: do not mark the stage finished
-                raise PuzzleRunError(
-                    f"build-library: this shard finished; {len(missing)} entries of other shards are still missing "
-                    f"(e.g. {missing[0]}); rerun when every shard is done"
-                )
+        missing = self.missing_library_entries()
+        if missing:  # other shards still running: do not mark the stage finished
+            raise PuzzleRunError(
+                f"build-library: this shard finished; {len(missing)} entries of other shards are still missing "
+                f"(e.g. {missing[0]}); rerun when every shard is done"
+            )
         return result
 
     def missing_library_entries(self) -> list[str]:
-        from open_nemotron.puzzle.bld import entry_done, settings_digest
+        from open_nemotron.puzzle.bld import missing_entries, settings_digest
 
         digest = settings_digest(self.config.bld, self.digest("calibration"))
-        return [
-            f"layer {i} {v.name}"
-            for i in range(self.space.num_layers)
-            for part in (ATTENTION, FFN)
-            for v in self.space.variants(part)[i][1:]
-            if v.trainable and not entry_done(self.dir / "library", i, v, digest)
-        ]
+        return [f"layer {i} {v.name}" for i, v in missing_entries(self.space, self.dir / "library", digest)]
 
     def costs(self) -> dict[str, Any]:
         from open_nemotron.puzzle.costs import measure_costs
@@ -314,10 +304,3 @@ def run(config: PuzzleConfig, run_dir: str | Path, progress: bool = True, echo: 
         seconds = run_stage(pr, stage, force=False)
         echo(f"{stage:>14}: {'up to date' if fresh else f'{seconds:7.1f} s'}")
     return json.loads((pr.dir / "report.json").read_text())
-
-
-def target_name(target: TargetConfig) -> str:
-    for key, value in vars(target).items():
-        if value is not None:
-            return f"{key}_{value:g}"
-    return "target"

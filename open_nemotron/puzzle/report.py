@@ -13,13 +13,6 @@ from typing import Any
 from open_nemotron.utils import atomic_path, write_result
 
 
-def _count(layers: list[dict], part: str) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for layer in layers:
-        out[layer[part]] = out.get(layer[part], 0) + 1
-    return out
-
-
 def write_report(run) -> dict[str, Any]:
     search = run.read_json("search.json", "search")
     assembled = run.read_json("assemble.json", "assemble")

@@ -97,8 +97,6 @@ def describe(solution: Solution, layers: list[list[Candidate]], parent_runtime: 
 def run_search(
     space: SearchSpace, costs: dict[str, Any], scores: dict[str, Any], config: SearchConfig, costs_config: CostsConfig
 ) -> dict[str, Any]:
-    from open_nemotron.puzzle.pipeline import target_name
-
     layers = build_candidates(space, costs, scores)
     fixed = fixed_costs(costs)
     seq_len = config.seq_len or (costs_config.prompt_len + costs_config.gen_len)
@@ -108,7 +106,7 @@ def run_search(
     parent_throughput = b0 / parent_runtime[b0]
     targets = []
     for target in config.targets:
-        name = target_name(target)
+        name = target.name
         budget = to_budget(target, parent_throughput)
         entry: dict[str, Any] = {"name": name, "target": vars(target), "budget": vars(budget)}
         try:
