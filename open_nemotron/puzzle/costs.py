@@ -123,6 +123,14 @@ def kv_bytes_per_token(parent_config, variant: Variant, element_size: int) -> in
     return 0
 
 
+def parent_blocks_sum(space: SearchSpace, variants: dict[str, Any], cost) -> float:
+    """`cost(entry)` summed over the parent's own attention and FFN in every layer."""
+    return sum(
+        cost(variants[space.attention[i][0].name]) + cost(variants[space.ffn[i][0].name])
+        for i in range(space.num_layers)
+    )
+
+
 def measure_costs(parent_model, space: SearchSpace, config: CostsConfig, progress: bool = True) -> dict[str, Any]:
     """Time every distinct variant and the parent; returns the ``costs.json`` content."""
     from rich.progress import Progress
@@ -184,16 +192,8 @@ def measure_costs(parent_model, space: SearchSpace, config: CostsConfig, progres
                     out_variants[name]["prefill_s"][str(b)] = 0.0
             step = statistics.median(parent_steps)
             prefill = statistics.median(parent_prefills)
-            blocks_decode = sum(
-                out_variants[space.attention[i][0].name]["decode_s"][str(b)]
-                + out_variants[space.ffn[i][0].name]["decode_s"][str(b)]
-                for i in range(space.num_layers)
-            )
-            blocks_prefill = sum(
-                out_variants[space.attention[i][0].name]["prefill_s"][str(b)]
-                + out_variants[space.ffn[i][0].name]["prefill_s"][str(b)]
-                for i in range(space.num_layers)
-            )
+            blocks_decode = parent_blocks_sum(space, out_variants, lambda c, b=b: c["decode_s"][str(b)])
+            blocks_prefill = parent_blocks_sum(space, out_variants, lambda c, b=b: c["prefill_s"][str(b)])
             fixed["parent_decode_step_s"][str(b)] = step
             fixed["parent_prefill_s"][str(b)] = prefill
             fixed["decode_s"][str(b)] = max(0.0, step - blocks_decode)
@@ -201,10 +201,7 @@ def measure_costs(parent_model, space: SearchSpace, config: CostsConfig, progres
             fixed.setdefault("parent_blocks_decode_s", {})[str(b)] = blocks_decode
             del probes
     total_params = sum(p.numel() for p in {id(p): p for p in parent_model.parameters()}.values())
-    layer_params = sum(
-        out_variants[space.attention[i][0].name]["params"] + out_variants[space.ffn[i][0].name]["params"]
-        for i in range(space.num_layers)
-    )
+    layer_params = parent_blocks_sum(space, out_variants, lambda c: c["params"])
     fixed["params"] = total_params - layer_params
     fixed["params_bytes"] = fixed["params"] * element
     return {
