@@ -310,7 +310,12 @@ def attention_masks(
 def packed_sequences(position_ids: torch.Tensor) -> bool:
     """Whether a row holds several sequences packed end to end (positions restart), as TRL's padding-free packing
     produces: position_ids like [0 1 2 0 1 0 1 2 3]."""
-    return bool((position_ids[..., 1:] <= position_ids[..., :-1]).any())
+    return bool(sequence_restarts(position_ids).any())
+
+
+def sequence_restarts(position_ids: torch.Tensor) -> torch.Tensor:
+    """[..., seq - 1] booleans: True where a new packed sequence starts (its position does not increase)."""
+    return position_ids[..., 1:] <= position_ids[..., :-1]
 
 
 @dataclass(frozen=True)
@@ -321,14 +326,14 @@ class PackedSegments:
 
     @classmethod
     def from_position_ids(cls, position_ids: torch.Tensor) -> PackedSegments:
-        starts = [0] + ((position_ids[0, 1:] <= position_ids[0, :-1]).nonzero().flatten() + 1).tolist()
+        starts = [0] + (sequence_restarts(position_ids[0]).nonzero().flatten() + 1).tolist()
         ends = starts[1:] + [position_ids.shape[-1]]
         return cls(tuple(zip(starts, ends, strict=True)))
 
 
 def packed_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
     """Block-diagonal causal mask [batch, 1, seq, seq]: a token sees earlier tokens of its own sequence only."""
-    restarts = position_ids[..., 1:] <= position_ids[..., :-1]
+    restarts = sequence_restarts(position_ids)
     sequence = torch.cat([torch.zeros_like(restarts[..., :1]), restarts], dim=-1).long().cumsum(-1)
     seq = position_ids.shape[-1]
     causal = torch.ones(seq, seq, dtype=torch.bool, device=position_ids.device).tril()
