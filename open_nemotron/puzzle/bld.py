@@ -389,14 +389,17 @@ def build_library(
             acts = parent_activations(parent_model, train[idx.to(device)], last)
             for group in optimizer.param_groups:
                 group["lr"] = config.learning_rate * lr_factor(step, total, warmup)
-            losses = []
-            for key, (layer, variant, child) in trainers.items():
-                y = child_output(child, variant.part, acts, layer)
-                loss = normalized_mse(y, acts.inputs[layer + 1], acts.inputs[layer])
-                losses.append(loss)
-                running[key] = loss.item() if key not in running else 0.9 * running[key] + 0.1 * loss.item()
+            losses = torch.stack(
+                [
+                    normalized_mse(child_output(child, v.part, acts, layer), acts.inputs[layer + 1], acts.inputs[layer])
+                    for layer, v, child in trainers.values()
+                ]
+            )
             optimizer.zero_grad(set_to_none=True)
-            torch.stack(losses).sum().backward()
+            losses.sum().backward()
+            # One device sync per step for the logged losses, not one per variant.
+            for key, value in zip(trainers, losses.detach().tolist(), strict=True):
+                running[key] = value if key not in running else 0.9 * running[key] + 0.1 * value
             optimizer.step()
             step += 1
             bar.update(task, completed=step, loss=sum(running.values()) / len(running))
