@@ -238,10 +238,11 @@ def test_eos_stops_rows_and_pads_after():
 def test_unsupported_generate_options_fall_back_to_transformers():
     model = random_decilm(heterogeneous_config(), seed=4)
     ids = _ids(1, 6)
-    out = model.generate(
-        ids, max_new_tokens=4, num_beams=2, do_sample=False, pad_token_id=2, return_dict_in_generate=True
-    )
+    kwargs = dict(max_new_tokens=4, num_beams=2, do_sample=False, pad_token_id=2, return_dict_in_generate=True)
+    out = model.generate(ids, **kwargs)
+    reference = model.generate(ids, use_cache=False, **kwargs)  # full recompute: no cache to get wrong
     assert out.sequences.shape == (1, 10)
+    assert torch.equal(out.sequences, reference.sequences)
 
 
 @pytest.mark.parametrize(

@@ -260,14 +260,6 @@ class DeciLMConfig(LlamaConfig):
             for i, b in enumerate(self.block_configs)
         ]
 
-    @property
-    def layer_types(self) -> list[str] | None:
-        # transformers' DynamicCache reads `layer_types`; "moe" is the name it accepts for a layer without
-        # attention (it becomes a cache-less DummyLayer). Here it means "no KV cache", not mixture-of-experts.
-        if self.__dict__.get("block_configs") is None:  # still inside __init__
-            return None
-        return ["full_attention" if b.attention.has_kv_cache else "moe" for b in self.layers_blocks()]
-
     def kv_cache_bytes_per_token(self, bytes_per_element: int) -> int:
         """Bytes of K and V cached per token over all layers (GQA layers only)."""
         head_dim = self.head_dim

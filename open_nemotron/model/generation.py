@@ -15,6 +15,7 @@ criteria). This loop keeps only what plain greedy / temperature / top-k / top-p 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
@@ -165,25 +166,40 @@ def decode(
     return out[:, :length]
 
 
-# GenerationConfig fields the lean loop implements; any other field must keep its default for the fast path.
-_FAST_FIELDS = {
-    "max_length",
-    "max_new_tokens",
-    "min_length",
-    "min_new_tokens",
-    "do_sample",
-    "temperature",
-    "top_k",
-    "top_p",
-    "pad_token_id",
-    "bos_token_id",
-    "eos_token_id",
-    "num_return_sequences",
-    "use_cache",
-    "cache_implementation",
-    "disable_compile",
-    "compile_config",
-    "transformers_version",
+# What the lean loop reads from a GenerationConfig, and transformers' documented default for each (used where
+# neither the call nor the model's generation_config sets it: e.g. sampling keeps the 50 likeliest tokens).
+_FAST_DEFAULTS = {
+    "max_length": 20,
+    "max_new_tokens": None,
+    "min_length": 0,
+    "min_new_tokens": None,
+    "do_sample": False,
+    "temperature": 1.0,
+    "top_k": 50,
+    "top_p": 1.0,
+    "num_return_sequences": 1,
+    "use_cache": True,
+    "cache_implementation": None,
+    "pad_token_id": None,
+    "bos_token_id": None,
+    "eos_token_id": None,
+}
+# Fields that never change the tokens, and the neutral values of fields that would; any other field set to any
+# other value (beams, penalties, dict outputs, ...) sends the call to transformers' implementation.
+_IGNORED_FIELDS = {"transformers_version", "disable_compile", "compile_config"}
+_NEUTRAL = {
+    "num_beams": 1,
+    "num_beam_groups": 1,
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "length_penalty": 1.0,
+    "typical_p": 1.0,
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "diversity_penalty": 0.0,
+    "early_stopping": False,
 }
 # generate() arguments that only transformers' implementation handles.
 _SLOW_ARGUMENTS = {
@@ -196,16 +212,29 @@ _SLOW_ARGUMENTS = {
     "negative_prompt_ids",
     "negative_prompt_attention_mask",
     "custom_generate",
+    "cache",
     "past_key_values",
     "inputs_embeds",
     "generator",
 }
 
 
-def plain_decode_request(model, inputs, generation_config, kwargs: dict) -> dict | None:
-    """Arguments for `decode` if this `generate` call is plain greedy/sampling on token ids, else None."""
+def merged_generation_config(model, generation_config, kwargs: dict):
+    """(config, leftover kwargs) as `generate` resolves them: the call's kwargs over the given config, over the
+    model's `generation_config` for fields the given one leaves unset. Public GenerationConfig API only."""
     from transformers import GenerationConfig
 
+    config = copy.deepcopy(generation_config if generation_config is not None else GenerationConfig())
+    own = model.generation_config.to_dict()
+    for key, value in config.to_dict().items():
+        if value is None and own.get(key) is not None:
+            setattr(config, key, own[key])
+    leftover = config.update(**kwargs)
+    return config, leftover
+
+
+def plain_decode_request(model, inputs, generation_config, kwargs: dict) -> dict | None:
+    """Arguments for `decode` if this `generate` call is plain greedy/sampling on token ids, else None."""
     if any(kwargs.get(name) is not None for name in _SLOW_ARGUMENTS):
         return None
     kwargs = dict(kwargs)
@@ -213,26 +242,26 @@ def plain_decode_request(model, inputs, generation_config, kwargs: dict) -> dict
     attention_mask = kwargs.pop("attention_mask", None)
     if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.is_floating_point():
         return None
-    config, model_kwargs = model._prepare_generation_config(generation_config, **kwargs)
-    if model_kwargs:
-        return None
-    defaults = GenerationConfig()._get_default_generation_params()
-    for key, value in config.to_dict().items():
-        if key in _FAST_FIELDS or key.startswith("_"):
+    config, leftover = merged_generation_config(model, generation_config, kwargs)
+    if leftover:
+        return None  # model inputs such as position_ids: transformers passes them to forward
+    fields = config.to_dict()
+    for key, value in fields.items():
+        if key in _FAST_DEFAULTS or key in _IGNORED_FIELDS or key.startswith("_"):
             continue
-        if value is not None and value is not False and value != defaults.get(key, None):
-            return None  # e.g. repetition_penalty, num_beams > 1, return_dict_in_generate, output_scores
-    if config.use_cache is False or config.cache_implementation not in (None, "dynamic", "static"):
+        if value is not None and value is not False and value != _NEUTRAL.get(key):
+            return None
+    get = {
+        key: (fields.get(key) if fields.get(key) is not None else default) for key, default in _FAST_DEFAULTS.items()
+    }
+    if get["use_cache"] is False or get["cache_implementation"] not in (None, "dynamic", "static"):
         return None
     prompt_len = input_ids.shape[1]
-    if config.max_new_tokens is not None:
-        max_new = config.max_new_tokens
-    else:
-        max_new = (config.max_length if config.max_length is not None else defaults["max_length"]) - prompt_len
-    min_new = config.min_new_tokens or max(0, (config.min_length or 0) - prompt_len)
+    max_new = get["max_new_tokens"] if get["max_new_tokens"] is not None else get["max_length"] - prompt_len
+    min_new = get["min_new_tokens"] or max(0, get["min_length"] - prompt_len)
     if max_new < 1:
         return None  # let transformers report it
-    repeats = config.num_return_sequences or 1
+    repeats = get["num_return_sequences"]
     if repeats > 1:
         input_ids = input_ids.repeat_interleave(repeats, dim=0)
         attention_mask = attention_mask.repeat_interleave(repeats, dim=0) if attention_mask is not None else None
@@ -241,10 +270,10 @@ def plain_decode_request(model, inputs, generation_config, kwargs: dict) -> dict
         "attention_mask": attention_mask,
         "max_new_tokens": max_new,
         "min_new_tokens": min_new,
-        "do_sample": bool(config.do_sample),
-        "temperature": config.temperature if config.temperature is not None else 1.0,
-        "top_k": config.top_k or 0,
-        "top_p": config.top_p if config.top_p is not None else 1.0,
-        "eos_token_id": config.eos_token_id,
-        "pad_token_id": config.pad_token_id,
+        "do_sample": bool(get["do_sample"]),
+        "temperature": get["temperature"],
+        "top_k": get["top_k"],
+        "top_p": get["top_p"],
+        "eos_token_id": get["eos_token_id"],
+        "pad_token_id": get["pad_token_id"],
     }

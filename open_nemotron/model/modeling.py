@@ -25,6 +25,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+from open_nemotron.model.cache import CACHE_GENERATE_KWARG, CACHE_OUTPUT_FIELD, DeciLMCache, resolve_cache_argument
 from open_nemotron.model.configuration import AttentionBlock, DeciLMConfig, FFNBlock
 
 
@@ -107,7 +108,7 @@ class DeciLMAttention(nn.Module):
         sin: torch.Tensor,
         attention_mask: torch.Tensor | PackedSegments | None,
         is_causal: bool,
-        past_key_values=None,
+        cache=None,
     ) -> torch.Tensor:
         bsz, seq, _ = hidden_states.shape
         q, k, v = self.project_qkv(hidden_states)
@@ -116,8 +117,8 @@ class DeciLMAttention(nn.Module):
         v = v.reshape(bsz, seq, self.num_key_value_heads, self.head_dim).transpose(1, 2)
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
         if isinstance(attention_mask, PackedSegments):
             # One causal kernel call per packed sequence: a [total, total] block mask would cost total^2 on the
             # slow masked path (TRL's padding-free packing puts a whole batch in one row).
@@ -227,9 +228,9 @@ class DeciLMDecoderLayer(GradientCheckpointingLayer):
         sin: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         is_causal: bool = False,
-        past_key_values=None,
+        cache=None,
     ) -> torch.Tensor:
-        hidden_states = self.attention_residual(hidden_states, cos, sin, attention_mask, is_causal, past_key_values)
+        hidden_states = self.attention_residual(hidden_states, cos, sin, attention_mask, is_causal, cache)
         return self.ffn_residual(hidden_states)
 
     def attention_residual(
@@ -239,13 +240,13 @@ class DeciLMDecoderLayer(GradientCheckpointingLayer):
         sin: torch.Tensor,
         attention_mask: torch.Tensor | PackedSegments | None = None,
         is_causal: bool = False,
-        past_key_values=None,
+        cache=None,
     ) -> torch.Tensor:
         """The residual stream after this layer's attention (Puzzle trains and scores the two halves apart)."""
         if self.attention_kind == "no_op":
             return hidden_states
         return hidden_states + self.self_attn(
-            self.input_layernorm(hidden_states), cos, sin, attention_mask, is_causal, past_key_values
+            self.input_layernorm(hidden_states), cos, sin, attention_mask, is_causal, cache
         )
 
     def ffn_residual(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -260,7 +261,7 @@ class DeciLMPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["DeciLMDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
     _supports_attention_backend = False
 
@@ -356,35 +357,37 @@ class DeciLMModel(DeciLMPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def past_length(self, past_key_values) -> int:
-        if past_key_values is None or self.first_cached_layer is None:
+    def past_length(self, cache) -> int:
+        if cache is None or self.first_cached_layer is None:
             return 0  # an attention-free model needs no positions or masks
-        return past_key_values.get_seq_length(self.first_cached_layer)
+        return cache.get_seq_length(self.first_cached_layer)
 
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
+        past_key_values=None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        """The cache may come as `cache` (transformers >= 5.24) or `past_key_values` (earlier); other keyword
+        arguments (e.g. `cache_position`, `num_items_in_batch`) are accepted and not needed."""
+        cache = resolve_cache_argument(cache, past_key_values)
         if kwargs.get("output_attentions"):
             raise ValueError("output_attentions is not supported: attention runs in SDPA kernels")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if use_cache and past_key_values is None and self.first_cached_layer is not None:
-            from transformers import DynamicCache
-
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None and self.first_cached_layer is not None:
+            cache = DeciLMCache(self.config)
 
         seq = inputs_embeds.shape[1]
-        past = self.past_length(past_key_values)
+        past = self.past_length(cache)
         if position_ids is None:
             if attention_mask is not None and not bool(attention_mask.all()):
                 # Left padding: positions count real tokens only, as transformers' generate does.
@@ -406,14 +409,14 @@ class DeciLMModel(DeciLMPreTrainedModel):
         for layer in self.layers:
             if all_hidden is not None:
                 all_hidden.append(hidden_states)
-            hidden_states = layer(hidden_states, cos, sin, mask, is_causal, past_key_values)
+            hidden_states = layer(hidden_states, cos, sin, mask, is_causal, cache)
         hidden_states = self.norm(hidden_states)
         if all_hidden is not None:
             all_hidden.append(hidden_states)
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache or past_key_values is not None else None,
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+            **{CACHE_OUTPUT_FIELD: cache if use_cache or cache is not None else None},
         )
 
 
@@ -432,23 +435,24 @@ class DeciLMForCausalLM(DeciLMPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values=None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=resolve_cache_argument(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
-            **{k: v for k, v in kwargs.items() if k == "output_attentions"},
+            **kwargs,
         )
         hidden_states = outputs.last_hidden_state
         if isinstance(logits_to_keep, int):
@@ -461,19 +465,33 @@ class DeciLMForCausalLM(DeciLMPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            **{CACHE_OUTPUT_FIELD: getattr(outputs, CACHE_OUTPUT_FIELD)},
         )
 
     def generate(self, inputs: torch.Tensor | None = None, generation_config=None, fast_decode: bool = True, **kwargs):
         """`GenerationMixin.generate`, with plain greedy/sampling requests served by our lean static-cache loop
         (`generation.decode`: same tokens, much less per-step overhead). Anything else (beams, streamers, logits
-        processors, dict outputs, ...) and `fast_decode=False` go to transformers' implementation."""
+        processors, dict outputs, ...) and `fast_decode=False` go to transformers' implementation, with our own
+        `DeciLMCache` unless the caller brings a cache or asks for another kind."""
         from open_nemotron.model.generation import decode, plain_decode_request
 
         request = plain_decode_request(self, inputs, generation_config, kwargs) if fast_decode else None
-        if request is None:
-            return super().generate(inputs, generation_config, **kwargs)
-        return decode(self, **request)
+        if request is not None:
+            return decode(self, **request)
+        config = generation_config if generation_config is not None else self.generation_config
+        wants_dynamic_cache = (
+            kwargs.get("use_cache", config.use_cache) is not False
+            and kwargs.get("cache_implementation", config.cache_implementation) in (None, "dynamic")
+            and kwargs.get("cache") is None
+            and kwargs.get("past_key_values") is None
+            and self.model.first_cached_layer is not None
+        )
+        if wants_dynamic_cache:
+            kwargs[CACHE_GENERATE_KWARG] = DeciLMCache(self.config)
+        return super().generate(inputs, generation_config, **kwargs)
 
 
 __all__ = [

@@ -1,0 +1,182 @@
+"""transformers' own generate loop (beams, streamers, logits processors, dict outputs) on our model: token for token
+what LlamaForCausalLM produces on the same weights, with and without a padding mask, on the installed transformers
+(the cache keyword is `cache` from 5.24 on, `past_key_values` before; the model takes both)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models_for_tests import TINY_VOCAB, heterogeneous_config, random_decilm, save_tiny_llama, tiny_llama_config
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
+from transformers.generation import LogitsProcessor, LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+from transformers.generation.streamers import BaseStreamer
+
+import open_nemotron  # noqa: F401  (registers nemotron-nas)
+from open_nemotron.model import generation
+from open_nemotron.model.cache import CACHE_OUTPUT_FIELD, DeciLMCache, NoKVCacheLayer
+from open_nemotron.model.loading import convert
+
+
+def _ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, TINY_VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _left_padded(batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = _ids(batch, length, seed=1)
+    mask = torch.ones_like(ids)
+    for row in range(1, batch):
+        mask[row, : 2 * row] = 0
+        ids[row, : 2 * row] = 2
+    return ids, mask
+
+
+@pytest.fixture(scope="module")
+def parent_and_converted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("loop")
+    save_tiny_llama(tmp / "parent", tiny_llama_config(), seed=5)
+    convert(tmp / "parent", tmp / "converted")
+    parent = LlamaForCausalLM.from_pretrained(tmp / "parent").eval()
+    ours = AutoModelForCausalLM.from_pretrained(tmp / "converted").eval()
+    return parent, ours
+
+
+def _inputs(padded: bool) -> dict:
+    if padded:
+        ids, mask = _left_padded(3, 11)
+        return {"input_ids": ids, "attention_mask": mask}
+    return {"input_ids": _ids(2, 9)}
+
+
+class CollectingStreamer(BaseStreamer):
+    def __init__(self) -> None:
+        self.chunks: list[torch.Tensor] = []
+        self.ended = False
+
+    def put(self, value: torch.Tensor) -> None:
+        self.chunks.append(value.clone())
+
+    def end(self) -> None:
+        self.ended = True
+
+
+class BanEveryThirdToken(LogitsProcessor):
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = scores.clone()
+        scores[:, ::3] = float("-inf")
+        return scores
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["no-mask", "left-padded"])
+def test_transformers_loop_greedy_equals_llama(parent_and_converted, padded):
+    parent, ours = parent_and_converted
+    kwargs = dict(**_inputs(padded), max_new_tokens=12, do_sample=False, pad_token_id=2)
+    assert torch.equal(ours.generate(fast_decode=False, **kwargs), parent.generate(**kwargs))
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["no-mask", "left-padded"])
+def test_beam_search_equals_llama(parent_and_converted, padded):
+    parent, ours = parent_and_converted
+    kwargs = dict(
+        **_inputs(padded),
+        max_new_tokens=8,
+        num_beams=3,
+        num_return_sequences=2,
+        do_sample=False,
+        pad_token_id=2,
+        return_dict_in_generate=True,
+        output_scores=True,
+    )
+    expected = parent.generate(**kwargs)
+    got = ours.generate(**kwargs)
+    assert torch.equal(got.sequences, expected.sequences)
+    assert torch.allclose(got.sequences_scores, expected.sequences_scores, atol=1e-5)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["no-mask", "left-padded"])
+def test_streamer_and_logits_processor_equal_llama(parent_and_converted, padded):
+    parent, ours = parent_and_converted
+    streams = []
+    outputs = []
+    for model in (parent, ours):
+        streamer = CollectingStreamer()
+        inputs = _inputs(padded)
+        if padded:  # streamers take one row
+            inputs = {k: v[-1:] for k, v in inputs.items()}
+        out = model.generate(
+            **inputs,
+            max_new_tokens=10,
+            do_sample=False,
+            pad_token_id=2,
+            streamer=streamer,
+            logits_processor=LogitsProcessorList([BanEveryThirdToken(), RepetitionPenaltyLogitsProcessor(1.3)]),
+        )
+        assert streamer.ended
+        streams.append(torch.cat([c.flatten() for c in streamer.chunks]))
+        outputs.append(out)
+    assert torch.equal(outputs[1], outputs[0])
+    assert torch.equal(streams[1], streams[0])
+    assert not bool((outputs[1][0, -10:] % 3 == 0).any())  # the processor really ran
+
+
+def test_seeded_sampling_with_default_top_k_equals_llama(parent_and_converted):
+    """The fast loop applies transformers' defaults (top_k = 50 when unset) exactly: same draws, same tokens."""
+    parent, ours = parent_and_converted
+    kwargs = dict(input_ids=_ids(2, 7), max_new_tokens=12, do_sample=True, temperature=1.7, pad_token_id=2)
+    torch.manual_seed(123)
+    expected = parent.generate(**kwargs)
+    torch.manual_seed(123)
+    assert torch.equal(ours.generate(**kwargs), expected)  # fast loop
+    torch.manual_seed(123)
+    assert torch.equal(ours.generate(fast_decode=False, **kwargs), expected)
+
+
+def test_plain_requests_take_the_fast_loop_and_others_do_not(parent_and_converted, monkeypatch):
+    _, ours = parent_and_converted
+    calls = []
+    real = generation.decode
+    monkeypatch.setattr(generation, "decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ids = _ids(1, 5)
+    ours.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=2)
+    ours.generate(ids, max_new_tokens=3, do_sample=True, top_p=0.8, pad_token_id=2)
+    assert len(calls) == 2
+    ours.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=2, repetition_penalty=1.2)
+    ours.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=2, num_beams=2)
+    ours.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=2, output_scores=True)
+    ours.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=2, fast_decode=False)
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["no-mask", "left-padded"])
+def test_heterogeneous_beams_with_cache_equal_without(padded):
+    """Beam search reorders the cache every step: layers without KV (linear, no-op attention) must keep up."""
+    model = random_decilm(heterogeneous_config(), seed=9)
+    kwargs = dict(**_inputs(padded), max_new_tokens=8, num_beams=3, do_sample=False, pad_token_id=2)
+    assert torch.equal(model.generate(**kwargs), model.generate(use_cache=False, **kwargs))
+
+
+def test_cache_keyword_either_name_and_output_field():
+    model = random_decilm(heterogeneous_config(), seed=3)
+    ids = _ids(2, 6)
+    step = _ids(2, 1, seed=5)
+    with torch.no_grad():
+        full = model(torch.cat([ids, step], dim=1)).logits[:, -1]
+        for name in ("cache", "past_key_values"):
+            first = model(ids, use_cache=True)
+            cache = getattr(first, CACHE_OUTPUT_FIELD)
+            assert isinstance(cache, DeciLMCache) and cache.get_seq_length() == 6
+            out = model(step, **{name: cache})
+            assert torch.allclose(out.logits[:, -1], full, atol=1e-5)
+        with pytest.raises(ValueError, match="not both"):
+            model(step, cache=DeciLMCache(model.config), past_key_values=DeciLMCache(model.config))
+
+
+def test_cache_has_no_kv_layers_where_attention_is_not_gqa():
+    config = heterogeneous_config()
+    cache = DeciLMCache(config)
+    kinds = [b.attention.kind for b in config.layers_blocks()]
+    assert [isinstance(layer, NoKVCacheLayer) for layer in cache.layers] == [k != "gqa" for k in kinds]
+    k = torch.randn(2, 2, 4, 8)
+    cache.update(k, k, 0)
+    assert cache.get_seq_length(1) == 4 and cache.get_seq_length(0) == 4  # a no-KV layer answers for the first KV
+    with pytest.raises(RuntimeError, match="cannot store"):
+        cache.update(k, k, 1)
