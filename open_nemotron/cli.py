@@ -287,7 +287,8 @@ def generate(
 
     status_console = _stderr_console()
     with status_console.status(f"loading {model_spec} ..."):
-        model = load_model(model_spec, device=device)
+        # One conversation decodes one row at a time: the batch-1 weight layout (CPU; ignored elsewhere).
+        model = load_model(model_spec, device=device, decode_layout="gemv")
         tokenizer = load_tokenizer(model_spec)
         ensure_reasoning_template(tokenizer)
     status_console.print(f"thinking {'on' if thinking_on else 'off'}: {sampling.describe()}")

@@ -11,7 +11,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from open_nemotron.model.decode_layout import prepare_for_decode
+from open_nemotron.model.decode_layout import decode_layout, prepare_for_decode, set_decode_layout
 from open_nemotron.model.generation import StaticKVCache, process_logits
 
 
@@ -66,8 +66,71 @@ def test_decode_layout_keeps_logits_and_is_idempotent():
     assert (before - after).abs().max().item() <= 1e-5
 
 
-def test_model_trains_after_generate_and_fused_path_sees_updates():
+def _weights_layout(model) -> list[tuple]:
+    return [(name, p.data_ptr(), p.stride()) for name, p in model.named_parameters()]
+
+
+def _train_step(model, ids) -> tuple[float, dict[str, torch.Tensor]]:
+    model.train()
+    model.zero_grad(set_to_none=True)
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.eval()
+    return loss.item(), grads
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_generate_changes_no_weights_and_training_after_it_is_unaffected(batch):
+    """No hidden re-layout: generate leaves every Parameter where and how it was, and a training step after it
+    computes exactly what the same step computes on an identical model that never generated."""
     model = random_decilm(heterogeneous_config(), seed=1)
+    untouched = random_decilm(heterogeneous_config(), seed=1)
+    ids = _ids(batch, 9)
+    before = _weights_layout(model)
+    with torch.inference_mode():  # as TRL and our benches call it
+        model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=2)
+    assert _weights_layout(model) == before
+    loss, grads = _train_step(model, ids)
+    expected_loss, expected_grads = _train_step(untouched, ids)
+    assert loss == expected_loss
+    assert all(torch.equal(grads[name], expected_grads[name]) for name in expected_grads)
+
+
+def test_training_in_the_gemv_layout_equals_training_in_the_checkpoint_layout():
+    model = set_decode_layout(random_decilm(heterogeneous_config(), seed=1), "gemv")
+    reference = random_decilm(heterogeneous_config(), seed=1)
+    ids = _ids(2, 9)
+    loss, grads = _train_step(model, ids)
+    expected_loss, expected_grads = _train_step(reference, ids)
+    assert abs(loss - expected_loss) <= 1e-6
+    for name, grad in expected_grads.items():
+        assert torch.allclose(grads[name], grad, atol=1e-6), name
+
+
+def test_layout_read_from_the_checkpoint_equals_the_loaded_weights(tmp_path):
+    from open_nemotron.model.loading import load_model
+
+    random_decilm(heterogeneous_config(tie_word_embeddings=True), seed=2).save_pretrained(tmp_path)
+    plain = load_model(tmp_path, device="cpu")
+    fast = load_model(tmp_path, device="cpu", decode_layout="gemv")
+    assert decode_layout(plain) == "gemm" and decode_layout(fast) == "gemv"
+    assert fast.lm_head.weight is fast.model.embed_tokens.weight  # still tied
+    assert not fast.lm_head.weight.is_contiguous() and fast.model.layers[0].self_attn.fused_qkv.is_live()
+    expected = dict(plain.named_parameters())
+    for name, p in fast.named_parameters():
+        assert torch.equal(p, expected[name]), name
+    ids = _ids(1, 7)
+    assert torch.equal(
+        fast.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=2),
+        plain.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=2),
+    )
+    with pytest.raises(ValueError, match="expected one of gemm, gemv"):
+        set_decode_layout(plain, "columns")
+
+
+def test_model_trains_after_generate_and_fused_path_sees_updates():
+    model = prepare_for_decode(random_decilm(heterogeneous_config(), seed=1), batch_size=1)
     ids = _ids(2, 9)
     with torch.inference_mode():  # as TRL and our benches call it
         model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=2)

@@ -121,7 +121,9 @@ def random_prompt(batch: int, length: int, vocab: int, seed: int, device: torch.
 
 
 def memory_probe(spec: str, batch: int, prompt_len: int, gen_len: int, device: str | None) -> dict[str, int]:
-    """Peak memory of one generate for one model, run in this (fresh) process."""
+    """Peak memory of one generate for one model, run in this (fresh) process (our models loaded in the weight
+    layout for this batch size, as a user decoding such batches would load them)."""
+    from open_nemotron.model.decode_layout import layout_for_batch
     from open_nemotron.model.loading import load_model
 
     impl, path = split_spec(spec)
@@ -134,7 +136,7 @@ def memory_probe(spec: str, batch: int, prompt_len: int, gen_len: int, device: s
         timed_generate(model, ids, gen_len, dev)
         return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated(dev))}
     baseline = _rss_bytes()
-    model = load_model(path, device="cpu", implementation=impl)
+    model = load_model(path, device="cpu", implementation=impl, decode_layout=layout_for_batch(batch))
     ids = random_prompt(batch, prompt_len, model.config.vocab_size, 0, torch.device("cpu"))
     _reset_peak_rss()
     timed_generate(model, ids, gen_len, torch.device("cpu"))
@@ -186,7 +188,9 @@ def run(config: SpeedConfig, progress: bool = True) -> dict[str, Any]:
     """Measure every model; returns the result dict (also written to `config.json_out` atomically)."""
     from rich.progress import Progress
 
+    from open_nemotron.model.decode_layout import layout_for_batch, set_decode_layout
     from open_nemotron.model.loading import default_device, load_model
+    from open_nemotron.model.modeling import DeciLMForCausalLM
 
     device = torch.device(config.device) if config.device else default_device()
     models, facts = [], []
@@ -212,9 +216,12 @@ def run(config: SpeedConfig, progress: bool = True) -> dict[str, Any]:
     steps = config.repeats * len(config.batch_sizes) * len(models)
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("bench-speed", total=steps + len(models) * len(config.batch_sizes))
-        # Batch sizes in the outer loop: a model may switch weight layouts between batch 1 and larger batches
-        # (see decode_layout.py), which should be paid once per batch size, not inside every sample.
+        # Batch sizes in the outer loop: our models get the weight layout for each batch size (decode_layout.py),
+        # switched explicitly here, once per batch size.
         for b in config.batch_sizes:
+            for model in models:
+                if isinstance(model, DeciLMForCausalLM):
+                    set_decode_layout(model, layout_for_batch(b))
             for _ in range(config.repeats):
                 for m, model in enumerate(models):
                     if not samples[(m, b)]["prefill_s"]:  # warm-up at this batch size

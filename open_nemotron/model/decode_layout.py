@@ -1,18 +1,21 @@
-"""Weight layouts that make decode on CPUs stream weights faster; values are unchanged.
+"""Weight layouts that make decode on CPUs stream weights faster; values are unchanged. Chosen explicitly.
 
 Decode multiplies one activation row by every weight matrix, so its speed is the speed at which BLAS streams
 the weights. On the AVX2 CPUs we measured, MKL/oneDNN's matrix-vector product reads a [out, in] weight stored
 column-major ("transposed") 1.3-1.8x faster than the row-major nn.Linear layout when out >= in (q/k/v, gate/up,
-o_proj, the LM head), and slower when out < in (down_proj). `prepare_for_decode` therefore:
+o_proj, the LM head), and slower when out < in (down_proj). The "gemv" layout therefore:
 
-- re-lays those weights out column-major in place (same Parameters, same values, new strides), and
+- stores those weights column-major (same Parameters, same values, other strides), and
 - stores q/k/v and gate/up as views of one matrix each, so a decode step runs one GEMV instead of three or two.
 
 That layout is only good for one row at a time: multiplying 2-16 rows (batched decode), BLAS is fastest on the
-ordinary row-major layout (see `DeciLMLinear`). `prepare_for_decode(model, batch_size)` therefore switches the
-layout to what the batch needs; the switch costs about a memory copy of the weights (~0.5 s for 135M parameters
-on 2 cores), paid once per change, and workloads rarely alternate (a server decodes one request, evaluation and
-RL rollouts decode batches).
+ordinary row-major layout ("gemm", the checkpoint's own; see `DeciLMLinear`). Both compute the same numbers.
+
+Nothing switches a layout behind the caller's back: `generate` decodes in whatever layout the model has. The
+layout is chosen when loading (`load_model(..., decode_layout="gemv")`) or by calling `set_decode_layout`
+explicitly. A switch goes tensor by tensor, so it needs one tensor of extra memory, not a copy of the model; given
+the checkpoint directory, it reads each tensor through its own short-lived file mapping, so the memory-mapped
+checkpoint never becomes resident beside the new copies (peak memory stays ~1x the weights).
 
 Training is unaffected: with gradients enabled the modules use their separate Parameters (the fused matrices are
 used only under `torch.no_grad`/`inference_mode`), and the fused path turns itself off if a Parameter is replaced
@@ -21,10 +24,17 @@ used only under `torch.no_grad`/`inference_mode`), and the fused path turns itse
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
+
+DecodeLayout = Literal["gemm", "gemv"]
+LAYOUTS = ("gemm", "gemv")
 
 
 @dataclass
@@ -40,22 +50,93 @@ class FusedWeight:
         return all(p.data_ptr() == ptr for p, ptr in zip(self.parts, self.pointers, strict=True))
 
 
-def _column_major(param: nn.Parameter) -> None:
+def layout_for_batch(batch_size: int) -> DecodeLayout:
+    """The layout that decodes `batch_size` rows fastest on a CPU."""
+    return "gemv" if batch_size == 1 else "gemm"
+
+
+def decode_layout(model: nn.Module) -> DecodeLayout:
+    """The model's current layout ("gemm" = the checkpoint's row-major layout)."""
+    return model.__dict__.get("decode_layout", "gemm")
+
+
+def set_decode_layout(model: nn.Module, layout: DecodeLayout, checkpoint_dir: str | Path | None = None) -> nn.Module:
+    """Give a DeciLM model's weights `layout`, in place and tensor by tensor (CPU only; a no-op elsewhere).
+
+    `checkpoint_dir`: the safetensors directory the weights were loaded from; each tensor is then read from there
+    through its own mapping (see the module docstring). Returns the model.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"decode layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
+    if next(model.parameters()).device.type != "cpu" or decode_layout(model) == layout:
+        return model
+    source = _checkpoint_reader(model, Path(checkpoint_dir)) if checkpoint_dir is not None else _in_memory
+    # The new storages must be ordinary tensors even when called under inference_mode, or the model could not be
+    # trained afterwards (GRPO generates, then trains the same model).
+    with torch.inference_mode(False), torch.no_grad():
+        if layout == "gemv":
+            _to_gemv_layout(model, source)
+        else:
+            _to_row_major(model, source)
+    model.decode_layout = layout
+    return model
+
+
+def prepare_for_decode(model: nn.Module, batch_size: int = 1, checkpoint_dir: str | Path | None = None) -> nn.Module:
+    """`set_decode_layout` with the layout that decodes `batch_size` rows fastest."""
+    return set_decode_layout(model, layout_for_batch(batch_size), checkpoint_dir)
+
+
+Source = Callable[[nn.Parameter], torch.Tensor]
+
+
+def _in_memory(param: nn.Parameter) -> torch.Tensor:
+    return param.data
+
+
+def _checkpoint_reader(model: nn.Module, checkpoint_dir: Path) -> Source:
+    """A source that reads a parameter's values from the checkpoint, one short-lived file mapping per tensor."""
+    from safetensors import safe_open
+
+    where: dict[str, Path] = {}
+    for path in sorted(checkpoint_dir.glob("*.safetensors")):
+        with open(path, "rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        where.update({key: path for key in header if key != "__metadata__"})
+    names = {id(p): name for name, p in model.named_parameters()}
+
+    def read(param: nn.Parameter) -> torch.Tensor:
+        name = names.get(id(param))
+        if name not in where:
+            return param.data  # not from the checkpoint (e.g. a freshly initialised block)
+        with safe_open(where[name], framework="pt") as fh:
+            tensor = fh.get_tensor(name)
+        if tensor.shape != param.shape:
+            raise ValueError(
+                f"{checkpoint_dir}: {name} has shape {tuple(tensor.shape)}, the model {tuple(param.shape)}"
+            )
+        return tensor.to(param.dtype)
+
+    return read
+
+
+def _column_major(param: nn.Parameter, source: Source) -> None:
     if param.dim() == 2 and param.stride() != (1, param.shape[0]):
-        param.data = param.data.t().contiguous().t()
+        param.data = source(param).t().contiguous().t()
 
 
-def fuse_rows(linears: list[nn.Linear]) -> FusedWeight | None:
+def fuse_rows(linears: list[nn.Linear], source: Source = _in_memory) -> FusedWeight | None:
     """Make the Linear weights views of one column-major [sum(out), in] matrix; returns it (None if biased)."""
     if any(lin.bias is not None for lin in linears):
         return None
     weights = [lin.weight for lin in linears]
     # Storage is [in, sum(out)] row-major = the fused weight in column-major layout.
-    storage = torch.cat([w.detach().t() for w in weights], dim=1).contiguous()
+    storage = torch.empty(weights[0].shape[1], sum(w.shape[0] for w in weights), dtype=weights[0].dtype)
     fused = FusedWeight(storage.t())
     start = 0
     for w in weights:
         out = w.shape[0]
+        storage[:, start : start + out].copy_(source(w).t())
         w.data = storage[:, start : start + out].t()
         start += out
         fused.parts.append(w)
@@ -63,25 +144,7 @@ def fuse_rows(linears: list[nn.Linear]) -> FusedWeight | None:
     return fused
 
 
-def prepare_for_decode(model: nn.Module, batch_size: int = 1) -> nn.Module:
-    """Give a DeciLM model the weight layout that decodes `batch_size` rows fastest, in place (CPU only)."""
-    if next(model.parameters()).device.type != "cpu":
-        return model
-    want = "gemv" if batch_size == 1 else "gemm"
-    if getattr(model, "_decode_layout", "gemm") == want:
-        return model
-    # The new weight storages must be ordinary tensors even when generate() runs under inference_mode, or the
-    # model could not be trained afterwards (GRPO generates, then trains the same model).
-    with torch.inference_mode(False), torch.no_grad():
-        if want == "gemv":
-            _to_gemv_layout(model)
-        else:
-            _to_row_major(model)
-    model._decode_layout = want
-    return model
-
-
-def _to_row_major(model: nn.Module) -> None:
+def _to_row_major(model: nn.Module, source: Source) -> None:
     from open_nemotron.model.modeling import DeciLMAttention, DeciLMMLP
 
     for module in model.modules():
@@ -92,22 +155,22 @@ def _to_row_major(model: nn.Module) -> None:
     relaid: set[int] = set()
     for param in model.parameters():
         if not param.is_contiguous():
-            param.data = param.data.contiguous()
+            param.data = source(param).contiguous()
             relaid.add(id(param))
-    _own_remaining(model, relaid)
+    _own_remaining(model, relaid, source)
 
 
-def _to_gemv_layout(model: nn.Module) -> None:
+def _to_gemv_layout(model: nn.Module, source: Source) -> None:
     from open_nemotron.model.modeling import DeciLMAttention, DeciLMMLP
 
     fused_parts: set[int] = set()
     for module in model.modules():
         if isinstance(module, DeciLMAttention):
-            module.fused_qkv = fuse_rows([module.q_proj, module.k_proj, module.v_proj])
+            module.fused_qkv = fuse_rows([module.q_proj, module.k_proj, module.v_proj], source)
             if module.fused_qkv is not None:
                 fused_parts.update(id(lin) for lin in (module.q_proj, module.k_proj, module.v_proj))
         elif isinstance(module, DeciLMMLP):
-            module.fused_gate_up = fuse_rows([module.gate_proj, module.up_proj])
+            module.fused_gate_up = fuse_rows([module.gate_proj, module.up_proj], source)
             if module.fused_gate_up is not None:
                 fused_parts.update(id(lin) for lin in (module.gate_proj, module.up_proj))
     relaid: set[int] = {id(p) for m in model.modules() if id(m) in fused_parts for p in m.parameters()}
@@ -119,17 +182,17 @@ def _to_gemv_layout(model: nn.Module) -> None:
             and id(module) not in fused_parts
             and module.out_features >= module.in_features
         ):
-            _column_major(module.weight)
+            _column_major(module.weight, source)
             relaid.add(id(module.weight))
-    _own_remaining(model, relaid)
+    _own_remaining(model, relaid, source)
 
 
-def _own_remaining(model: nn.Module, relaid: set[int]) -> None:
-    """Copy the parameters a layout switch did not touch into memory of their own.
+def _own_remaining(model: nn.Module, relaid: set[int], source: Source) -> None:
+    """Give the parameters a layout switch did not touch memory of their own.
 
     `from_pretrained` may leave weights as views of the memory-mapped safetensors file; one such view keeps the
     whole mapping resident, so after a switch the process would hold the file *and* the new copies.
     """
     for param in model.parameters():
         if id(param) not in relaid:
-            param.data = param.data.clone()
+            param.data = source(param).clone()

@@ -108,6 +108,7 @@ def decode(
     """Generate up to `max_new_tokens` for a (left-padded) batch; returns prompt + new tokens like `generate`.
 
     Rows that emit an EOS token are filled with `pad_token_id` afterwards; the loop stops when all rows are done.
+    The weights stay in the layout they have (`decode_layout.set_decode_layout` chooses one explicitly).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens = {max_new_tokens}: expected at least 1")
@@ -120,9 +121,6 @@ def decode(
     padded = attention_mask is not None and not bool(attention_mask.all())
     total = prompt_len + max_new_tokens
 
-    from open_nemotron.model.decode_layout import prepare_for_decode
-
-    prepare_for_decode(model, batch)
     dtype = next(model.parameters()).dtype
     cache = StaticKVCache(model.config, batch, total, dtype, device)
     out = torch.full((batch, total), pad_token_id, dtype=torch.long, device=device)

@@ -285,14 +285,22 @@ def load_model(
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
     implementation: str = "auto",
+    decode_layout: str | None = None,
 ):
     """Load a causal LM from a spec. `implementation`: "auto" (the class its config names), "ours" (a Llama
-    checkpoint loaded into our DeciLM class, for same-weights comparisons) or "transformers"."""
+    checkpoint loaded into our DeciLM class, for same-weights comparisons) or "transformers".
+
+    `decode_layout` ("gemv": fastest for batch-1 decode on CPU; "gemm": the checkpoint's layout, best for
+    batches and training) re-lays our model's weights once here, tensor by tensor from the checkpoint (see
+    `decode_layout.py`); None keeps the checkpoint's. Other model classes have one layout and ignore it."""
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
     import open_nemotron  # noqa: F401  (registers nemotron-nas)
+    from open_nemotron.model.decode_layout import LAYOUTS, set_decode_layout
     from open_nemotron.model.modeling import DeciLMForCausalLM
 
+    if decode_layout is not None and decode_layout not in LAYOUTS:
+        raise ModelLoadError(f"decode_layout {decode_layout!r}: expected one of {', '.join(LAYOUTS)}")
     model_dir = resolve_model_dir(spec)
     config = read_config(model_dir)
     model_type = check_architecture(config, str(model_dir))
@@ -315,7 +323,10 @@ def load_model(
         raise ModelLoadError(
             f"{model_dir}: could not load weights ({type(err).__name__}: {str(err).splitlines()[0]})"
         ) from None
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if decode_layout is not None and isinstance(model, DeciLMForCausalLM):
+        set_decode_layout(model, decode_layout, checkpoint_dir=model_dir)
+    return model
 
 
 def load_tokenizer(spec: str | os.PathLike):
