@@ -186,50 +186,64 @@ def _run_memory_probe(spec: str, batch: int, config: SpeedConfig) -> int | None:
 
 def run(config: SpeedConfig, progress: bool = True) -> dict[str, Any]:
     """Measure every model; returns the result dict (also written to `config.json_out` atomically)."""
-    from rich.progress import Progress
-
     from open_nemotron.model.decode_layout import layout_for_batch, set_decode_layout
     from open_nemotron.model.loading import default_device, load_model
     from open_nemotron.model.modeling import DeciLMForCausalLM
+    from open_nemotron.progress import StageProgress
 
     device = torch.device(config.device) if config.device else default_device()
+    n_models, n_batches = len(config.models), len(config.batch_sizes)
+    timing_steps = n_batches * n_models * (config.repeats + 1)  # + one warm-up per model and batch size
+    memory_steps = n_models * n_batches if config.memory else 0
     models, facts = [], []
-    for spec in config.models:
-        impl, path = split_spec(spec)
-        model = load_model(path, device=device, implementation=impl)
-        models.append(model)
-        facts.append(model_facts(model))
-    bandwidth = measure_memory_bandwidth(device)
-    samples: dict[tuple[int, int], dict[str, list[float]]] = {
-        (m, b): {"prefill_s": [], "total_s": []} for m in range(len(models)) for b in config.batch_sizes
-    }
-    prompts = {
-        b: random_prompt(b, config.prompt_len, models[0].config.vocab_size, config.seed, device)
-        for b in config.batch_sizes
-    }
-    for m, model in enumerate(models):
-        if model.config.vocab_size != models[0].config.vocab_size:
-            raise OpenNemotronError(
-                f"bench-speed: {config.models[m]} has vocab_size {model.config.vocab_size}, "
-                f"{config.models[0]} has {models[0].config.vocab_size}: expected models sharing one tokenizer"
-            )
-    steps = config.repeats * len(config.batch_sizes) * len(models)
-    with Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task("bench-speed", total=steps + len(models) * len(config.batch_sizes))
+    with StageProgress("bench-speed", n_models + 1 + timing_steps + memory_steps, enabled=progress) as bar:
+        for spec in config.models:
+            impl, path = split_spec(spec)
+            model = load_model(path, device=device, implementation=impl)
+            models.append(model)
+            facts.append(model_facts(model))
+            bar.advance(f"loaded {spec}")
+        for m, model in enumerate(models):
+            if model.config.vocab_size != models[0].config.vocab_size:
+                raise OpenNemotronError(
+                    f"bench-speed: {config.models[m]} has vocab_size {model.config.vocab_size}, "
+                    f"{config.models[0]} has {models[0].config.vocab_size}: expected models sharing one tokenizer"
+                )
+        bandwidth = measure_memory_bandwidth(device)
+        bar.advance(f"memory bandwidth: copy {bandwidth.copy_bytes_per_s / 1e9:.1f} GB/s")
+        samples: dict[tuple[int, int], dict[str, list[float]]] = {
+            (m, b): {"prefill_s": [], "total_s": []} for m in range(n_models) for b in config.batch_sizes
+        }
+        prompts = {
+            b: random_prompt(b, config.prompt_len, models[0].config.vocab_size, config.seed, device)
+            for b in config.batch_sizes
+        }
         # Batch sizes in the outer loop: our models get the weight layout for each batch size (decode_layout.py),
         # switched explicitly here, once per batch size.
         for b in config.batch_sizes:
             for model in models:
                 if isinstance(model, DeciLMForCausalLM):
                     set_decode_layout(model, layout_for_batch(b))
-            for _ in range(config.repeats):
+            for repeat in range(config.repeats):
                 for m, model in enumerate(models):
                     if not samples[(m, b)]["prefill_s"]:  # warm-up at this batch size
                         timed_generate(model, prompts[b], 4, device)
-                        bar.advance(task)
+                        bar.advance(f"batch {b}: warm-up {config.models[m]}")
                     samples[(m, b)]["prefill_s"].append(timed_generate(model, prompts[b], 1, device))
                     samples[(m, b)]["total_s"].append(timed_generate(model, prompts[b], config.gen_len, device))
-                    bar.advance(task)
+                    step_ms = 1e3 * (samples[(m, b)]["total_s"][-1] - samples[(m, b)]["prefill_s"][-1])
+                    bar.advance(
+                        f"batch {b}, repeat {repeat + 1}/{config.repeats}, {config.models[m]}: "
+                        f"{step_ms / (config.gen_len - 1):.1f} ms/step"
+                    )
+        # Memory after timing: fresh processes, one at a time (never beside the timing loop).
+        peak_memory: dict[tuple[int, int], int | None] = {}
+        if config.memory:
+            del models, model
+            for m, spec in enumerate(config.models):
+                for b in config.batch_sizes:
+                    peak_memory[(m, b)] = _run_memory_probe(spec, b, config)
+                    bar.advance(f"peak memory {spec}, batch {b}: {peak_memory[(m, b)] / 2**20:.0f} MiB")
     results = []
     for m, spec in enumerate(config.models):
         f = facts[m]
@@ -261,12 +275,8 @@ def run(config: SpeedConfig, progress: bool = True) -> dict[str, Any]:
                 "batches": per_batch,
             }
         )
-    # Memory after timing: fresh processes, one at a time (never beside the timing loop).
-    if config.memory:
-        del models
-        for m, spec in enumerate(config.models):
-            for b in config.batch_sizes:
-                results[m]["batches"][str(b)]["peak_memory_bytes"] = _run_memory_probe(spec, b, config)
+    for (m, b), peak in peak_memory.items():
+        results[m]["batches"][str(b)]["peak_memory_bytes"] = peak
     base = results[0]
     for r in results:
         r["ratio_to_first"] = {
