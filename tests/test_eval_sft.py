@@ -142,3 +142,111 @@ def test_sft_trains_saves_and_resumes(tiny_parent, tmp_path):
     assert latest_checkpoint(out).name == "checkpoint-2"
     second = run_sft(SFTRunConfig(max_steps=3, **config))  # picks up checkpoint-2, trains one more step
     assert second["resumed_from"].endswith("checkpoint-2") and second["steps"] == 3
+
+
+# Scripted outputs for the four prompts of `math_suite` (gold 3, 7, 11, 15): per mode, one list per sample.
+#   prompt 1: on right/right (compliant both),     off right (compliant)
+#   prompt 2: on right/wrong (compliant both),     off wrong (compliant)
+#   prompt 3: on right/right (neither compliant),  off right (not compliant: tags in off)
+#   prompt 4: on no answer/right (2nd compliant),  off wrong (compliant)
+SCRIPT = {
+    True: [
+        [
+            "<think>1+2</think>\\boxed{3}",
+            "<think>3+4</think>\\boxed{7}",
+            "\\boxed{11}",
+            "<think>never closed \\boxed{15}",
+        ],
+        [
+            "<think>\n1+2=3\n</think>\n\nThe answer is 3.",
+            "<think>3+4</think>\\boxed{8}",
+            "<think>a</think><think>b</think>\\boxed{11}",
+            "  <think></think>\\boxed{15}",
+        ],
+    ],
+    False: [["\\boxed{3}", "The answer is 6.", "<think>x</think>\\boxed{11}", "\\boxed{14}"]],
+}
+EXPECTED = {
+    "on": {"accuracy": (1 + 0.5 + 1 + 0.5) / 4, "compliance": 5 / 8, "per_prompt": [1, 0.5, 1, 0.5]},
+    "off": {"accuracy": 2 / 4, "compliance": 3 / 4, "per_prompt": [1, 0, 1, 0]},
+}
+
+
+def test_eval_against_a_scripted_model(tiny_parent, math_suite, tmp_path, monkeypatch):
+    """Accuracy, compliance, tokens, the paired on-minus-off and the records, computed by hand for scripted outputs."""
+    import shutil
+
+    from open_nemotron.model import chat
+
+    perfect = shutil.copytree(tiny_parent, tmp_path / "perfect")  # a second model: right and compliant everywhere
+    calls = []
+
+    def scripted(model, tokenizer, conversations, *, thinking, max_new_tokens, do_sample, temperature, top_p, seed,
+                 batch_size):  # fmt: skip
+        calls.append((model.name_or_path, thinking, max_new_tokens, do_sample, temperature, top_p, seed, batch_size))
+        sample = seed - 7  # the config's seed is 7; sample s uses seed 7 + s
+        assert [c[0]["content"] for c in conversations][0].startswith("What is 1 + 2?")
+        if model.name_or_path == str(perfect):
+            gold = [3, 7, 11, 15]
+            return [f"<think>ok</think>\\boxed{{{g}}}" if thinking else f"\\boxed{{{g}}}" for g in gold]
+        return list(SCRIPT[thinking][sample])
+
+    monkeypatch.setattr(chat, "generate_chat", scripted)
+    config = EvalConfig(
+        models=[str(tiny_parent), str(perfect)],
+        suite=str(math_suite),
+        samples=2,
+        max_new_tokens_on=50,
+        max_new_tokens_off=20,
+        batch_size=3,
+        bootstrap=300,
+        seed=7,
+        json_out=str(tmp_path / "eval.json"),
+    )
+    result = run_eval(config, progress=False)
+
+    # On: K=2 samples at temperature 0.6 / top-p 0.95, seeds 7 and 8; off: one greedy pass.
+    assert [c for c in calls if c[0] == str(tiny_parent)] == [
+        (str(tiny_parent), True, 50, True, 0.6, 0.95, 7, 3),
+        (str(tiny_parent), True, 50, True, 0.6, 0.95, 8, 3),
+        (str(tiny_parent), False, 20, False, None, None, 7, 3),
+    ]
+    scripted_model = result["models"][str(tiny_parent)]
+    for mode, thinking in (("on", True), ("off", False)):
+        got, want = scripted_model[mode], EXPECTED[mode]
+        assert got["accuracy"] == pytest.approx(want["accuracy"])
+        assert got["compliance"] == pytest.approx(want["compliance"])
+        assert got["n_prompts"] == 4 and got["samples_per_prompt"] == (2 if thinking else 1)
+        # The test tokenizer is byte-level (one token per byte, `<think>` included).
+        texts = [t for sample in SCRIPT[thinking] for t in sample]
+        assert got["mean_tokens"] == pytest.approx(np.mean([len(t.encode()) for t in texts]))
+        assert got["ci95"] == pytest.approx(bootstrap_interval(np.array(want["per_prompt"], float), 300, 7))
+    paired = np.array(EXPECTED["on"]["per_prompt"], float) - np.array(EXPECTED["off"]["per_prompt"], float)
+    assert scripted_model["on_minus_off"]["difference"] == pytest.approx(0.25)
+    assert scripted_model["on_minus_off"]["ci95"] == pytest.approx(bootstrap_interval(paired, 300, 7))
+
+    best = result["models"][str(perfect)]
+    assert (best["on"]["accuracy"], best["on"]["compliance"], best["off"]["accuracy"], best["off"]["compliance"]) == (
+        1.0,
+        1.0,
+        1.0,
+        1.0,
+    )
+    assert best["on_minus_off"] == {"difference": 0.0, "ci95": (0.0, 0.0)}
+
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["models"][str(tiny_parent)]["on"]["accuracy"] == pytest.approx(0.75)
+    records = [json.loads(line) for line in (tmp_path / "eval.samples.jsonl").read_text().splitlines()]
+    mine = [r for r in records if r["model"] == str(tiny_parent)]
+    assert len(mine) == 4 * 2 + 4 and len(records) == 2 * 12
+    on0 = [r for r in mine if r["mode"] == "on" and r["sample"] == 0]
+    assert [(r["gold"], r["correct"], r["compliant"]) for r in on0] == [
+        ("3", True, True),
+        ("7", True, True),
+        ("11", True, False),
+        ("15", False, False),
+    ]
+    assert [r["output"] for r in mine if r["mode"] == "off"] == SCRIPT[False][0]
+    table = (tmp_path / "eval.md").read_text()
+    assert f"| {tiny_parent} | on | 0.750 |" in table and f"| {tiny_parent} | off | 0.500 |" in table
+    assert f"| {tiny_parent} | on - off | +0.250 |" in table
