@@ -183,8 +183,8 @@ def test_eval_against_a_scripted_model(tiny_parent, math_suite, tmp_path, monkey
 
     def scripted(model, tokenizer, conversations, **kw):
         thinking, seed = kw["thinking"], kw["seed"]
-        calls.append((model.name_or_path, thinking, *(kw[k] for k in ("max_new_tokens", "do_sample", "temperature"))))
-        calls[-1] += (kw["top_p"], seed, kw["batch_size"])
+        keys = ("thinking", "max_new_tokens", "do_sample", "temperature", "top_p", "seed", "batch_size")
+        calls.append((model.name_or_path, *(kw[k] for k in keys)))
         sample = seed - 7  # the config's seed is 7; sample s uses seed 7 + s
         assert [c[0]["content"] for c in conversations][0].startswith("What is 1 + 2?")
         if model.name_or_path == str(perfect):
