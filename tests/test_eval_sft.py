@@ -333,3 +333,68 @@ def test_sft_loss_falls(tiny_parent, tmp_path):
     # (5.54 -> 4.45 today; deterministic on CPU).
     assert losses[0] > 5.0
     assert losses[-1] < losses[0] - 0.7 and losses[-1] < min(losses[:3])
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_sft_resume_matches_an_uninterrupted_run(tiny_parent, tmp_path):
+    """Killed right after checkpoint-2 and rerun, training ends where an uninterrupted run ends: same weights and
+    the same optimiser state at step 4 (a resume that lost the Adam moments or the schedule would not)."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    class KillAfterFirstCheckpoint(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            raise _Killed(state.global_step)
+
+    data = tmp_path / "data.jsonl"
+    write_examples(data, _examples(6))
+
+    def config(name: str) -> SFTRunConfig:
+        return SFTRunConfig(
+            model=str(tiny_parent),
+            data=str(data),
+            output_dir=str(tmp_path / name),
+            max_steps=4,
+            batch_size=4,
+            max_length=128,
+            save_steps=2,
+            logging_steps=1,
+            learning_rate=3e-3,
+        )
+
+    straight = run_sft(config("straight"))
+    with pytest.raises(_Killed):
+        run_sft(config("killed"), callbacks=[KillAfterFirstCheckpoint()])
+    assert latest_checkpoint(tmp_path / "killed").name == "checkpoint-2"
+    assert not (tmp_path / "killed" / "final").exists()
+    resumed = run_sft(config("killed"))
+    assert resumed["resumed_from"].endswith("checkpoint-2") and resumed["steps"] == straight["steps"] == 4
+
+    for name in ("straight", "killed"):
+        assert latest_checkpoint(tmp_path / name).name == "checkpoint-4"
+    a = load_file(tmp_path / "straight" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "killed" / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    opt_a = torch.load(tmp_path / "straight" / "checkpoint-4" / "optimizer.pt", weights_only=True)
+    opt_b = torch.load(tmp_path / "killed" / "checkpoint-4" / "optimizer.pt", weights_only=True)
+    assert opt_a["state"].keys() == opt_b["state"].keys() and opt_a["state"]
+    for index, state in opt_a["state"].items():
+        assert state["step"] == opt_b["state"][index]["step"] == 4
+        for moment in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(state[moment], opt_b["state"][index][moment], rtol=1e-5, atol=1e-8)
+    assert [g["lr"] for g in opt_a["param_groups"]] == pytest.approx([g["lr"] for g in opt_b["param_groups"]])
+    # The resumed run logs steps 3 and 4 only, with the uninterrupted run's losses.
+    log_a = {
+        h["step"]: h["loss"] for h in json.loads((tmp_path / "straight" / "sft_log.json").read_text()) if "loss" in h
+    }
+    log_b = {
+        h["step"]: h["loss"] for h in json.loads((tmp_path / "killed" / "sft_log.json").read_text()) if "loss" in h
+    }
+    assert log_a.keys() == {1, 2, 3, 4}
+    assert {s: log_b[s] for s in (3, 4)} == pytest.approx({s: log_a[s] for s in (3, 4)}, rel=1e-5)
