@@ -56,26 +56,95 @@ def test_convert_writes_a_model_auto_loads_as_decilm(tiny_llama_dir: Path, tmp_p
     assert has_reasoning_template(AutoTokenizer.from_pretrained(out))
 
 
+def panels(stdout: str) -> dict[str, str]:
+    """The text inside each rich panel of `stdout`, by title, wrapped lines joined with spaces."""
+    found: dict[str, list[str]] = {}
+    title = None
+    for line in stdout.splitlines():
+        if line.startswith("╭─ "):
+            title = line[3:].split(" ", 1)[0]
+            found[title] = []
+        elif line.startswith("│ ") and title is not None:
+            found[title].append(line[2:-1].strip())
+        elif line.startswith("╰"):
+            title = None
+    return {t: " ".join(lines) for t, lines in found.items()}
+
+
+def squeeze(text: str) -> str:
+    return "".join(text.split())  # rich re-wraps long text: compare without whitespace
+
+
+def greedy_reference(model_dir: Path, prompt: str, thinking: bool, max_new_tokens: int) -> str:
+    """Greedy decoding written out (argmax of a full forward pass per step), the reply decoded without specials."""
+    from open_nemotron.model.chat import ensure_reasoning_template
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ensure_reasoning_template(tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True, enable_thinking=thinking
+    )
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    new: list[int] = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            token = int(model(torch.cat([ids, torch.tensor([new], dtype=torch.long)], dim=1)).logits[0, -1].argmax())
+            if token == tokenizer.convert_tokens_to_ids("<|im_end|>"):
+                break
+            new.append(token)
+    return tokenizer.decode(new, skip_special_tokens=True)
+
+
 @pytest.mark.parametrize("thinking", ["on", "off"])
 def test_generate_prints_the_answer(tiny_llama_dir: Path, thinking: str) -> None:
-    result = invoke(
-        "generate",
-        tiny_llama_dir,
-        "--prompt",
-        "What is 2+2?",
-        "--thinking",
-        thinking,
-        "--max-new-tokens",
-        "4",
-        "--seed",
-        "0",
-        "--device",
-        "cpu",
-    )
+    args = ["--prompt", "What is 2+2?", "--thinking", thinking, "--max-new-tokens", "6", "--seed", "0"]
+    result = invoke("generate", tiny_llama_dir, *args, "--device", "cpu")
     assert result.exit_code == 0, result.output
-    assert "answer" in result.stdout
     expected = "sampling (temperature 0.6, top-p 0.95)" if thinking == "on" else "greedy"
     assert f"thinking {thinking}: {expected}" in result.stderr
+    printed = panels(result.stdout)
+    assert "answer" in printed
+    if thinking == "off":  # greedy: the reply is fixed by the weights
+        reply = greedy_reference(tiny_llama_dir, "What is 2+2?", False, 6)
+        assert reply.strip() and "<think>" not in reply
+        assert list(printed) == ["answer"] and squeeze(printed["answer"]) == squeeze(reply)
+    else:  # sampled: the same seed gives the same reply through the library
+        from open_nemotron.model.chat import ensure_reasoning_template, generate_chat
+        from open_nemotron.model.chat_template import split_reasoning
+
+        tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+        ensure_reasoning_template(tokenizer)
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+        (reply,) = generate_chat(
+            model, tokenizer, [[{"role": "user", "content": "What is 2+2?"}]], thinking=True, max_new_tokens=6, seed=0
+        )
+        reasoning, answer = split_reasoning(reply)
+        assert squeeze(printed["answer"]) == squeeze(answer)
+        assert ("reasoning" in printed) is (reasoning is not None)
+
+
+def test_generate_prints_reasoning_and_answer_apart_and_literally(tiny_llama_dir: Path, monkeypatch) -> None:
+    from open_nemotron.model import chat
+
+    calls = []
+
+    def scripted(model, tokenizer, conversations, **kwargs):
+        calls.append((conversations, kwargs))
+        return ["<think>\nI add [bold]2[/bold] and 2.\n</think>\n\nThe answer is [red]4[/red]."]
+
+    monkeypatch.setattr(chat, "generate_chat", scripted)
+    result = invoke("generate", tiny_llama_dir, "--prompt", "What is 2+2?", "--max-new-tokens", "5", "--seed", "3")
+    assert result.exit_code == 0, result.output
+    # Model text is never read as rich markup.
+    assert panels(result.stdout) == {
+        "reasoning": "I add [bold]2[/bold] and 2.",
+        "answer": "The answer is [red]4[/red].",
+    }
+    assert result.stdout.index("reasoning") < result.stdout.index("answer")
+    ((conversations, kwargs),) = calls
+    assert conversations == [[{"role": "user", "content": "What is 2+2?"}]]
+    assert kwargs == dict(thinking=True, max_new_tokens=5, do_sample=True, temperature=0.6, top_p=0.95, seed=3)
 
 
 def test_bench_speed_writes_json_and_markdown(tiny_llama_dir: Path, tmp_path: Path, monkeypatch) -> None:
