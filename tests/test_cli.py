@@ -319,3 +319,72 @@ def test_puzzle_stage_without_its_inputs_names_the_missing_stage(tiny_llama_dir:
     config.write_text(f"parent: {tiny_llama_dir}\ndevice: cpu\n")
     result = invoke("puzzle", "search", "--config", config, "--run-dir", tmp_path / "run")
     assert_one_line_error(result, "costs.json: missing", "puzzle costs")
+
+
+def test_datagen_sft_eval_through_the_cli(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """The reasoning pipeline's three verbs on tiny data and a tiny model; each one's artifacts and their content."""
+    from open_nemotron.data.schema import load_examples
+    from open_nemotron.data.tasks import make_items, score_answer
+    from open_nemotron.rewards.format import is_toggle_compliant
+
+    data_dir = tmp_path / "data"
+    result = invoke(
+        "datagen", "--out", data_dir, "--tasks", "chain_sum,gcd", "--n-per-task", "3", "--difficulties", "easy"
+    )
+    assert result.exit_code == 0, result.output
+    for name in ("raw.jsonl", "data.jsonl", "data_report.json", "data_report.md", "generation.json"):
+        assert (data_dir / name).is_file(), name
+    items = {item.question: item for task in ("chain_sum", "gcd") for item in make_items(task, 3, difficulty="easy")}
+    rows, report = load_examples(data_dir / "data.jsonl")
+    assert not report.dropped
+    summary = json.loads((data_dir / "datagen_summary.json").read_text())
+    assert summary["raw_rows"] == 12 and summary["kept_rows"] == len(rows) and len(rows) >= 10
+    assert f"kept {len(rows)} of 12 rows" in result.stdout
+    for row in rows:  # each row answers one of the items, right, in its mode's layout
+        item = items[row.input[-1]["content"]]
+        assert row.answer == item.answer and score_answer(item, row.output) == 1.0
+        assert is_toggle_compliant(row.output, row.reasoning == "on")
+    assert {row.reasoning for row in rows} == {"on", "off"}
+    assert json.loads((data_dir / "generation.json").read_text())["generated"] == 12
+
+    sft_dir = tmp_path / "sft"
+    sft_args = ["--data", data_dir / "data.jsonl", "--out", sft_dir, "--max-steps", "2", "--batch-size", "4"]
+    sft_args += ["--save-steps", "2", "--lr", "1e-3", "--device", "cpu"]
+    # Prompts longer than max_length leave no answer token to train on: a one-line error, not a torch traceback.
+    refused = invoke("sft", tiny_llama_dir, *sft_args, "--max-length", "16")
+    assert refused.exit_code == 2, refused.output
+    assert refused.exception is None or isinstance(refused.exception, SystemExit)
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "max_length = 16" in errors[0] and "Traceback" not in refused.output
+    result = invoke("sft", tiny_llama_dir, *sft_args, "--max-length", "512")
+    assert result.exit_code == 0, result.output
+    assert "trained 2 steps" in result.stdout
+    trained = json.loads((sft_dir / "sft_summary.json").read_text())
+    assert trained["steps"] == 2 and trained["rows"] == len(rows)
+    assert trained["rows_on"] == sum(row.reasoning == "on" for row in rows)
+    assert (sft_dir / "checkpoint-2" / "trainer_state.json").is_file() and (sft_dir / "sft_report.md").is_file()
+    final = sft_dir / "final"
+    parent = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    tuned = AutoModelForCausalLM.from_pretrained(final)
+    assert has_reasoning_template(AutoTokenizer.from_pretrained(final))
+    assert not torch.equal(parent.lm_head.weight, tuned.lm_head.weight)  # it trained
+
+    json_out = tmp_path / "eval" / "eval.json"
+    result = invoke(
+        "eval", final, "--suite", "heldout", "--limit", "2", "--samples", "1", "--max-new-tokens-on", "4",
+        "--max-new-tokens-off", "4", "--batch-size", "1", "--device", "cpu", "--json", json_out,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    evaluated = json.loads(json_out.read_text())
+    modes = evaluated["models"][str(final)]
+    assert modes["on"]["n_prompts"] == modes["off"]["n_prompts"] == 2 and "on_minus_off" in modes
+    records = [json.loads(line) for line in json_out.with_suffix(".samples.jsonl").read_text().splitlines()]
+    assert len(records) == 2 * 1 + 2
+    for mode in ("on", "off"):  # the reported numbers are those of the written generations
+        mine = [r for r in records if r["mode"] == mode]
+        assert modes[mode]["accuracy"] == sum(r["correct"] for r in mine) / 2
+        assert modes[mode]["compliance"] == sum(r["compliant"] for r in mine) / 2
+        for r in mine:
+            assert r["compliant"] == is_toggle_compliant(r["output"], mode == "on")
+    assert json_out.with_suffix(".md").read_text() in result.stdout + "\n"
+    assert f"wrote {json_out}" in result.stdout

@@ -185,6 +185,12 @@ def build_trainer(config: SFTRunConfig, callbacks: list | None = None) -> tuple[
     trainer = trainer_class(
         model=model, args=args, train_dataset=dataset, processing_class=train_tokenizer, callbacks=callbacks
     )
+    # TRL drops rows whose assistant tokens were all truncated away; with none left it would fail deep in torch.
+    if len(trainer.train_dataset) == 0:
+        raise OpenNemotronError(
+            f"sft: max_length = {config.max_length} tokens cuts off the answer of every one of the {len(examples)} "
+            "rows: expected a larger --max-length"
+        )
     return trainer, tokenizer, examples, report
 
 
