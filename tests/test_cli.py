@@ -56,26 +56,95 @@ def test_convert_writes_a_model_auto_loads_as_decilm(tiny_llama_dir: Path, tmp_p
     assert has_reasoning_template(AutoTokenizer.from_pretrained(out))
 
 
+def panels(stdout: str) -> dict[str, str]:
+    """The text inside each rich panel of `stdout`, by title, wrapped lines joined with spaces."""
+    found: dict[str, list[str]] = {}
+    title = None
+    for line in stdout.splitlines():
+        if line.startswith("╭─ "):
+            title = line[3:].split(" ", 1)[0]
+            found[title] = []
+        elif line.startswith("│ ") and title is not None:
+            found[title].append(line[2:-1].strip())
+        elif line.startswith("╰"):
+            title = None
+    return {t: " ".join(lines) for t, lines in found.items()}
+
+
+def squeeze(text: str) -> str:
+    return "".join(text.split())  # rich re-wraps long text: compare without whitespace
+
+
+def greedy_reference(model_dir: Path, prompt: str, thinking: bool, max_new_tokens: int) -> str:
+    """Greedy decoding written out (argmax of a full forward pass per step), the reply decoded without specials."""
+    from open_nemotron.model.chat import ensure_reasoning_template
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ensure_reasoning_template(tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True, enable_thinking=thinking
+    )
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    new: list[int] = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            token = int(model(torch.cat([ids, torch.tensor([new], dtype=torch.long)], dim=1)).logits[0, -1].argmax())
+            if token == tokenizer.convert_tokens_to_ids("<|im_end|>"):
+                break
+            new.append(token)
+    return tokenizer.decode(new, skip_special_tokens=True)
+
+
 @pytest.mark.parametrize("thinking", ["on", "off"])
 def test_generate_prints_the_answer(tiny_llama_dir: Path, thinking: str) -> None:
-    result = invoke(
-        "generate",
-        tiny_llama_dir,
-        "--prompt",
-        "What is 2+2?",
-        "--thinking",
-        thinking,
-        "--max-new-tokens",
-        "4",
-        "--seed",
-        "0",
-        "--device",
-        "cpu",
-    )
+    args = ["--prompt", "What is 2+2?", "--thinking", thinking, "--max-new-tokens", "6", "--seed", "0"]
+    result = invoke("generate", tiny_llama_dir, *args, "--device", "cpu")
     assert result.exit_code == 0, result.output
-    assert "answer" in result.stdout
     expected = "sampling (temperature 0.6, top-p 0.95)" if thinking == "on" else "greedy"
     assert f"thinking {thinking}: {expected}" in result.stderr
+    printed = panels(result.stdout)
+    assert "answer" in printed
+    if thinking == "off":  # greedy: the reply is fixed by the weights
+        reply = greedy_reference(tiny_llama_dir, "What is 2+2?", False, 6)
+        assert reply.strip() and "<think>" not in reply
+        assert list(printed) == ["answer"] and squeeze(printed["answer"]) == squeeze(reply)
+    else:  # sampled: the same seed gives the same reply through the library
+        from open_nemotron.model.chat import ensure_reasoning_template, generate_chat
+        from open_nemotron.model.chat_template import split_reasoning
+
+        tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+        ensure_reasoning_template(tokenizer)
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+        (reply,) = generate_chat(
+            model, tokenizer, [[{"role": "user", "content": "What is 2+2?"}]], thinking=True, max_new_tokens=6, seed=0
+        )
+        reasoning, answer = split_reasoning(reply)
+        assert squeeze(printed["answer"]) == squeeze(answer)
+        assert ("reasoning" in printed) is (reasoning is not None)
+
+
+def test_generate_prints_reasoning_and_answer_apart_and_literally(tiny_llama_dir: Path, monkeypatch) -> None:
+    from open_nemotron.model import chat
+
+    calls = []
+
+    def scripted(model, tokenizer, conversations, **kwargs):
+        calls.append((conversations, kwargs))
+        return ["<think>\nI add [bold]2[/bold] and 2.\n</think>\n\nThe answer is [red]4[/red]."]
+
+    monkeypatch.setattr(chat, "generate_chat", scripted)
+    result = invoke("generate", tiny_llama_dir, "--prompt", "What is 2+2?", "--max-new-tokens", "5", "--seed", "3")
+    assert result.exit_code == 0, result.output
+    # Model text is never read as rich markup.
+    assert panels(result.stdout) == {
+        "reasoning": "I add [bold]2[/bold] and 2.",
+        "answer": "The answer is [red]4[/red].",
+    }
+    assert result.stdout.index("reasoning") < result.stdout.index("answer")
+    ((conversations, kwargs),) = calls
+    assert conversations == [[{"role": "user", "content": "What is 2+2?"}]]
+    assert kwargs == dict(thinking=True, max_new_tokens=5, do_sample=True, temperature=0.6, top_p=0.95, seed=3)
 
 
 def test_bench_speed_writes_json_and_markdown(tiny_llama_dir: Path, tmp_path: Path, monkeypatch) -> None:
@@ -250,3 +319,72 @@ def test_puzzle_stage_without_its_inputs_names_the_missing_stage(tiny_llama_dir:
     config.write_text(f"parent: {tiny_llama_dir}\ndevice: cpu\n")
     result = invoke("puzzle", "search", "--config", config, "--run-dir", tmp_path / "run")
     assert_one_line_error(result, "costs.json: missing", "puzzle costs")
+
+
+def test_datagen_sft_eval_through_the_cli(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """The reasoning pipeline's three verbs on tiny data and a tiny model; each one's artifacts and their content."""
+    from open_nemotron.data.schema import load_examples
+    from open_nemotron.data.tasks import make_items, score_answer
+    from open_nemotron.rewards.format import is_toggle_compliant
+
+    data_dir = tmp_path / "data"
+    result = invoke(
+        "datagen", "--out", data_dir, "--tasks", "chain_sum,gcd", "--n-per-task", "3", "--difficulties", "easy"
+    )
+    assert result.exit_code == 0, result.output
+    for name in ("raw.jsonl", "data.jsonl", "data_report.json", "data_report.md", "generation.json"):
+        assert (data_dir / name).is_file(), name
+    items = {item.question: item for task in ("chain_sum", "gcd") for item in make_items(task, 3, difficulty="easy")}
+    rows, report = load_examples(data_dir / "data.jsonl")
+    assert not report.dropped
+    summary = json.loads((data_dir / "datagen_summary.json").read_text())
+    assert summary["raw_rows"] == 12 and summary["kept_rows"] == len(rows) and len(rows) >= 10
+    assert f"kept {len(rows)} of 12 rows" in result.stdout
+    for row in rows:  # each row answers one of the items, right, in its mode's layout
+        item = items[row.input[-1]["content"]]
+        assert row.answer == item.answer and score_answer(item, row.output) == 1.0
+        assert is_toggle_compliant(row.output, row.reasoning == "on")
+    assert {row.reasoning for row in rows} == {"on", "off"}
+    assert json.loads((data_dir / "generation.json").read_text())["generated"] == 12
+
+    sft_dir = tmp_path / "sft"
+    sft_args = ["--data", data_dir / "data.jsonl", "--out", sft_dir, "--max-steps", "2", "--batch-size", "4"]
+    sft_args += ["--save-steps", "2", "--lr", "1e-3", "--device", "cpu"]
+    # Prompts longer than max_length leave no answer token to train on: a one-line error, not a torch traceback.
+    refused = invoke("sft", tiny_llama_dir, *sft_args, "--max-length", "16")
+    assert refused.exit_code == 2, refused.output
+    assert refused.exception is None or isinstance(refused.exception, SystemExit)
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "max_length = 16" in errors[0] and "Traceback" not in refused.output
+    result = invoke("sft", tiny_llama_dir, *sft_args, "--max-length", "512")
+    assert result.exit_code == 0, result.output
+    assert "trained 2 steps" in result.stdout
+    trained = json.loads((sft_dir / "sft_summary.json").read_text())
+    assert trained["steps"] == 2 and trained["rows"] == len(rows)
+    assert trained["rows_on"] == sum(row.reasoning == "on" for row in rows)
+    assert (sft_dir / "checkpoint-2" / "trainer_state.json").is_file() and (sft_dir / "sft_report.md").is_file()
+    final = sft_dir / "final"
+    parent = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    tuned = AutoModelForCausalLM.from_pretrained(final)
+    assert has_reasoning_template(AutoTokenizer.from_pretrained(final))
+    assert not torch.equal(parent.lm_head.weight, tuned.lm_head.weight)  # it trained
+
+    json_out = tmp_path / "eval" / "eval.json"
+    result = invoke(
+        "eval", final, "--suite", "heldout", "--limit", "2", "--samples", "1", "--max-new-tokens-on", "4",
+        "--max-new-tokens-off", "4", "--batch-size", "1", "--device", "cpu", "--json", json_out,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    evaluated = json.loads(json_out.read_text())
+    modes = evaluated["models"][str(final)]
+    assert modes["on"]["n_prompts"] == modes["off"]["n_prompts"] == 2 and "on_minus_off" in modes
+    records = [json.loads(line) for line in json_out.with_suffix(".samples.jsonl").read_text().splitlines()]
+    assert len(records) == 2 * 1 + 2
+    for mode in ("on", "off"):  # the reported numbers are those of the written generations
+        mine = [r for r in records if r["mode"] == mode]
+        assert modes[mode]["accuracy"] == sum(r["correct"] for r in mine) / 2
+        assert modes[mode]["compliance"] == sum(r["compliant"] for r in mine) / 2
+        for r in mine:
+            assert r["compliant"] == is_toggle_compliant(r["output"], mode == "on")
+    assert json_out.with_suffix(".md").read_text() in result.stdout + "\n"
+    assert f"wrote {json_out}" in result.stdout

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
+import open_nemotron.data.tasks as tasks_module
 from open_nemotron.data.tasks import (
     ANSWER_INSTRUCTION,
     DIFFICULTIES,
     HELDOUT_DIFFICULTY,
     HELDOUT_SEED_START,
     HELDOUT_TASKS,
+    MATH_SCORER,
     TASKS,
     HeldoutSeedError,
     TaskError,
+    TaskItem,
     extract_final_answer,
     heldout_suite,
     load_math_jsonl,
@@ -159,3 +163,77 @@ def heldout_suite_at(difficulty: str, n: int):
         for task in HELDOUT_TASKS
         for item in make_items(task, n, split="heldout", seed=HELDOUT_SEED_START, difficulty=difficulty)
     ]
+
+
+MALFORMED_ANSWERS = [
+    "\\boxed{}",
+    "\\boxed{1/0}",
+    "\\boxed{abc}",
+    "\\boxed{nan}",
+    "\\boxed{inf}",
+    "\\boxed{-}",
+    "\\boxed{1e999999999}",
+    "\\boxed{)(}",
+    "\\boxed{\\frac{1}{0}}",
+    "\\boxed{\\frac{}{}}",
+    "\\boxed{" + "(" * 200 + "1" + ")" * 200 + "}",
+    "\\boxed{\x00\ufffd}",
+]
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_malformed_answers_score_zero(task):
+    item = make_items(task, 1, seed=5)[0]
+    for response in MALFORMED_ANSWERS:
+        assert score_answer(item, response) == 0.0, response
+
+
+def test_malformed_answers_score_zero_with_math_verify():
+    item = TaskItem("math", "q", "7", {"question": "q", "answer": "7", "scorer": MATH_SCORER}, "train", 0, "unrated")
+    assert score_answer(item, "\\boxed{7}") == 1.0
+    for response in MALFORMED_ANSWERS:
+        assert score_answer(item, response) == 0.0, response
+
+
+def _raising(error: BaseException):
+    def scorer(*args, **kwargs):
+        raise error
+
+    return scorer
+
+
+@pytest.mark.parametrize("error", [ValueError("not a number"), ArithmeticError("overflow")])
+def test_a_scorer_refusing_the_answer_is_a_wrong_answer(monkeypatch, error):
+    item = make_items("chain_sum", 1, seed=3)[0]
+    monkeypatch.setattr(tasks_module, "_rg_scorer", lambda name: _raising(error))
+    assert score_answer(item, "\\boxed{12}") == 0.0
+
+
+@pytest.mark.parametrize("error", [TypeError("bug"), KeyError("answer"), AttributeError("bug"), RuntimeError("bug")])
+def test_a_scorer_bug_propagates(monkeypatch, error):
+    item = make_items("chain_sum", 1, seed=3)[0]
+    monkeypatch.setattr(tasks_module, "_rg_scorer", lambda name: _raising(error))
+    with pytest.raises(type(error)):
+        score_answer(item, "\\boxed{12}")
+
+
+def test_math_verify_timeout_is_a_wrong_answer_and_its_bugs_propagate(monkeypatch):
+    from math_verify.errors import TimeoutException
+
+    item = TaskItem("math", "q", "7", {"question": "q", "answer": "7", "scorer": MATH_SCORER}, "train", 0, "unrated")
+    monkeypatch.setattr(tasks_module, "math_verify_equal", _raising(TimeoutException("slow")))
+    assert score_answer(item, "\\boxed{7}") == 0.0
+    # math-verify's own refusal to run off the main thread with a timeout is our bug, not a wrong answer.
+    monkeypatch.setattr(tasks_module, "math_verify_equal", _raising(ValueError("signal only works in main thread")))
+    with pytest.raises(ValueError, match="main thread"):
+        score_answer(item, "\\boxed{7}")
+    monkeypatch.setattr(tasks_module, "math_verify_equal", _raising(TypeError("bug")))
+    with pytest.raises(TypeError):
+        score_answer(item, "\\boxed{7}")
+
+
+def test_a_bug_on_our_side_propagates():
+    item = make_items("chain_sum", 1, seed=3)[0]
+    broken = dataclasses.replace(item, entry={"question": item.question})  # no "answer": the scorer's KeyError
+    with pytest.raises(KeyError):
+        score_answer(broken, f"\\boxed{{{item.answer}}}")

@@ -18,8 +18,10 @@ Accepted variants of NVIDIA's own files:
 * ``messages`` (a conversation ending in the assistant turn) instead of ``input``/``output``;
 * ``metadata`` as a JSON string; a missing ``system_prompt`` is derived from ``reasoning`` and vice versa.
 
-Reasoning-on outputs must hold exactly one ``<think>…</think>`` block, at the start (whitespace aside; an empty block
-is allowed, as in NVIDIA's data), followed by a non-empty answer; reasoning-off outputs must hold no think tags.
+Outputs must obey the toggle-compliance rule of `open_nemotron.rewards.format.toggle_violation` (the one the eval
+and the teachers use): reasoning-on outputs hold exactly one ``<think>…</think>`` block, at the start (whitespace
+aside; an empty block is allowed, as in NVIDIA's data), followed by a non-empty answer; reasoning-off outputs hold
+no think tags.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import Any
 
 from open_nemotron.errors import OpenNemotronError
 from open_nemotron.model.chat_template import THINK_CLOSE, THINK_OPEN, THINKING_OFF, THINKING_ON
+from open_nemotron.rewards.format import toggle_violation
 from open_nemotron.utils import atomic_write_text
 
 # Every reason `example_from_row` / `load_examples` can give, so reports and tests can enumerate them.
@@ -191,29 +194,25 @@ def _split_system(messages: list[dict[str, str]]) -> tuple[str | None, list[dict
 
 
 def _check_output(output: str, reasoning: str) -> None:
-    opens, closes = output.count(THINK_OPEN), output.count(THINK_CLOSE)
-    if reasoning == "off":
-        if opens or closes:
-            raise MalformedRowError(
-                "think_in_off",
-                f"output has {opens} {THINK_OPEN} / {closes} {THINK_CLOSE} tags: expected none when reasoning is off",
-            )
+    """Raise `MalformedRowError` if `output` breaks the toggle-compliance rule (`toggle_violation`) for `reasoning`."""
+    violation = toggle_violation(output, reasoning == "on")
+    if violation is None:
         return
-    if opens == 0 and closes == 0:
-        raise MalformedRowError(
-            "missing_think",
-            f"output = {_short(output)}: expected a {THINK_OPEN}…{THINK_CLOSE} block when reasoning is on",
+    opens, closes = output.count(THINK_OPEN), output.count(THINK_CLOSE)
+    if violation == "think_in_off":
+        detail = f"output has {opens} {THINK_OPEN} / {closes} {THINK_CLOSE} tags: expected none when reasoning is off"
+    elif violation == "missing_think":
+        detail = f"output = {_short(output)}: expected a {THINK_OPEN}…{THINK_CLOSE} block when reasoning is on"
+    elif violation == "bad_think":
+        detail = (
+            f"output has {opens} {THINK_OPEN} / {closes} {THINK_CLOSE} tags, starting {_short(output.lstrip()[:30])}: "
+            f"expected exactly one {THINK_OPEN}…{THINK_CLOSE} block at the start"
         )
-    stripped = output.lstrip()
-    if opens != 1 or closes != 1 or not stripped.startswith(THINK_OPEN):
-        raise MalformedRowError(
-            "bad_think",
-            f"output has {opens} {THINK_OPEN} / {closes} {THINK_CLOSE} tags, starting {_short(stripped[:30])}: "
-            f"expected exactly one {THINK_OPEN}…{THINK_CLOSE} block at the start",
-        )
-    answer = stripped.split(THINK_CLOSE, 1)[1]
-    if not answer.strip():
-        raise MalformedRowError("empty_answer", f"output has nothing after {THINK_CLOSE}: expected the final answer")
+    elif reasoning == "on":
+        detail = f"output has nothing after {THINK_CLOSE}: expected the final answer"
+    else:  # an off output that was nothing but a trailing <|eot_id|>
+        violation, detail = "bad_output", f"output = {_short(output)}: expected a non-empty string"
+    raise MalformedRowError(violation, detail)
 
 
 def _optional_str(row: dict, name: str, default: str) -> str:

@@ -358,20 +358,37 @@ def math_verify_equal(gold: str, predicted: str) -> bool:
     return bool(verify(gold_parsed, pred_parsed, timeout_seconds=timeout))
 
 
+# What a reasoning-gym scorer that parses the answer as a number (int, float, Decimal) raises for malformed text:
+# a wrong answer. Anything else (TypeError, KeyError, AttributeError, ...) is a bug and propagates.
+_RG_MALFORMED_ANSWER_ERRORS: tuple[type[BaseException], ...] = (ValueError, ArithmeticError)
+
+
+def _math_verify_malformed_answer_errors() -> tuple[type[BaseException], ...]:
+    # math-verify (raise_on_error=False) already turns malformed input into "no match"; only its timeout, a
+    # BaseException raised by signal.alarm, can escape for a pathological answer.
+    from math_verify.errors import TimeoutException
+
+    return (TimeoutException,)
+
+
 def score_answer(item: TaskItem, response: str) -> float:
-    """1.0 if `response`'s final answer is correct for `item`, else 0.0."""
+    """1.0 if `response`'s final answer is correct for `item`, else 0.0.
+
+    A malformed answer scores 0.0: the scorer's own complaints about it (`_RG_MALFORMED_ANSWER_ERRORS` for
+    reasoning-gym, math-verify's timeout) are caught. Any other exception is a bug and propagates.
+    """
     answer = extract_final_answer(response)
     if answer is None:
         return 0.0
     if item.entry.get("scorer") == MATH_SCORER:
         try:
             return 1.0 if math_verify_equal(item.answer, answer) else 0.0
-        except Exception:  # math-verify raises on pathological input (timeouts, sympy errors): not a match
+        except _math_verify_malformed_answer_errors():
             return 0.0
     rg_name = _spec(item.task).rg_name
     try:
         score = _rg_scorer(rg_name)(answer, item.entry)
-    except Exception:  # a scorer choking on odd model text is a wrong answer, not a crash of the caller
+    except _RG_MALFORMED_ANSWER_ERRORS:
         return 0.0
     return 1.0 if score >= 1.0 else 0.0
 

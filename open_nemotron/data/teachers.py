@@ -33,6 +33,7 @@ from urllib.parse import urlparse
 
 from open_nemotron.errors import OpenNemotronError
 from open_nemotron.model.chat_template import THINK_CLOSE, THINK_OPEN, THINKING_OFF, THINKING_ON, split_reasoning
+from open_nemotron.rewards.format import toggle_violation
 
 if TYPE_CHECKING:
     from open_nemotron.data.tasks import TaskItem
@@ -75,6 +76,15 @@ def _has_tag(text: str) -> bool:
     return THINK_OPEN in text or THINK_CLOSE in text
 
 
+# The teachers' failure reasons for each way a reply can break the toggle-compliance rule.
+_VIOLATION_REASONS = {
+    "missing_think": "missing_reasoning",
+    "bad_think": "malformed_think",
+    "empty_answer": "empty_answer",
+    "think_in_off": "reasoning_in_off_mode",
+}
+
+
 def normalise_reply(
     content: str | None, separate_reasoning: str | None, reasoning: bool, *, strict: bool = False
 ) -> tuple[str | None, str | None]:
@@ -83,18 +93,24 @@ def normalise_reply(
     Reasoning on accepts inline ``<think>R</think>A`` in `content`, ``R</think>A`` (the server pre-filled the
     opening tag), or reasoning in a separate field (vLLM/SGLang ``reasoning_content`` / ``reasoning``) beside a
     tag-free answer; inline tags win when both are present. An empty or missing reasoning is ``missing_reasoning``:
-    a reasoning-on training row must show reasoning. Reasoning off ignores any separate reasoning field; an empty
-    think block in the content is dropped, a non-empty one is ``reasoning_in_off_mode``.
+    a reasoning-on training row must show reasoning (stricter than the compliance rule, which allows an empty
+    block). Reasoning off ignores any separate reasoning field; an empty think block in the content is dropped, a
+    non-empty one is ``reasoning_in_off_mode``. The text returned always obeys the toggle-compliance rule
+    (`open_nemotron.rewards.format.toggle_violation`).
 
-    `strict` (local sampling): on must open with ``<think>`` and hold exactly one block; off must have no tag at all.
+    `strict` (local sampling): the reply itself must already obey that rule (on: opens with ``<think>`` and holds
+    exactly one block; off: no tag at all); nothing is repaired.
     """
     content = content or ""
+    if strict:
+        violation = toggle_violation(content, reasoning)
+        # An empty answer is reported below, after the reasoning check, as for every reply.
+        if violation is not None and violation != "empty_answer":
+            return None, _VIOLATION_REASONS[violation]
     thought: str | None
     if reasoning:
         if _has_tag(content):
             if content.count(THINK_OPEN) > 1 or content.count(THINK_CLOSE) != 1:
-                return None, "malformed_think"
-            if strict and not content.lstrip().startswith(THINK_OPEN):
                 return None, "malformed_think"
             thought, answer = split_reasoning(content)
             if thought is None:  # an opening tag that is not at the start
@@ -102,29 +118,23 @@ def normalise_reply(
             if not thought and separate_reasoning and not strict:
                 thought = separate_reasoning
         else:
-            if strict:
-                return None, "missing_reasoning"
             thought, answer = separate_reasoning, content
         if thought is None or not thought.strip():
             return None, "missing_reasoning"
-        if _has_tag(thought):
-            return None, "malformed_think"
     else:
         thought = None
         answer = content
         if _has_tag(content):
-            if strict:
-                return None, "reasoning_in_off_mode"
             inline, rest = split_reasoning(content)
             if inline is None or inline or content.count(THINK_OPEN) > 1 or content.count(THINK_CLOSE) != 1:
                 return None, "reasoning_in_off_mode"
             answer = rest  # an empty think block (Qwen3-style), dropped
-    answer = answer.strip()
-    if not answer:
-        return None, "empty_answer"
-    if _has_tag(answer):
-        return None, "malformed_think"
-    return format_output(thought, answer), None
+    text = format_output(thought, answer)
+    # Tags inside a separate reasoning field, or an empty answer, break the rule in the normalised text.
+    violation = toggle_violation(text, reasoning)
+    if violation is not None:
+        return None, _VIOLATION_REASONS[violation]
+    return text, None
 
 
 class _FailureCounter:

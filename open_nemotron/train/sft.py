@@ -127,8 +127,12 @@ def plain_loss_trainer_class():
     return PlainLossSFTTrainer
 
 
-def run(config: SFTRunConfig) -> dict[str, Any]:
-    """Train; returns the artifact paths and final metrics (also in `sft_report.md` / `sft_log.json`)."""
+def build_trainer(config: SFTRunConfig, callbacks: list | None = None) -> tuple[Any, Any, list, Any]:
+    """The trainer `run` trains: ``(trainer, tokenizer, examples, row_report)``.
+
+    `tokenizer` has the inference template as default (what `final/` gets); the trainer's own tokenizer has the
+    training template as default. `callbacks` are extra `transformers.TrainerCallback`s.
+    """
     import torch
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -145,7 +149,6 @@ def run(config: SFTRunConfig) -> dict[str, Any]:
         raise OpenNemotronError(f"sft: {config.data} has no usable rows ({report.dropped or 'empty'})")
     examples = mix_on_off(examples, config.on_fraction, config.seed)
     dataset = Dataset.from_list([{"messages": to_messages(e)} for e in examples])
-
     device = torch.device(config.device) if config.device else default_device()
     model = load_model(config.model, device=device).train()
     tokenizer = load_tokenizer(config.model)
@@ -179,7 +182,25 @@ def run(config: SFTRunConfig) -> dict[str, Any]:
         dataloader_num_workers=0,
     )
     trainer_class = SFTTrainer if on_gpu else plain_loss_trainer_class()
-    trainer = trainer_class(model=model, args=args, train_dataset=dataset, processing_class=train_tokenizer)
+    trainer = trainer_class(
+        model=model, args=args, train_dataset=dataset, processing_class=train_tokenizer, callbacks=callbacks
+    )
+    # TRL drops rows whose assistant tokens were all truncated away; with none left it would fail deep in torch.
+    if len(trainer.train_dataset) == 0:
+        raise OpenNemotronError(
+            f"sft: max_length = {config.max_length} tokens cuts off the answer of every one of the {len(examples)} "
+            "rows: expected a larger --max-length"
+        )
+    return trainer, tokenizer, examples, report
+
+
+def run(config: SFTRunConfig, callbacks: list | None = None) -> dict[str, Any]:
+    """Train; returns the artifact paths and final metrics (also in `sft_report.md` / `sft_log.json`).
+
+    `callbacks`: extra `transformers.TrainerCallback`s (tests use one to kill a run after a checkpoint).
+    """
+    trainer, tokenizer, examples, report = build_trainer(config, callbacks)
+    out = Path(config.output_dir)
     resume = latest_checkpoint(out)
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
