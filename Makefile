@@ -61,14 +61,16 @@ test-latest: venv-latest
 	$(LATEST)/bin/python -m pytest -q $(LATEST_TESTS)
 
 # Refresh the lock file: newest allowed versions, the whole suite, and only then the new lock (written to a temporary
-# file and moved into place, so a failed or interrupted run leaves the old lock untouched). pip itself is left out:
-# it comes with the venv, not from `make venv`.
+# file and moved into place, so a failed or interrupted run leaves the old lock untouched). The lock's comment lines
+# are kept except its Provenance line, which is rewritten. pip itself is left out: it comes with the venv, not from
+# `make venv`.
 # SUITE (pytest arguments, default: the whole suite) exists to test this recipe quickly; a real lock runs everything.
 SUITE ?=
 lock: override PINS :=
 lock: venv-latest
 	$(LATEST)/bin/python -m pytest -q $(SUITE)
-	{ sed -n '/^#/p' $(LOCK); \
+	{ sed -n '/^#/p' $(LOCK) | grep -v '^# Provenance:'; \
+	  echo "# Provenance: written by make lock on $$(date -u +%F) ($$($(LATEST)/bin/python -V), $$(uname -sm))."; \
 	  $(LATEST)/bin/pip freeze --all --exclude-editable | grep -v '^pip==' | sed 's/^\(torch==[^+]*\)+.*/\1/'; \
 	} > $(LOCK).tmp
 	mv $(LOCK).tmp $(LOCK)
