@@ -35,16 +35,21 @@ from open_nemotron.utils import write_result
 def llama_cpp_greedy(llm, prompt: list[int], new_tokens: int) -> tuple[float, float, list[int]]:
     """(prefill seconds, decode seconds for new_tokens - 1 steps, tokens): evaluate the prompt, then one token
     per step, each the argmax of the last logits (what greedy decoding is)."""
+    vocab = llm.n_vocab()
+
+    def last_argmax() -> int:  # llama.cpp keeps only the last position's logits (no logits_all)
+        return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,))))
+
     llm.reset()
     start = time.perf_counter()
     llm.eval(prompt)
-    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    token = last_argmax()
     prefill = time.perf_counter() - start
     tokens = [token]
     start = time.perf_counter()
     for _ in range(new_tokens - 1):
         llm.eval([token])
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        token = last_argmax()
         tokens.append(token)
     return prefill, time.perf_counter() - start, tokens
 

@@ -213,3 +213,22 @@ def test_decode_linear_fast_path_matches_f_linear():
         x = torch.randn(rows, 1, 48)
         with torch.no_grad():
             assert torch.allclose(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias), atol=1e-6)
+
+
+def test_one_row_split_product_is_bit_identical_to_f_linear():
+    """The one-row product over column blocks (one per thread) computes every output as F.linear does."""
+    from open_nemotron.model.modeling import decode_linear
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        for out_features, in_features in ((1024, 48), (1536, 576), (576, 1536)):
+            weight = torch.randn(out_features, in_features, generator=gen).t().contiguous().t()  # column-major
+            bias = torch.randn(out_features, generator=gen)
+            x = torch.randn(1, 1, in_features, generator=gen)
+            with torch.no_grad():
+                assert torch.equal(decode_linear(x, weight), torch.nn.functional.linear(x, weight))
+                assert torch.equal(decode_linear(x, weight, bias), torch.nn.functional.linear(x, weight, bias))
+    finally:
+        torch.set_num_threads(threads)

@@ -1,15 +1,16 @@
 """Weight layouts that make decode on CPUs stream weights faster; values are unchanged. Chosen explicitly.
 
 Decode multiplies one activation row by every weight matrix, so its speed is the speed at which BLAS streams
-the weights. On the AVX2 CPUs we measured, MKL/oneDNN's matrix-vector product reads a [out, in] weight stored
-column-major ("transposed") 1.3-1.8x faster than the row-major nn.Linear layout when out >= in (q/k/v, gate/up,
-o_proj, the LM head), and slower when out < in (down_proj). The "gemv" layout therefore:
+the weights. On the AVX2/AVX-512 CPUs we measured, MKL's one-row product `x @ B` streams a row-major [in, out]
+matrix B = W^T 1.3-1.8x faster than it streams the row-major nn.Linear layout W [out, in], and runs on one core;
+`decode_linear` splits B's columns into one block per thread and multiplies them as a batch, which uses every core
+(same products, same order: bit-identical). The "gemv" layout therefore:
 
-- stores those weights column-major (same Parameters, same values, other strides), and
-- stores q/k/v and gate/up as views of one matrix each, so a decode step runs one GEMV instead of three or two.
+- stores every Linear weight column-major (W^T contiguous: same Parameters, same values, other strides), and
+- stores q/k/v and gate/up as views of one matrix each, so a decode step runs one product instead of three or two.
 
 That layout is only good for one row at a time: multiplying 2-16 rows (batched decode), BLAS is fastest on the
-ordinary row-major layout ("gemm", the checkpoint's own; see `DeciLMLinear`). Both compute the same numbers.
+ordinary row-major layout ("gemm", the checkpoint's own; see `decode_linear`). Both compute the same numbers.
 
 Nothing switches a layout behind the caller's back: `generate` decodes in whatever layout the model has. The
 layout is chosen when loading (`load_model(..., decode_layout="gemv")`) or by calling `set_decode_layout`
@@ -177,11 +178,7 @@ def _to_gemv_layout(model: nn.Module, source: Source) -> None:
     for module in model.modules():
         # o_proj, linear attention/FFN replacements, the LM head (tied embedding); never a fused part again,
         # which would give it its own storage and silently turn the fused path off.
-        if (
-            isinstance(module, nn.Linear)
-            and id(module) not in fused_parts
-            and module.out_features >= module.in_features
-        ):
+        if isinstance(module, nn.Linear) and id(module) not in fused_parts:
             _column_major(module.weight, source)
             relaid.add(id(module.weight))
     _own_remaining(model, relaid, source)
