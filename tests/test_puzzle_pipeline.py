@@ -364,7 +364,7 @@ def test_jsonl_calibration_reads_text_and_chat_rows_and_names_bad_lines(tmp_path
 
 
 def test_candidates_sum_their_halves_and_lm_loss_scores_are_relative_to_the_parent(parent, config):
-    from open_nemotron.puzzle.searching import build_candidates, fixed_costs, run_search
+    from open_nemotron.puzzle.search import build_candidates, fixed_costs, run_search
 
     space = build_search_space(
         parent.config,

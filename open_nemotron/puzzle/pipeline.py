@@ -207,7 +207,7 @@ class PuzzleRun:
         )
 
     def search(self) -> dict[str, Any]:
-        from open_nemotron.puzzle.searching import run_search
+        from open_nemotron.puzzle.search import run_search
 
         costs = self.read_json("costs.json", "costs")
         scores = self.read_json("scores.json", "score")

@@ -1,4 +1,4 @@
-"""Puzzle's architecture search (open_nemotron.puzzle.search): the MIP against brute-force enumeration, each budget
+"""Puzzle's architecture search (open_nemotron.puzzle.mip): the MIP against brute-force enumeration, each budget
 binding, diversity, the greedy baseline, the batch-size sweep and input validation. Pure numpy/scipy, all fast."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from open_nemotron.errors import OpenNemotronError
-from open_nemotron.puzzle.search import (
+from open_nemotron.puzzle.mip import (
     Budget,
     Candidate,
     FixedCosts,
@@ -506,17 +506,17 @@ def test_bad_solution_count_and_batch_list_are_named():
 
 
 def test_time_limit_is_reported(monkeypatch):
-    import open_nemotron.puzzle.search as search_module
+    import open_nemotron.puzzle.mip as mip_module
 
     layers, fixed = random_problem(0, num_layers=3)
-    real_milp = search_module.milp
+    real_milp = mip_module.milp
 
     def stopped_with_incumbent(*args, **kwargs):
         res = real_milp(*args, **kwargs)
         res.status, res.message = 1, "Time limit reached."
         return res
 
-    monkeypatch.setattr(search_module, "milp", stopped_with_incumbent)
+    monkeypatch.setattr(mip_module, "milp", stopped_with_incumbent)
     sol = solve_mip(layers, fixed, Budget(), 4, SEQ, time_limit_s=0.5)
     assert sol.method == "mip" and not sol.proven_optimal
 
@@ -525,6 +525,6 @@ def test_time_limit_is_reported(monkeypatch):
         res.status, res.message, res.x = 1, "Time limit reached.", None
         return res
 
-    monkeypatch.setattr(search_module, "milp", stopped_empty)
+    monkeypatch.setattr(mip_module, "milp", stopped_empty)
     with pytest.raises(SearchError, match=r"no architecture within time_limit_s=0.5"):
         solve_mip(layers, fixed, Budget(), 4, SEQ, time_limit_s=0.5)
