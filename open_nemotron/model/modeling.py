@@ -456,12 +456,15 @@ class DeciLMModel(DeciLMPreTrainedModel):
         if past_key_values is not None:
             cached = next((start + k for k, layer in enumerate(layers) if layer.attention_kind == "gqa"), None)
             past = 0 if cached is None else past_key_values.get_seq_length(cached)
+        packed = False  # only caller-given positions can restart (checking costs a device sync: skipped otherwise)
         if position_ids is None:
             if attention_mask is not None and not bool(attention_mask.all()):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -seq:]
             else:
                 position_ids = torch.arange(past, past + seq, device=hidden_states.device)[None]
-        if attention_mask is None and past == 0 and seq > 1 and packed_sequences(position_ids):
+        elif attention_mask is None and past == 0 and seq > 1:
+            packed = packed_sequences(position_ids)
+        if packed:
             if position_ids.shape[0] == 1:
                 mask, is_causal = PackedSegments.from_position_ids(position_ids), False
             else:

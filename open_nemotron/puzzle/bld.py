@@ -57,26 +57,18 @@ class LibraryError(OpenNemotronError, ValueError):
 class ParentActivations:
     inputs: list[torch.Tensor]  # inputs[i] = residual entering layer i; inputs[i + 1] = layer i's output
     mids: list[torch.Tensor]  # residual after layer i's attention
-    cos: torch.Tensor
-    sin: torch.Tensor
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]  # the rotary (cos, sin) of these positions
 
 
 @torch.no_grad()
 def parent_activations(model, input_ids: torch.Tensor, last_layer: int | None = None) -> ParentActivations:
     """Run the parent's layers 0..last_layer once, keeping every layer's input and mid-layer residual."""
     inner = model.model
-    layers = inner.layers if last_layer is None else inner.layers[: last_layer + 1]
+    end = len(inner.layers) if last_layer is None else last_layer + 1
     x = inner.embed_tokens(input_ids)
-    positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
-    cos, sin = inner.rotary_emb(x, positions)
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    inputs, mids = [x], []
-    for layer in layers:
-        h = layer.attention_residual(x, cos, sin, None, True)
-        mids.append(h)
-        x = layer.ffn_residual(h)
-        inputs.append(x)
-    return ParentActivations(inputs, mids, cos, sin)
+    rope = inner.rotary_emb(x, torch.arange(input_ids.shape[1], device=input_ids.device)[None])
+    _, residuals = inner.run_layers(x, 0, end, position_embeddings=rope, return_residuals=True)
+    return ParentActivations(residuals[0::2], residuals[1::2], rope)
 
 
 # ----------------------------------------------------------------------------------------------- child layers
@@ -160,9 +152,13 @@ def normalized_mse(y_child: torch.Tensor, y_parent: torch.Tensor, x: torch.Tenso
     return (y_child - y_parent).float().pow(2).mean() / (y_parent - x).float().pow(2).mean().clamp_min(1e-12)
 
 
-def child_output(child: nn.Module, part: str, acts: ParentActivations, layer: int) -> torch.Tensor:
+def child_output(parent_model, child: nn.Module, part: str, acts: ParentActivations, layer: int) -> torch.Tensor:
+    """The child layer's output from the parent's residual entering it (attention) or its mid residual (FFN)."""
     if part == ATTENTION:
-        return child(acts.inputs[layer], acts.cos, acts.sin, None, True)
+        inputs = acts.inputs[layer]
+        return parent_model.model.run_layers(
+            inputs, layer, layer + 1, position_embeddings=acts.position_embeddings, replace={layer: child}
+        )
     return child.ffn_residual(acts.mids[layer])
 
 
@@ -305,7 +301,7 @@ def evaluate_variants(
         acts = parent_activations(parent_model, tokens[start : start + batch_size], last)
         batches += 1
         for key, (layer, variant, child) in trainers.items():
-            y = child_output(child, variant.part, acts, layer)
+            y = child_output(parent_model, child, variant.part, acts, layer)
             sums[key] += normalized_mse(y, acts.inputs[layer + 1], acts.inputs[layer]).item()
     return {k: s / batches for k, s in sums.items()}
 
@@ -391,7 +387,11 @@ def build_library(
                 group["lr"] = config.learning_rate * lr_factor(step, total, warmup)
             losses = torch.stack(
                 [
-                    normalized_mse(child_output(child, v.part, acts, layer), acts.inputs[layer + 1], acts.inputs[layer])
+                    normalized_mse(
+                        child_output(parent_model, child, v.part, acts, layer),
+                        acts.inputs[layer + 1],
+                        acts.inputs[layer],
+                    )
                     for layer, v, child in trainers.values()
                 ]
             )

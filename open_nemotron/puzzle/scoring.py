@@ -45,12 +45,11 @@ def library_layer(parent_model, space: SearchSpace, library: Path, layer: int, a
 
 
 @torch.no_grad()
-def run_from_layer(parent_model, start: int, first_layer, hidden: torch.Tensor, cos, sin) -> torch.Tensor:
+def run_from_layer(parent_model, start: int, first_layer, hidden: torch.Tensor, position_embeddings) -> torch.Tensor:
     """Logits of the parent with layer `start` replaced by `first_layer`, started from the residual entering it."""
-    x = first_layer(hidden, cos, sin, None, True)
-    for layer in parent_model.model.layers[start + 1 :]:
-        x = layer(x, cos, sin, None, True)
-    return parent_model.lm_head(parent_model.model.norm(x))
+    inner = parent_model.model
+    x = inner.run_layers(hidden, start, position_embeddings=position_embeddings, replace={start: first_layer})
+    return parent_model.lm_head(inner.norm(x))
 
 
 def token_metrics(parent_logp: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
@@ -112,7 +111,9 @@ def score_library(
                     child = library_layer(parent_model, space, library, layer, attention, ffn)
                     sums = {"kl": 0.0, "lm_loss": 0.0, "top1": 0.0}
                     for acts, logp, ids in zip(cached, parent_logp, batches, strict=True):
-                        logits = run_from_layer(parent_model, layer, child, acts.inputs[layer], acts.cos, acts.sin)
+                        logits = run_from_layer(
+                            parent_model, layer, child, acts.inputs[layer], acts.position_embeddings
+                        )
                         for k, v in token_metrics(logp, logits, ids).items():
                             sums[k] += v
                     result["layers"][layer][part][variant.name] = {k: v / n_tokens for k, v in sums.items()}
