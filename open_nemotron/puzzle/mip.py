@@ -9,6 +9,11 @@ better, e.g. KL) subject to any of four budgets at a fixed batch size b:
 * ``max_memory_bytes``: fixed.params_bytes + Σ (params_bytes + b·seq_len·kv_bytes_per_token)·x <= M
 * ``max_params``:       fixed.params + Σ params·x <= P
 
+The predicted decode step of a choice is ``fixed.runtime_s[b] + Σ runtime_s[b]·x`` (:func:`predicted_step_s`, the
+one place it is computed). ``fixed.runtime_s`` is a signed residual (the parent's measured step minus its probed
+blocks) and may be negative; a choice whose predicted step is not positive is outside the cost model and never
+returned: when the space holds such choices, a row ``fixed + Σ runtime·x >= MIN_STEP_S`` excludes them.
+
 The batch size is not a decision variable: :func:`sweep_batch_sizes` solves once per batch size and keeps the best
 score. Diversity (the paper's α): for every earlier solution y, Σ_i x[i, y_i] <= floor(α·L), so each new solution
 differs from each earlier one in at least ceil((1-α)·L) layers.
@@ -24,7 +29,7 @@ from the solver.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -39,6 +44,7 @@ _TIGHTEN_MARGIN = 1e-10  # first relative cut below such a choice's use (then 4x
 _OBJ_SCALE = 1e6  # the largest per-layer score difference, in objective units (see _milp)
 _ROW_SCALE = 1e6  # the traded range of each budget row, in row units (see _milp)
 GIB = 1 << 30
+MIN_STEP_S = 1e-9  # the smallest predicted decode step the MIP accepts (only binds with a negative fixed residual)
 
 
 class SearchError(OpenNemotronError, ValueError):
@@ -62,7 +68,7 @@ class Candidate:
 class FixedCosts:
     """Everything outside the searched layers (embeddings, LM head, final norm, per-step overhead)."""
 
-    runtime_s: dict[int, float]  # per batch size
+    runtime_s: dict[int, float]  # per batch size; a signed residual: may be negative (see the module docstring)
     params: int
     params_bytes: int
 
@@ -139,6 +145,13 @@ class _Problem:
     def num_layers(self) -> int:
         return len(self.layers)
 
+    def fastest(self) -> float:
+        """The predicted step of the per-layer fastest choice (may be <= 0 with a negative fixed residual)."""
+        return predicted_step_s(self.fixed.runtime_s[self.batch_size], (min(rt) for rt in self.runtime))
+
+    def slowest(self) -> float:
+        return predicted_step_s(self.fixed.runtime_s[self.batch_size], (max(rt) for rt in self.runtime))
+
     def step_limit(self) -> float | None:
         """The tighter of the two runtime budgets, as a decode-step time including fixed costs."""
         limits = []
@@ -150,13 +163,13 @@ class _Problem:
 
     def evaluate(self, choice: Sequence[int], method: str, proven_optimal: bool = False) -> Solution:
         b = self.batch_size
-        runtime = self.fixed.runtime_s[b] + math.fsum(self.runtime[i][j] for i, j in enumerate(choice))
+        runtime = predicted_step_s(self.fixed.runtime_s[b], (self.runtime[i][j] for i, j in enumerate(choice)))
         return Solution(
             choice=[int(j) for j in choice],
             batch_size=b,
             score=math.fsum(self.score[i][j] for i, j in enumerate(choice)),
             runtime_s=runtime,
-            throughput=b / runtime if runtime > 0 else math.inf,
+            throughput=b / runtime if runtime > 0 else math.nan,  # not positive: a violation, never returned
             memory_bytes=int(self.fixed.params_bytes) + sum(self.memory[i][j] for i, j in enumerate(choice)),
             params=int(self.fixed.params) + sum(self.params[i][j] for i, j in enumerate(choice)),
             method=method,
@@ -164,16 +177,21 @@ class _Problem:
         )
 
 
-def _check_number(value: Any, field: str, *, integer: bool = False) -> None:
+def predicted_step_s(fixed_s: float, blocks_s: Iterable[float]) -> float:
+    """A child's predicted decode step: the fixed (signed) residual plus its blocks' times, summed exactly."""
+    return fixed_s + math.fsum(blocks_s)
+
+
+def _check_number(value: Any, field: str, *, integer: bool = False, signed: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise SearchError(f"{field}={value!r}: expected a {'whole ' if integer else ''}number")
-    if not math.isfinite(value) or value < 0:
-        raise SearchError(f"{field}={value!r}: expected a finite non-negative number")
+    if not math.isfinite(value) or (value < 0 and not signed):
+        raise SearchError(f"{field}={value!r}: expected a finite {'' if signed else 'non-negative '}number")
     if integer and value != int(value):
         raise SearchError(f"{field}={value!r}: expected a whole number")
 
 
-def _runtime_at(runtime_s: Any, batch_size: int, field: str) -> float:
+def _runtime_at(runtime_s: Any, batch_size: int, field: str, signed: bool = False) -> float:
     if not isinstance(runtime_s, dict):
         raise SearchError(f"{field}={runtime_s!r}: expected a dict of batch size -> decode-step seconds")
     if batch_size not in runtime_s:
@@ -182,7 +200,7 @@ def _runtime_at(runtime_s: Any, batch_size: int, field: str) -> float:
             "expected a decode-step time for every searched batch size"
         )
     value = runtime_s[batch_size]
-    _check_number(value, f"{field}[{batch_size}]")
+    _check_number(value, f"{field}[{batch_size}]", signed=signed)
     return float(value)
 
 
@@ -202,7 +220,7 @@ def _problem(
         raise SearchError(f"budget={budget!r}: expected a Budget")
     if not isinstance(fixed, FixedCosts):
         raise SearchError(f"fixed={fixed!r}: expected a FixedCosts")
-    _runtime_at(fixed.runtime_s, b, "fixed.runtime_s")
+    _runtime_at(fixed.runtime_s, b, "fixed.runtime_s", signed=True)  # a residual: negative when probes overshoot
     _check_number(fixed.params, "fixed.params", integer=True)
     _check_number(fixed.params_bytes, "fixed.params_bytes", integer=True)
     if len(layers) == 0:
@@ -267,8 +285,15 @@ def _unreachable(problem: _Problem) -> list[str]:
     """Budgets that no architecture meets even alone, each with the best value the search space can reach."""
     b, bud, fixed = problem.batch_size, problem.budget, problem.fixed
     fixed_rt = fixed.runtime_s[b]
-    fastest = fixed_rt + math.fsum(min(rt) for rt in problem.runtime)
+    fastest = problem.fastest()
     reasons = []
+    slowest = problem.slowest()
+    if slowest < MIN_STEP_S:
+        reasons.append(
+            f"every architecture's predicted decode step is at most {slowest:.6g} s at batch size {b} (fixed residual "
+            f"{fixed_rt:.6g} s): expected a positive time; the costs are degenerate, re-measure them"
+        )
+        return reasons
     if bud.min_throughput is not None and fastest > (b / bud.min_throughput) * (1 + REL_TOL):
         reasons.append(
             f"min_throughput={bud.min_throughput:g} tok/s is unreachable at batch size {b}: the fastest architecture "
@@ -307,6 +332,11 @@ def _violations(problem: _Problem, sol: Solution) -> list[str]:
         out.append(f"max_memory_bytes: {sol.memory_bytes} > {int(bud.max_memory_bytes)}")
     if bud.max_params is not None and sol.params > bud.max_params:
         out.append(f"max_params: {sol.params} > {int(bud.max_params)}")
+    if not sol.runtime_s > 0:
+        out.append(
+            f"predicted step {sol.runtime_s:.6g} s is not positive (fixed residual "
+            f"{problem.fixed.runtime_s[problem.batch_size]:.6g} s): outside the cost model"
+        )
     return out
 
 
@@ -341,6 +371,9 @@ def _budget_summary(budget: Budget) -> str:
 # ---------------------------------------------------------------------------------------------------------- MIP
 
 
+_SECONDS_ROWS = ("runtime", "positive_step")  # rows in seconds (the others count bytes or parameters exactly)
+
+
 @dataclass
 class _Row:
     """One budget as a linear row over the layers' costs: Σ cost[i][j]·x_ij <= limit."""
@@ -357,6 +390,10 @@ def _rows(problem: _Problem) -> list[_Row]:
     if step is not None:
         # The same 1e-9 relative tolerance as the exact check, so solver and check agree on what fits.
         rows.append(_Row("runtime", problem.runtime, step * (1 + REL_TOL) - fixed.runtime_s[b]))
+    if problem.fastest() < MIN_STEP_S:  # a negative fixed residual: exclude choices predicted at <= 0 s
+        rows.append(
+            _Row("positive_step", [[-r for r in rt] for rt in problem.runtime], fixed.runtime_s[b] - MIN_STEP_S)
+        )
     if bud.max_memory_bytes is not None:
         rows.append(_Row("memory", problem.memory, int(bud.max_memory_bytes) - int(fixed.params_bytes)))
     if bud.max_params is not None:
@@ -366,7 +403,7 @@ def _rows(problem: _Problem) -> list[_Row]:
 
 def _row_used(row: _Row, choice: Sequence[int]) -> float | int:
     """A choice's exact layer sum on one row (fsum for seconds, integers for bytes and parameters)."""
-    if row.name == "runtime":
+    if row.name in _SECONDS_ROWS:
         return math.fsum(row.cost[i][j] for i, j in enumerate(choice))
     return sum(row.cost[i][j] for i, j in enumerate(choice))
 
@@ -480,7 +517,7 @@ def solve_mip(
             used = _row_used(row, choice)
             if used > row.limit:
                 margin = _TIGHTEN_MARGIN * 4**attempt * abs(float(row.limit))
-                if row.name != "runtime":
+                if row.name not in _SECONDS_ROWS:
                     margin = max(math.ceil(margin), 1)
                 row.limit = row.limit - max(used - row.limit, margin)
     raise SearchError(
@@ -525,10 +562,10 @@ def _why_infeasible(
 
 def _best_values(problem: _Problem) -> str:
     b, fixed = problem.batch_size, problem.fixed
-    fastest = fixed.runtime_s[b] + math.fsum(min(rt) for rt in problem.runtime)
+    fastest = problem.fastest()
     smallest = int(fixed.params_bytes) + sum(min(m) for m in problem.memory)
     fewest = int(fixed.params) + sum(min(p) for p in problem.params)
-    speed = f"{b / fastest:.6g}" if fastest > 0 else "inf"
+    speed = f"{b / fastest:.6g}" if fastest > 0 else "undefined (not positive: such choices are excluded)"
     return (
         f"fastest step {fastest:.6g} s = {speed} tok/s; smallest memory {_fmt_bytes(smallest)}; "
         f"fewest parameters {fewest}"
@@ -597,7 +634,8 @@ def greedy_baseline(
     reasons = _unreachable(problem)
     if reasons:
         raise SearchError("; ".join(reasons))
-    rows = _rows(problem)
+    # The positive-step row is not a budget to share out; the final check rejects a choice predicted at <= 0 s.
+    rows = [row for row in _rows(problem) if row.name != "positive_step"]
     L = problem.num_layers
     means = [float(np.mean(sc)) for sc in problem.score]
     order = sorted(range(L), key=lambda i: (means[i], i))

@@ -51,8 +51,9 @@ class PuzzleRunError(OpenNemotronError, RuntimeError):
 class PuzzleRun:
     """One run directory: the config, lazily loaded parent and artifacts, and the stage bookkeeping."""
 
-    def __init__(self, config: PuzzleConfig, run_dir: str | Path, progress: bool = True) -> None:
+    def __init__(self, config: PuzzleConfig, run_dir: str | Path, progress: bool = True, timer=None) -> None:
         self.config = config
+        self.timer = timer  # costs' Timer (None: wall time); tests inject a fake one for deterministic costs
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.progress = progress
@@ -181,7 +182,7 @@ class PuzzleRun:
     def costs(self) -> dict[str, Any]:
         from open_nemotron.puzzle.costs import measure_costs
 
-        result = measure_costs(self.parent, self.space, self.config.costs, progress=self.progress)
+        result = measure_costs(self.parent, self.space, self.config.costs, progress=self.progress, timer=self.timer)
         atomic_write_text(self.dir / "costs.json", json.dumps(result, indent=1))
         return result
 
@@ -296,9 +297,18 @@ def run_stage(run: PuzzleRun, stage: str, force: bool = True) -> float:
     return run.run_stage(stage, getattr(run, STAGE_METHODS[stage]), force=force)
 
 
-def run(config: PuzzleConfig, run_dir: str | Path, progress: bool = True, echo: Callable[[str], None] = print) -> dict:
-    """Every stage in order, skipping the ones already done with the same settings; returns report.json."""
-    pr = PuzzleRun(config, run_dir, progress=progress)
+def run(
+    config: PuzzleConfig,
+    run_dir: str | Path,
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+    timer=None,
+) -> dict:
+    """Every stage in order, skipping the ones already done with the same settings; returns report.json.
+
+    ``timer``: the costs stage's `Timer` (default: wall time); a test passes a fake one for deterministic costs.
+    """
+    pr = PuzzleRun(config, run_dir, progress=progress, timer=timer)
     for stage in STAGES:
         fresh = pr.is_fresh(stage)
         seconds = run_stage(pr, stage, force=False)

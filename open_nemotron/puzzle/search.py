@@ -11,6 +11,7 @@ the plot).
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any
 
 from open_nemotron.puzzle.config import CostsConfig, SearchConfig, TargetConfig
@@ -21,6 +22,7 @@ from open_nemotron.puzzle.mip import (
     SearchError,
     Solution,
     greedy_baseline,
+    predicted_step_s,
     solve_diverse,
     solve_mip,
     sweep_batch_sizes,
@@ -29,6 +31,49 @@ from open_nemotron.puzzle.scoring import variant_score
 from open_nemotron.puzzle.search_space import ATTENTION, FFN, SearchSpace
 
 GIB = 1 << 30
+
+
+def check_costs(costs: Any, space: SearchSpace, batch_sizes: list[int]) -> None:
+    """A costs.json the search can use, or a one-line SearchError naming the first bad field."""
+
+    def number(value: Any, where: str, signed: bool = False) -> None:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok or (value < 0 and not signed):
+            kind = "a finite number" if signed else "a finite non-negative number"
+            raise SearchError(f"costs.json {where} = {value!r}: expected {kind}; re-run `puzzle costs`")
+
+    def mapping(value: Any, where: str) -> dict:
+        if not isinstance(value, dict):
+            raise SearchError(
+                f"costs.json {where}: expected a mapping, got {type(value).__name__}; re-run `puzzle costs`"
+            )
+        return value
+
+    costs = mapping(costs, "(top level)")
+    fixed = mapping(costs.get("fixed"), "fixed")
+    for key in ("params", "params_bytes"):
+        number(fixed.get(key), f"fixed.{key}")
+    decode = mapping(fixed.get("decode_s"), "fixed.decode_s")
+    for b in batch_sizes:
+        number(decode.get(str(b)), f"fixed.decode_s[{str(b)!r}]", signed=True)  # the signed residual
+    variants = mapping(costs.get("variants"), "variants")
+    names = sorted({v.name for layer in space.attention + space.ffn for v in layer})
+    for name in names:
+        entry = mapping(variants.get(name), f"variants[{name!r}] (a variant of the search space)")
+        for key in ("params", "params_bytes", "kv_bytes_per_token"):
+            number(entry.get(key), f"variants[{name!r}].{key}")
+        times = mapping(entry.get("decode_s"), f"variants[{name!r}].decode_s")
+        for b in batch_sizes:
+            number(times.get(str(b)), f"variants[{name!r}].decode_s[{str(b)!r}]")
+
+
+def _score(scores: dict[str, Any], layer: int, part: str, variant: str, parent_name: str) -> float:
+    try:
+        return variant_score(scores, layer, part, variant, parent_name)
+    except (KeyError, IndexError, TypeError):
+        raise SearchError(
+            f"scores.json: no {scores.get('metric')!r} score for layer {layer} {variant}; re-run `puzzle score`"
+        ) from None
 
 
 def build_candidates(space: SearchSpace, costs: dict[str, Any], scores: dict[str, Any]) -> list[list[Candidate]]:
@@ -44,8 +89,7 @@ def build_candidates(space: SearchSpace, costs: dict[str, Any], scores: dict[str
                     Candidate(
                         attention=a.name,
                         ffn=f.name,
-                        score=variant_score(scores, i, ATTENTION, a.name, parent_a)
-                        + variant_score(scores, i, FFN, f.name, parent_f),
+                        score=_score(scores, i, ATTENTION, a.name, parent_a) + _score(scores, i, FFN, f.name, parent_f),
                         runtime_s={int(b): ca["decode_s"][b] + cf["decode_s"][b] for b in ca["decode_s"]},
                         params=ca["params"] + cf["params"],
                         params_bytes=ca["params_bytes"] + cf["params_bytes"],
@@ -70,7 +114,17 @@ def parent_choice(layers: list[list[Candidate]]) -> list[int]:
 
 
 def predicted_runtime(layers: list[list[Candidate]], fixed: FixedCosts, choice: list[int], batch: int) -> float:
-    return fixed.runtime_s[batch] + sum(layers[i][j].runtime_s[batch] for i, j in enumerate(choice))
+    return predicted_step_s(fixed.runtime_s[batch], (layers[i][j].runtime_s[batch] for i, j in enumerate(choice)))
+
+
+def speedup(parent_runtime: float, runtime: float) -> float:
+    """The parent's predicted step over a child's; both must be positive (the MIP never returns a step <= 0)."""
+    if not (parent_runtime > 0 and runtime > 0):
+        raise SearchError(
+            f"predicted decode steps {parent_runtime:.6g} s (parent) and {runtime:.6g} s (child): expected positive "
+            "times; costs.json is degenerate, re-run `puzzle costs`"
+        )
+    return parent_runtime / runtime
 
 
 def to_budget(target: TargetConfig, parent_throughput: float) -> Budget:
@@ -86,7 +140,7 @@ def to_budget(target: TargetConfig, parent_throughput: float) -> Budget:
 
 def describe(solution: Solution, layers: list[list[Candidate]], parent_runtime: float) -> dict[str, Any]:
     data = solution.to_dict()
-    data["predicted_speedup"] = parent_runtime / solution.runtime_s
+    data["predicted_speedup"] = speedup(parent_runtime, solution.runtime_s)
     data["layers"] = [
         {"attention": layers[i][j].attention, "ffn": layers[i][j].ffn, "score": layers[i][j].score}
         for i, j in enumerate(solution.choice)
@@ -97,12 +151,19 @@ def describe(solution: Solution, layers: list[list[Candidate]], parent_runtime: 
 def run_search(
     space: SearchSpace, costs: dict[str, Any], scores: dict[str, Any], config: SearchConfig, costs_config: CostsConfig
 ) -> dict[str, Any]:
+    check_costs(costs, space, config.batch_sizes)
     layers = build_candidates(space, costs, scores)
     fixed = fixed_costs(costs)
     seq_len = config.seq_len or (costs_config.prompt_len + costs_config.gen_len)
     b0 = config.batch_sizes[0]
     parent = parent_choice(layers)
     parent_runtime = {b: predicted_runtime(layers, fixed, parent, b) for b in config.batch_sizes}
+    for b, step in parent_runtime.items():
+        if not step > 0:
+            raise SearchError(
+                f"costs.json: the parent's predicted decode step at batch size {b} is {step:.6g} s (fixed residual "
+                f"{fixed.runtime_s[b]:.6g} s + its blocks): expected a positive time; re-run `puzzle costs`"
+            )
     parent_throughput = b0 / parent_runtime[b0]
     targets = []
     for target in config.targets:
@@ -134,6 +195,9 @@ def run_search(
         "seq_len": seq_len,
         "metric": scores["metric"],
         "parent": {"runtime_s": parent_runtime[batch], "throughput": batch / parent_runtime[batch]},
+        # The signed fixed residual at the chosen batch size (negative: the probes overshoot the parent's step).
+        "fixed_residual_s": fixed.runtime_s[batch],
+        "residual_warnings": list(costs.get("residual_warnings", [])),
         "targets": targets,
         "front": front(layers, fixed, batch, seq_len, parent_runtime[batch], config),
     }
@@ -142,13 +206,15 @@ def run_search(
 def front(layers, fixed: FixedCosts, batch: int, seq_len: int, parent_runtime: float, config: SearchConfig) -> list:
     """MIP optima over evenly spaced speedups from 1 to 1.5x the largest speedup target (at least 2x), capped by the
     fastest architecture in the space: the region where the chosen children sit, at a readable scale."""
-    fastest = fixed.runtime_s[batch] + sum(min(c.runtime_s[batch] for c in layer) for layer in layers)
+    fastest = predicted_step_s(fixed.runtime_s[batch], (min(c.runtime_s[batch] for c in layer) for layer in layers))
     targets = [t.decode_speedup for t in config.targets if t.decode_speedup is not None]
-    top = min(parent_runtime / fastest, max([2.0, *(1.5 * t for t in targets)]))
+    top = max([2.0, *(1.5 * t for t in targets)])
+    if fastest > 0:  # otherwise (a negative fixed residual) no cap: the MIP excludes steps <= 0 itself
+        top = min(top, speedup(parent_runtime, fastest))
     points = []
     for k in range(config.front_points):
-        speedup = 1.0 + (top - 1.0) * k / max(1, config.front_points - 1)
-        budget = Budget(min_throughput=speedup * batch / parent_runtime)
+        wanted = 1.0 + (top - 1.0) * k / max(1, config.front_points - 1)
+        budget = Budget(min_throughput=wanted * batch / parent_runtime)
         try:
             s = solve_mip(layers, fixed, budget, batch, seq_len, time_limit_s=config.time_limit_s)
         except SearchError:
@@ -158,10 +224,10 @@ def front(layers, fixed: FixedCosts, batch: int, seq_len: int, parent_runtime: f
             g = greedy_baseline(layers, fixed, budget, batch, seq_len)
         points.append(
             {
-                "target_speedup": speedup,
-                "predicted_speedup": parent_runtime / s.runtime_s,
+                "target_speedup": wanted,
+                "predicted_speedup": speedup(parent_runtime, s.runtime_s),
                 "score": s.score,
-                "greedy_speedup": parent_runtime / g.runtime_s if g else None,
+                "greedy_speedup": speedup(parent_runtime, g.runtime_s) if g else None,
                 "greedy_score": g.score if g else None,
             }
         )
