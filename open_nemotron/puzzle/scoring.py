@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from open_nemotron.evaluate.divergence import kl_and_top1, log_probs
 from open_nemotron.puzzle.bld import build_child_layer, half_state, load_half, parent_activations
 from open_nemotron.puzzle.search_space import ATTENTION, FFN, SearchSpace, Variant
 from open_nemotron.utils import atomic_write_text
@@ -54,12 +55,10 @@ def run_from_layer(parent_model, start: int, first_layer, hidden: torch.Tensor, 
 
 def token_metrics(parent_logp: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """Sums over tokens (positions with a next token): KL(parent || child), child LM loss, top-1 agreement."""
-    logq = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    logp = parent_logp[:, :-1]
-    kl = (logp.exp() * (logp - logq)).sum(-1)
+    logq = log_probs(logits[:, :-1])
+    kl, top1 = kl_and_top1(parent_logp[:, :-1], logq)
     lm = F.nll_loss(logq.reshape(-1, logq.shape[-1]), labels[:, 1:].reshape(-1), reduction="sum")
-    top1 = (logq.argmax(-1) == logp.argmax(-1)).float().sum()
-    return {"kl": kl.sum().item(), "lm_loss": lm.item(), "top1": top1.item()}
+    return {"kl": kl.sum().item(), "lm_loss": lm.item(), "top1": top1.sum().item()}
 
 
 def score_library(
@@ -91,10 +90,7 @@ def score_library(
         batches = [heldout[s : s + batch_size] for s in range(0, heldout.shape[0], batch_size)]
         with torch.no_grad():
             cached = [parent_activations(parent_model, b) for b in batches]
-            parent_logp = [
-                F.log_softmax(parent_model.lm_head(parent_model.model.norm(a.inputs[-1])).float(), dim=-1)
-                for a in cached
-            ]
+            parent_logp = [log_probs(parent_model.lm_head(parent_model.model.norm(a.inputs[-1]))) for a in cached]
         n_tokens = sum(b.shape[0] * (b.shape[1] - 1) for b in batches)
         parent_lm = sum(
             F.nll_loss(lp[:, :-1].reshape(-1, lp.shape[-1]), b[:, 1:].reshape(-1), reduction="sum").item()
