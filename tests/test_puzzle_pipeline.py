@@ -41,7 +41,13 @@ def tiny_config_dict(parent: Path, text: Path, **overrides) -> dict:
         "parent": str(parent),
         "device": "cpu",
         "search_space": {"ffn_fractions": [0.5, 0.25], "ffn_multiple": 8},
-        "calibration": {"source": str(text), "seq_len": 16, "train_sequences": 12, "heldout_sequences": 4},
+        "calibration": {
+            "source": str(text),
+            "seq_len": 16,
+            "train_sequences": 12,
+            "selection_sequences": 4,
+            "reporting_sequences": 3,
+        },
         "bld": {"batch_size": 4, "epochs": 1, "learning_rate": 0.001, "init_sequences": 8, "checkpoint_every": 2},
         "costs": {"batch_sizes": [2], "prompt_len": 8, "gen_len": 4, "probe_layers": 2, "repeats": 1},
         "score": {"batch_size": 2},
@@ -139,6 +145,12 @@ def test_bad_search_space_and_config_fields_are_named(parent_dir, text_file):
         config_from_dict(tiny_config_dict(parent_dir, text_file, costs={"repeats": "x"}))
     with pytest.raises(PuzzleConfigError, match=r"search\.batch_sizes = \[4\]: \[4\] not in costs\.batch_sizes"):
         config_from_dict(tiny_config_dict(parent_dir, text_file, search={"batch_sizes": [4]}))
+    with pytest.raises(PuzzleConfigError, match=r"calibration\.reporting_sequences = 0: expected a positive integer"):
+        config_from_dict(tiny_config_dict(parent_dir, text_file, calibration={"reporting_sequences": 0}))
+    with pytest.raises(
+        PuzzleConfigError, match=r"calibration\.heldout_sequences: unknown field \(split into selection"
+    ):
+        config_from_dict(tiny_config_dict(parent_dir, text_file, calibration={"heldout_sequences": 4}))
     with pytest.raises(PuzzleConfigError, match=r"ffn_fractions"):
         config_from_dict(tiny_config_dict(parent_dir, text_file, search_space={"ffn_fractions": [1.5]}))
     with pytest.raises(SearchSpaceError, match="do not divide"):
@@ -148,9 +160,38 @@ def test_bad_search_space_and_config_fields_are_named(parent_dir, text_file):
 # ------------------------------------------------------------------------------------------------ calibration
 
 
-def test_calibration_train_and_heldout_come_from_disjoint_documents(tokens):
-    assert tokens["train"].shape == (12, 16) and tokens["heldout"].shape == (4, 16)
-    assert tokens["train"].dtype == torch.long
+def test_calibration_sets_have_their_configured_sizes(tokens):
+    assert tokens["train"].shape == (12, 16) and tokens["train"].dtype == torch.long
+    assert tokens["selection"].shape == (4, 16) and tokens["reporting"].shape == (3, 16)
+
+
+def test_calibration_train_selection_and_reporting_come_from_disjoint_documents(tmp_path, parent_dir):
+    import re
+
+    from open_nemotron.model.loading import load_tokenizer
+    from open_nemotron.puzzle.calibration import split_documents
+    from open_nemotron.puzzle.config import CalibrationConfig
+
+    documents = [f"<doc{i:03d}> " + "words of text " * (3 + i % 5) for i in range(40)]
+    cfg = CalibrationConfig(
+        source=str(tmp_path / "docs.txt"), seq_len=16, train_sequences=6, selection_sequences=3, reporting_sequences=3
+    )
+    parts = split_documents(documents, cfg)
+    assert sorted(len(parts[k]) for k in ("selection", "reporting")) == [5, 5] and len(parts["train"]) == 30
+    assert sorted(parts["train"] + parts["selection"] + parts["reporting"]) == sorted(documents)  # a partition
+    (tmp_path / "docs.txt").write_text("\n\n".join(documents))
+    meta = build_calibration(str(parent_dir), cfg, tmp_path / "out")
+    assert meta["documents"] == {"train": 30, "selection": 5, "reporting": 5}
+    tokens = load_tokens(tmp_path / "out")
+    tokenizer = load_tokenizer(str(parent_dir))
+    seen = {}
+    for name in ("train", "selection", "reporting"):
+        text = "".join(tokenizer.decode(row) for row in tokens[name])
+        seen[name] = set(re.findall(r"<doc\d{3}>", text))
+        assert seen[name]  # every set holds documents...
+        assert seen[name] <= {d.split()[0] for d in parts[name]}  # ...only its own
+    assert not (seen["train"] & seen["selection"]) and not (seen["selection"] & seen["reporting"])
+    assert not (seen["train"] & seen["reporting"])
 
 
 # ------------------------------------------------------------------------------------------------ BLD
@@ -226,7 +267,7 @@ def test_bld_shards_together_equal_one_process(tmp_path, parent, space, tokens, 
 
 def test_replace_one_block_kl_equals_the_whole_model_with_that_block_swapped(tmp_path, parent, space, library, tokens):
     scores = score_library(
-        parent, space, library, tokens["heldout"], tmp_path / "scores.json", batch_size=3, progress=False
+        parent, space, library, tokens["selection"], tmp_path / "scores.json", batch_size=3, progress=False
     )
     layer, variant = 1, space.ffn[1][2]  # the narrower FFN in the middle layer
     child = assemble_child(
@@ -236,7 +277,7 @@ def test_replace_one_block_kl_equals_the_whole_model_with_that_block_swapped(tmp
         [a[0] for a in space.attention],
         [variant if i == layer else f[0] for i, f in enumerate(space.ffn)],
     )
-    ids = tokens["heldout"]
+    ids = tokens["selection"]
     with torch.no_grad():
         logp = F.log_softmax(parent(ids).logits[:, :-1], -1)
         logq = F.log_softmax(child(ids).logits[:, :-1], -1)
@@ -245,7 +286,7 @@ def test_replace_one_block_kl_equals_the_whole_model_with_that_block_swapped(tmp
     assert scores["layers"][0]["attention"]["attn:no_op"]["kl"] > 0
     # No-op FFN in the last layer from the cached residual equals the agreement measured on the assembled child.
     again = score_library(
-        parent, space, library, tokens["heldout"], tmp_path / "scores.json", batch_size=3, progress=False
+        parent, space, library, tokens["selection"], tmp_path / "scores.json", batch_size=3, progress=False
     )
     assert again == scores  # resumed: nothing left to score
 
@@ -253,8 +294,8 @@ def test_replace_one_block_kl_equals_the_whole_model_with_that_block_swapped(tmp
 def test_all_parent_choice_assembles_the_parent_exactly(parent, space, library, tokens):
     child = assemble_child(parent, space, library, [a[0] for a in space.attention], [f[0] for f in space.ffn])
     with torch.no_grad():
-        assert torch.equal(child(tokens["heldout"]).logits, parent(tokens["heldout"]).logits)
-    agreement = heldout_agreement(parent, child, tokens["heldout"])
+        assert torch.equal(child(tokens["reporting"]).logits, parent(tokens["reporting"]).logits)
+    agreement = heldout_agreement(parent, child, tokens["reporting"])
     assert agreement["heldout_kl"] == pytest.approx(0.0, abs=1e-7) and agreement["top1_agreement"] == 1.0
 
 
@@ -316,11 +357,13 @@ def test_the_wall_timer_times_the_call_between_synchronisations():
 # ------------------------------------------------------------------------------------------------ the whole run
 
 
-def test_puzzle_run_writes_every_artifact_and_skips_finished_stages(tmp_path, parent_dir, text_file):
+def test_puzzle_run_writes_every_artifact_and_skips_finished_stages(tmp_path, parent_dir, text_file, monkeypatch):
     import itertools
 
     from transformers import AutoModelForCausalLM
 
+    import open_nemotron.puzzle.assemble as assemble_module
+    import open_nemotron.puzzle.scoring as scoring_module
     from open_nemotron.puzzle.config import TargetConfig
     from open_nemotron.puzzle.pipeline import STAGES, run
 
@@ -329,7 +372,24 @@ def test_puzzle_run_writes_every_artifact_and_skips_finished_stages(tmp_path, pa
     lines: list[str] = []
     parent_config = load_model(parent_dir, implementation="ours").config
     timer = params_timer(parent_config, config.costs.probe_layers)
+    read: dict[str, list[torch.Tensor]] = {"init choice": [], "scores": [], "report": []}
+
+    def spy(module, name, what, arg):
+        real = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            read[what].append(args[arg].cpu())
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapper)
+
+    spy(bld_module, "evaluate_variants", "init choice", 2)  # the linear init vs BLD choice (and BLD's losses)
+    spy(scoring_module, "score_library", "scores", 3)
+    spy(assemble_module, "heldout_agreement", "report", 2)
     report = run(config, tmp_path / "run", progress=False, echo=lines.append, timer=timer)
+    sets = load_tokens(tmp_path / "run" / "calibration")
+    for what, name in (("init choice", "selection"), ("scores", "selection"), ("report", "reporting")):
+        assert read[what] and all(torch.equal(t, sets[name]) for t in read[what]), what
     for key in ("target_speedup", "predicted_speedup", "measured_speedup", "heldout_kl", "top1_agreement", "layers"):
         assert key in report
     assert set(report["stage_seconds"]) == set(STAGES) - {"report"} or set(report["stage_seconds"]) == set(STAGES)
@@ -386,9 +446,9 @@ def test_puzzle_run_writes_every_artifact_and_skips_finished_stages(tmp_path, pa
 
 
 def test_parent_activations_match_the_model_hidden_states(parent, tokens):
-    acts = parent_activations(parent, tokens["heldout"])
+    acts = parent_activations(parent, tokens["selection"])
     with torch.no_grad():
-        hidden = parent(tokens["heldout"], output_hidden_states=True).hidden_states
+        hidden = parent(tokens["selection"], output_hidden_states=True).hidden_states
     for i in range(len(acts.inputs) - 1):
         assert torch.allclose(acts.inputs[i], hidden[i], atol=1e-6)
 
@@ -399,10 +459,16 @@ def test_parent_generated_calibration_is_cached_and_deterministic(tmp_path, pare
 
     monkeypatch.setattr(calibration, "_cache_dir", lambda: tmp_path / "cache")
     cfg = CalibrationConfig(
-        source="parent", seq_len=8, train_sequences=4, heldout_sequences=2, generate_prompts=6, generate_tokens=6
+        source="parent",
+        seq_len=8,
+        train_sequences=4,
+        selection_sequences=2,
+        reporting_sequences=2,
+        generate_prompts=6,
+        generate_tokens=6,
     )
     first = build_calibration(str(parent_dir), cfg, tmp_path / "a")
-    assert first["documents"] == {"train": 5, "heldout": 1}
+    assert first["documents"] == {"train": 4, "selection": 1, "reporting": 1}
     cached = list((tmp_path / "cache").glob("*/documents.json"))
     assert len(cached) == 1
     docs = json.loads(cached[0].read_text())
@@ -420,9 +486,11 @@ def test_jsonl_calibration_reads_text_and_chat_rows_and_names_bad_lines(tmp_path
     rows += [{"input": [{"role": "user", "content": "hi there"}], "output": "hello, how can I help?"}]
     good = tmp_path / "c.jsonl"
     good.write_text("\n".join(json.dumps(r) for r in rows))
-    cfg = CalibrationConfig(source=str(good), seq_len=8, train_sequences=3, heldout_sequences=1)
+    cfg = CalibrationConfig(
+        source=str(good), seq_len=8, train_sequences=3, selection_sequences=1, reporting_sequences=1
+    )
     meta = build_calibration(str(parent_dir), cfg, tmp_path / "out")
-    assert meta["documents"]["train"] + meta["documents"]["heldout"] == 7
+    assert meta["documents"] == {"train": 5, "selection": 1, "reporting": 1}
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{not json\n')
     with pytest.raises(CalibrationError, match=r"bad.jsonl:2: not valid JSON"):

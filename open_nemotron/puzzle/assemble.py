@@ -3,7 +3,8 @@
 The child's embeddings, final norm and LM head are the parent's; each layer takes its attention and FFN halves from
 the parent (parent variants) or the library (trained variants); no-op halves have no tensors at all (vLLM refuses
 extra keys for them). The directory is written atomically with the parent's tokenizer. Quality against the parent
-on the held-out calibration tokens: mean KL(parent || child) per token and next-token top-1 agreement.
+on the reporting calibration tokens (held out from every decision): mean KL(parent || child) per token and next-token
+top-1 agreement.
 """
 
 from __future__ import annotations

@@ -330,9 +330,9 @@ def build_library(
     parent_model.eval()
     for p in parent_model.parameters():
         p.requires_grad_(False)
-    train, heldout = tokens["train"], tokens["heldout"]
+    # Decisions (keep a linear init or its BLD result) read the selection set, never the reporting one.
     device = parent_model.model.embed_tokens.weight.device
-    train, heldout = train.to(device), heldout.to(device)
+    train, selection = tokens["train"].to(device), tokens["selection"].to(device)
     last = max(i for i, _ in pending)
     stats = init_statistics(
         parent_model, train[: config.init_sequences], pending, config.batch_size, config.linear_init
@@ -351,7 +351,7 @@ def build_library(
     total = max(1, math.ceil(steps_per_epoch * config.epochs))
     warmup = max(1, round(config.warmup_ratio * total))
 
-    # Linear variants keep their init if BLD does not improve it on held-out tokens (a least-squares init is already
+    # Linear variants keep their init if BLD does not improve it on the selection tokens (a least-squares init is already
     # optimal for its data; Adam's first steps can only move it away). Snapshot before a checkpoint overwrites them.
     init_states = {
         key: {n: t.clone() for n, t in half_state(child, v.part).items()}
@@ -362,7 +362,7 @@ def build_library(
     keys = sorted(trainers)
     step, init_losses = _load_checkpoint(checkpoint, keys, digest, trainers, optimizer)
     if step == 0:
-        init_losses = evaluate_variants(parent_model, trainers, heldout, config.batch_size, last)
+        init_losses = evaluate_variants(parent_model, trainers, selection, config.batch_size, last)
     generator = torch.Generator().manual_seed(0)
     orders = [torch.randperm(train.shape[0], generator=generator) for _ in range(math.ceil(config.epochs) + 1)]
 
@@ -408,7 +408,7 @@ def build_library(
 
     for child in (c for _, _, c in trainers.values()):
         child.eval()
-    final_losses = evaluate_variants(parent_model, trainers, heldout, config.batch_size, last)
+    final_losses = evaluate_variants(parent_model, trainers, selection, config.batch_size, last)
     seconds = time.perf_counter() - started
     for key, (layer, variant, child) in trainers.items():
         kept = "bld"

@@ -200,7 +200,7 @@ class PuzzleRun:
             self.parent,
             self.space,
             self.dir / "library",
-            tokens["heldout"],
+            tokens["selection"],  # a decision (the MIP's scores): never the reporting set
             self.dir / "scores.json",
             batch_size=self.config.score.batch_size,
             metric=self.config.score.metric,
@@ -225,7 +225,7 @@ class PuzzleRun:
         from open_nemotron.puzzle.search_space import parse_variant
 
         search = self.read_json("search.json", "search")
-        heldout = load_tokens(self.dir / "calibration")["heldout"]
+        reporting = load_tokens(self.dir / "calibration")["reporting"]  # seen by no decision
         children = []
         for target in search["targets"]:
             if target.get("solution") is None:
@@ -236,7 +236,7 @@ class PuzzleRun:
             child = assemble_child(self.parent, self.space, self.dir / "library", attention, ffn)
             out = self.dir / "children" / target["name"]
             save_child(child, self.tokenizer, out)
-            quality = heldout_agreement(self.parent, child, heldout, self.config.score.batch_size)
+            quality = heldout_agreement(self.parent, child, reporting, self.config.score.batch_size)
             children.append({"name": target["name"], "dir": str(out), **quality})
             del child
         if not children:

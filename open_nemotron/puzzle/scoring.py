@@ -1,6 +1,7 @@
 """Replace-1-block scores (paper-digest §1.5): the quality cost of each library variant in isolation.
 
-For layer i and a variant v of one of its halves, the parent with only that half replaced is run on held-out tokens
+For layer i and a variant v of one of its halves, the parent with only that half replaced is run on the selection
+tokens (held out from BLD; the report's quality uses the separate reporting set)
 and compared with the parent: KL(parent || child) of the next-token distributions, averaged over tokens (the
 paper's recommended metric), plus the LM loss and top-1 agreement as alternatives. The run starts from the parent's
 cached residual stream entering layer i, not from the embeddings: layers before i are the parent's in both models,
@@ -65,7 +66,7 @@ def score_library(
     parent_model,
     space: SearchSpace,
     library: Path,
-    heldout: torch.Tensor,
+    selection: torch.Tensor,
     out_path: Path,
     batch_size: int = 4,
     metric: str = "kl",
@@ -76,9 +77,9 @@ def score_library(
 
     parent_model.eval()
     device = parent_model.model.embed_tokens.weight.device
-    heldout = heldout.to(device)
+    selection = selection.to(device)
     started = time.perf_counter()
-    result = _load_partial(out_path, heldout, metric, space)
+    result = _load_partial(out_path, selection, metric, space)
     todo = [
         (i, part, v)
         for i in range(space.num_layers)
@@ -87,7 +88,7 @@ def score_library(
         if v.name not in result["layers"][i][part]
     ]
     if todo:
-        batches = [heldout[s : s + batch_size] for s in range(0, heldout.shape[0], batch_size)]
+        batches = [selection[s : s + batch_size] for s in range(0, selection.shape[0], batch_size)]
         with torch.no_grad():
             cached = [parent_activations(parent_model, b) for b in batches]
             parent_logp = [log_probs(parent_model.lm_head(parent_model.model.norm(a.inputs[-1]))) for a in cached]
@@ -121,8 +122,8 @@ def score_library(
     return result
 
 
-def _load_partial(out_path: Path, heldout: torch.Tensor, metric: str, space: SearchSpace) -> dict[str, Any]:
-    fingerprint = {"version": SCORES_VERSION, "heldout_shape": list(heldout.shape), "heldout_sum": int(heldout.sum())}
+def _load_partial(out_path: Path, selection: torch.Tensor, metric: str, space: SearchSpace) -> dict[str, Any]:
+    fingerprint = {"version": SCORES_VERSION, "tokens_shape": list(selection.shape), "tokens_sum": int(selection.sum())}
     if out_path.is_file():
         try:
             data = json.loads(out_path.read_text())
