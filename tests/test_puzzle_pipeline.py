@@ -666,3 +666,11 @@ def test_a_degenerate_costs_json_is_a_one_line_cli_error(tmp_path, parent_dir, t
         assert result.exit_code == 2, result.output
         assert result.output.startswith("error: costs.json") and message in result.output
         assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+
+
+def test_long_stages_print_step_lines_unless_quiet(tmp_path, parent, space, library, tokens, capsys):
+    score_library(parent, space, library, tokens["selection"], tmp_path / "a.json", batch_size=3, progress=True)
+    err = capsys.readouterr().err
+    assert "scores: " in err and "selection sequences" in err
+    score_library(parent, space, library, tokens["selection"], tmp_path / "b.json", batch_size=3, progress=False)
+    assert capsys.readouterr().err == ""

@@ -40,6 +40,7 @@ from torch import nn
 
 from open_nemotron.errors import OpenNemotronError
 from open_nemotron.puzzle.config import BLDConfig, parse_shard
+from open_nemotron.puzzle.progress import step_printer
 from open_nemotron.puzzle.search_space import ATTENTION, FFN, SearchSpace, Variant, config_with_blocks
 from open_nemotron.utils import atomic_path, atomic_write_text
 
@@ -334,6 +335,11 @@ def build_library(
     device = parent_model.model.embed_tokens.weight.device
     train, selection = tokens["train"].to(device), tokens["selection"].to(device)
     last = max(i for i, _ in pending)
+    say = step_printer(progress)
+    say(
+        f"BLD: {len(pending)} variants of {len(layers)} layers; init statistics on {config.init_sequences} "
+        "calibration sequences"
+    )
     stats = init_statistics(
         parent_model, train[: config.init_sequences], pending, config.batch_size, config.linear_init
     )
@@ -362,7 +368,10 @@ def build_library(
     keys = sorted(trainers)
     step, init_losses = _load_checkpoint(checkpoint, keys, digest, trainers, optimizer)
     if step == 0:
+        say(f"BLD: the inits' loss on {selection.shape[0]} selection sequences")
         init_losses = evaluate_variants(parent_model, trainers, selection, config.batch_size, last)
+    else:
+        say(f"BLD: resuming from the checkpoint at step {step} of {total}")
     generator = torch.Generator().manual_seed(0)
     orders = [torch.randperm(train.shape[0], generator=generator) for _ in range(math.ceil(config.epochs) + 1)]
 
@@ -408,6 +417,7 @@ def build_library(
 
     for child in (c for _, _, c in trainers.values()):
         child.eval()
+    say(f"BLD: the trained variants' loss on {selection.shape[0]} selection sequences")
     final_losses = evaluate_variants(parent_model, trainers, selection, config.batch_size, last)
     seconds = time.perf_counter() - started
     for key, (layer, variant, child) in trainers.items():

@@ -34,6 +34,7 @@ import torch
 
 from open_nemotron.errors import OpenNemotronError
 from open_nemotron.puzzle.config import CalibrationConfig
+from open_nemotron.puzzle.progress import step_printer
 from open_nemotron.utils import atomic_write_text
 
 CALIBRATION_VERSION = 1
@@ -257,7 +258,9 @@ def cache_key(parent_dir: Path, config: CalibrationConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def build(parent_spec: str, config: CalibrationConfig, out_dir: Path, model=None, tokenizer=None) -> dict[str, Any]:
+def build(
+    parent_spec: str, config: CalibrationConfig, out_dir: Path, model=None, tokenizer=None, progress: bool = False
+) -> dict[str, Any]:
     """Write ``tokens.safetensors`` + ``calibration.json`` into `out_dir` (skips if they exist for these settings)."""
     from safetensors.torch import save_file
 
@@ -280,6 +283,10 @@ def build(parent_spec: str, config: CalibrationConfig, out_dir: Path, model=None
             documents = json.loads(cache.read_text())
         else:
             model = model or load_model(parent_spec)
+            step_printer(progress)(
+                f"calibration: the parent answers {config.generate_prompts} prompts ({config.generate_tokens} new "
+                "tokens each; cached afterwards)"
+            )
             documents = parent_documents(model, tokenizer, config)
             cache.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(cache, json.dumps(documents))

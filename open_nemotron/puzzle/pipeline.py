@@ -26,6 +26,7 @@ from typing import Any
 
 from open_nemotron.errors import OpenNemotronError
 from open_nemotron.puzzle.config import PuzzleConfig
+from open_nemotron.puzzle.progress import step_printer
 from open_nemotron.puzzle.search_space import SearchSpace, build_search_space
 from open_nemotron.utils import atomic_write_text
 
@@ -149,6 +150,7 @@ class PuzzleRun:
             self.dir / "calibration",
             tokenizer=self.tokenizer,
             model=self.parent if self.config.calibration.source == "parent" else None,
+            progress=self.progress,
         )
 
     def build_library(self) -> dict[str, Any]:
@@ -224,6 +226,7 @@ class PuzzleRun:
         from open_nemotron.puzzle.calibration import load_tokens
         from open_nemotron.puzzle.search_space import parse_variant
 
+        say = step_printer(self.progress)
         search = self.read_json("search.json", "search")
         reporting = load_tokens(self.dir / "calibration")["reporting"]  # seen by no decision
         children = []
@@ -233,6 +236,7 @@ class PuzzleRun:
             layers = target["solution"]["layers"]
             attention = [parse_variant(layer["attention"]) for layer in layers]
             ffn = [parse_variant(layer["ffn"]) for layer in layers]
+            say(f"assemble {target['name']}: building the child, then its agreement on the reporting set")
             child = assemble_child(self.parent, self.space, self.dir / "library", attention, ffn)
             out = self.dir / "children" / target["name"]
             save_child(child, self.tokenizer, out)
@@ -245,6 +249,7 @@ class PuzzleRun:
 
         c, a = self.config.costs, self.config.assemble
         batch = search["batch_size"]
+        say(f"assemble: bench-speed of the parent and {len(children)} children at batch {batch}")
         speed = bench_speed(
             SpeedConfig(
                 models=[f"ours:{resolve_model_dir(self.config.parent)}", *[f"ours:{ch['dir']}" for ch in children]],
@@ -309,8 +314,11 @@ def run(
     ``timer``: the costs stage's `Timer` (default: wall time); a test passes a fake one for deterministic costs.
     """
     pr = PuzzleRun(config, run_dir, progress=progress, timer=timer)
+    say = step_printer(progress)
     for stage in STAGES:
         fresh = pr.is_fresh(stage)
+        if not fresh:
+            say(f"{stage}: running")
         seconds = run_stage(pr, stage, force=False)
         echo(f"{stage:>14}: {'up to date' if fresh else f'{seconds:7.1f} s'}")
     return json.loads((pr.dir / "report.json").read_text())

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from open_nemotron.evaluate.divergence import kl_and_top1, log_probs
 from open_nemotron.puzzle.bld import build_child_layer, half_state, load_half, parent_activations
+from open_nemotron.puzzle.progress import step_printer
 from open_nemotron.puzzle.search_space import ATTENTION, FFN, SearchSpace, Variant
 from open_nemotron.utils import atomic_write_text
 
@@ -89,6 +90,9 @@ def score_library(
     ]
     if todo:
         batches = [selection[s : s + batch_size] for s in range(0, selection.shape[0], batch_size)]
+        step_printer(progress)(
+            f"scores: {len(todo)} variants on {selection.shape[0]} selection sequences (parent activations first)"
+        )
         with torch.no_grad():
             cached = [parent_activations(parent_model, b) for b in batches]
             parent_logp = [log_probs(parent_model.lm_head(parent_model.model.norm(a.inputs[-1]))) for a in cached]
@@ -103,6 +107,7 @@ def score_library(
             task = bar.add_task("replace-1-block scores", total=len(todo))
             for layer in sorted({i for i, _, _ in todo}):
                 for _, part, variant in [t for t in todo if t[0] == layer]:
+                    bar.update(task, description=f"replace-1-block scores: layer {layer} {variant.name}")
                     other = space.parent_variant(layer, FFN if part == ATTENTION else ATTENTION)
                     attention, ffn = (variant, other) if part == ATTENTION else (other, variant)
                     child = library_layer(parent_model, space, library, layer, attention, ffn)
