@@ -404,6 +404,15 @@ def test_puzzle_run_writes_every_artifact_and_skips_finished_stages(tmp_path, pa
     assert [(b.attention.kind, b.ffn.kind) for b in blocks] == [
         (parse_variant(la["attention"]).kind, parse_variant(la["ffn"]).kind) for la in report["layers"]
     ]
+    assert report["fixed_residual_s"] == pytest.approx(
+        json.loads((tmp_path / "run" / "search.json").read_text())["fixed_residual_s"]
+    )
+    assert report["residual_warnings"] == [] and "Fixed residual" in (tmp_path / "run" / "report.md").read_text()
+    from open_nemotron.puzzle.report import render_markdown
+
+    negative = {**report, "fixed_residual_s": -2e-3, "residual_warnings": ["batch 2: the parent's probed ..."]}
+    text = render_markdown(negative)
+    assert "-2 ms — negative" in text and "- batch 2: the parent's probed ..." in text
     again: list[str] = []
     run(config, tmp_path / "run", progress=False, echo=again.append, timer=timer)
     assert all("up to date" in line for line in again)
@@ -579,7 +588,9 @@ def test_costs_keep_a_negative_fixed_residual_signed_and_say_so(parent, space, c
     assert fixed["decode_s"]["2"] + parent_blocks == pytest.approx(step)
 
 
-def test_search_with_a_negative_residual_and_an_all_no_op_fastest_child(parent, config):
+def test_search_with_a_negative_residual_and_an_all_no_op_fastest_child(
+    parent, config, tmp_path, parent_dir, text_file
+):
     """The acceptance case: fixed < 0 and the fastest child (every half no-op) is predicted at fixed < 0 s."""
     import itertools
 
@@ -631,6 +642,27 @@ def test_search_with_a_negative_residual_and_an_all_no_op_fastest_child(parent, 
     assert sol["runtime_s"] > 0 and sol["predicted_speedup"] == pytest.approx(parent_step / sol["runtime_s"])
     assert best[0] < 0.5 * 3  # the all no-op child (predicted at -7 ms) would not have been the best anyway...
     assert result["targets"][0]["greedy"].get("runtime_s", 1.0) > 0  # ...and nothing predicted <= 0 comes back
+
+    # The same through `open-nemotron puzzle search` on a run directory: exit 0, the residual in search.json.
+    import yaml
+    from typer.testing import CliRunner
+
+    from open_nemotron.cli import app
+
+    space_config = {"kv_heads": [2], "attention_linear": False, "ffn_fractions": [0.5], "ffn_linear": False}
+    data = tiny_config_dict(parent_dir, text_file, search_space=space_config)
+    data["search"] = {"batch_sizes": [2], "targets": [{"decode_speedup": 2.5}], "front_points": 4}
+    (tmp_path / "puzzle.yaml").write_text(yaml.safe_dump(data))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "costs.json").write_text(json.dumps(costs))
+    (run_dir / "scores.json").write_text(json.dumps(scores))
+    args = ["puzzle", "search", "--config", str(tmp_path / "puzzle.yaml"), "--run-dir", str(run_dir), "--quiet"]
+    cli = CliRunner().invoke(app, args)
+    assert cli.exit_code == 0, cli.output
+    written = json.loads((run_dir / "search.json").read_text())
+    assert written["fixed_residual_s"] == pytest.approx(-7e-3) and written["residual_warnings"]
+    assert written["targets"][0]["solution"]["score"] == pytest.approx(best[0])
     for point in result["front"]:
         assert point["predicted_speedup"] > 0 and (point["greedy_speedup"] is None or point["greedy_speedup"] > 0)
 
