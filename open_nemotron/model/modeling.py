@@ -454,7 +454,9 @@ class DeciLMModel(DeciLMPreTrainedModel):
         seq = hidden_states.shape[1]
         past = 0
         if past_key_values is not None:
-            cached = next((start + k for k, layer in enumerate(layers) if layer.attention_kind == "gqa"), None)
+            cached = next(
+                (start + k for k, lay in enumerate(layers) if getattr(lay, "attention_kind", None) == "gqa"), None
+            )
             past = 0 if cached is None else past_key_values.get_seq_length(cached)
         packed = False  # only caller-given positions can restart (checking costs a device sync: skipped otherwise)
         if position_ids is None:

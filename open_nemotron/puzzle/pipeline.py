@@ -268,12 +268,16 @@ class PuzzleRun:
             ch["decode_tokens_per_s"] = model["batches"][str(batch)]["decode_tokens_per_s"]
         costs = self.read_json("costs.json", "costs")
         parent_step = speed["models"][0]["batches"][str(batch)]["decode_ms_per_step"] / 1e3
+        costs_step = costs["fixed"].get("parent_decode_step_s", {}).get(str(batch))
         result = {
             "batch_size": batch,
             "parent_decode_tokens_per_s": speed["models"][0]["batches"][str(batch)]["decode_tokens_per_s"],
             # The parent's decode step here vs when costs were measured: far from 1, the machine changed state in
             # between and the predictions (made in the other state) are off by about as much.
-            "machine_drift": parent_step / costs["fixed"]["parent_decode_step_s"][str(batch)],
+            # None when costs.json has no positive parent step at this batch size (injected or hand-written costs).
+            "machine_drift": parent_step / costs_step
+            if isinstance(costs_step, (int, float)) and costs_step > 0
+            else None,
             "children": children,
         }
         atomic_write_text(self.dir / "assemble.json", json.dumps(result, indent=1))
