@@ -325,7 +325,8 @@ def load_tokens(out_dir: Path) -> dict[str, torch.Tensor]:
     missing = [name for name in SETS if name not in tokens]
     if missing:
         raise CalibrationError(
-            f"{path}: no {', '.join(missing)} set (written by an older version); rerun `open-nemotron puzzle calibration`"
+            f"{path}: no {', '.join(missing)} set (written by an older version); "
+            "rerun `open-nemotron puzzle calibration`"
         )
     return tokens
 

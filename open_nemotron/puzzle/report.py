@@ -153,7 +153,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f" ({report['device']['device']}); decode at batch {report['batch_size']}; score = replace-1-block "
         f"{report['metric']}.",
         "",
-        "| target | predicted speedup | measured speedup | error | summed score | held-out KL | top-1 agreement | "
+        "| target | predicted speedup | measured speedup | error | summed score | held-out KL (reporting set) | "
+        "top-1 agreement | "
         "params | greedy score (same budget) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
