@@ -358,7 +358,8 @@ def build_library(
     warmup = max(1, round(config.warmup_ratio * total))
 
     # Linear variants keep their init if BLD does not improve it on the selection tokens (a least-squares init is
-    # already optimal for its data; Adam's first steps can only move it away). Snapshot before a checkpoint overwrites them.
+    # already optimal for its data; Adam's first steps can only move it away). Snapshot before a checkpoint
+    # overwrites them.
     init_states = {
         key: {n: t.clone() for n, t in half_state(child, v.part).items()}
         for key, (_, v, child) in trainers.items()
