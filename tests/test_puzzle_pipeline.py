@@ -169,7 +169,7 @@ def test_calibration_train_selection_and_reporting_come_from_disjoint_documents(
     import re
 
     from open_nemotron.model.loading import load_tokenizer
-    from open_nemotron.puzzle.calibration import split_documents
+    from open_nemotron.puzzle.calibration import CalibrationError, split_documents
     from open_nemotron.puzzle.config import CalibrationConfig
 
     documents = [f"<doc{i:03d}> " + "words of text " * (3 + i % 5) for i in range(40)]
@@ -178,6 +178,10 @@ def test_calibration_train_selection_and_reporting_come_from_disjoint_documents(
     )
     parts = split_documents(documents, cfg)
     assert sorted(len(parts[k]) for k in ("selection", "reporting")) == [5, 5] and len(parts["train"]) == 30
+    assert split_documents(documents, cfg) == parts  # seeded
+    assert [len(v) for v in split_documents(["a", "b", "c"], cfg).values()] == [1, 1, 1]
+    with pytest.raises(CalibrationError, match=r"2 document\(s\): expected at least 3"):
+        split_documents(["a", "b"], cfg)
     assert sorted(parts["train"] + parts["selection"] + parts["reporting"]) == sorted(documents)  # a partition
     (tmp_path / "docs.txt").write_text("\n\n".join(documents))
     meta = build_calibration(str(parent_dir), cfg, tmp_path / "out")
