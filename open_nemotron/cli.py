@@ -477,23 +477,24 @@ app.add_typer(puzzle_app, name="puzzle")
 
 PuzzleConfigOption = Annotated[Path, typer.Option("--config", help="Puzzle YAML config (recipes/puzzle-demo.yaml).")]
 RunDirOption = Annotated[Path, typer.Option("--run-dir", help="Run directory holding every stage's artifacts.")]
+QuietOption = Annotated[bool, typer.Option("--quiet", help="No progress bars or step lines (stage summaries only).")]
 
 
-def _puzzle_run(config_path: Path, run_dir: Path):
+def _puzzle_run(config_path: Path, run_dir: Path, quiet: bool = False):
     from open_nemotron.puzzle.config import load_config
     from open_nemotron.puzzle.pipeline import PuzzleRun
 
-    return PuzzleRun(load_config(config_path), run_dir)
+    return PuzzleRun(load_config(config_path), run_dir, progress=not quiet)
 
 
 @puzzle_app.command("run")
 @reports_user_errors
-def puzzle_run(config: PuzzleConfigOption, run_dir: RunDirOption) -> None:
+def puzzle_run(config: PuzzleConfigOption, run_dir: RunDirOption, quiet: QuietOption = False) -> None:
     """Every stage in order; stages already done with the same settings are skipped, long ones resume."""
     from open_nemotron.puzzle.config import load_config
     from open_nemotron.puzzle.pipeline import run
 
-    report = run(load_config(config), run_dir, echo=typer.echo)
+    report = run(load_config(config), run_dir, progress=not quiet, echo=typer.echo)
     for t in report["targets"]:
         if "layers" in t:
             measured = f"{t['measured_speedup']:.2f}x" if t.get("measured_speedup") else "-"
@@ -507,10 +508,10 @@ def puzzle_run(config: PuzzleConfigOption, run_dir: RunDirOption) -> None:
 
 
 def _stage_command(stage: str, doc: str) -> None:
-    def command(config: PuzzleConfigOption, run_dir: RunDirOption) -> None:
+    def command(config: PuzzleConfigOption, run_dir: RunDirOption, quiet: QuietOption = False) -> None:
         from open_nemotron.puzzle.pipeline import run_stage
 
-        seconds = run_stage(_puzzle_run(config, run_dir), stage, force=True)
+        seconds = run_stage(_puzzle_run(config, run_dir, quiet), stage, force=True)
         typer.echo(f"{stage}: {seconds:.1f} s; artifacts in {run_dir}")
 
     command.__doc__ = doc
@@ -518,9 +519,9 @@ def _stage_command(stage: str, doc: str) -> None:
 
 
 for _stage, _doc in (
-    ("calibration", "Calibration tokens: train and held-out sequences (cached parent generations by default)."),
+    ("calibration", "Calibration tokens: train, selection and reporting sets (cached parent generations by default)."),
     ("build-library", "Decoupled BLD of every variant (resumable per layer and variant; shard with bld.shard)."),
-    ("score", "Replace-1-block KL / LM-loss scores on held-out tokens (resumable per layer)."),
+    ("score", "Replace-1-block KL / LM-loss scores on the selection tokens (resumable per layer)."),
     ("costs", "Measure every variant's decode/prefill time, parameter and KV-cache bytes on this device."),
     ("search", "MIP search (scipy HiGHS) for every target, greedy baseline, and the speedup front."),
     ("assemble", "Build each chosen child, measure held-out KL, top-1 agreement and bench-speed vs the parent."),

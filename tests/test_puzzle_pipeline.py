@@ -41,7 +41,13 @@ def tiny_config_dict(parent: Path, text: Path, **overrides) -> dict:
         "parent": str(parent),
         "device": "cpu",
         "search_space": {"ffn_fractions": [0.5, 0.25], "ffn_multiple": 8},
-        "calibration": {"source": str(text), "seq_len": 16, "train_sequences": 12, "heldout_sequences": 4},
+        "calibration": {
+            "source": str(text),
+            "seq_len": 16,
+            "train_sequences": 12,
+            "selection_sequences": 4,
+            "reporting_sequences": 3,
+        },
         "bld": {"batch_size": 4, "epochs": 1, "learning_rate": 0.001, "init_sequences": 8, "checkpoint_every": 2},
         "costs": {"batch_sizes": [2], "prompt_len": 8, "gen_len": 4, "probe_layers": 2, "repeats": 1},
         "score": {"batch_size": 2},
@@ -139,6 +145,12 @@ def test_bad_search_space_and_config_fields_are_named(parent_dir, text_file):
         config_from_dict(tiny_config_dict(parent_dir, text_file, costs={"repeats": "x"}))
     with pytest.raises(PuzzleConfigError, match=r"search\.batch_sizes = \[4\]: \[4\] not in costs\.batch_sizes"):
         config_from_dict(tiny_config_dict(parent_dir, text_file, search={"batch_sizes": [4]}))
+    with pytest.raises(PuzzleConfigError, match=r"calibration\.reporting_sequences = 0: expected a positive integer"):
+        config_from_dict(tiny_config_dict(parent_dir, text_file, calibration={"reporting_sequences": 0}))
+    with pytest.raises(
+        PuzzleConfigError, match=r"calibration\.heldout_sequences: unknown field \(split into selection"
+    ):
+        config_from_dict(tiny_config_dict(parent_dir, text_file, calibration={"heldout_sequences": 4}))
     with pytest.raises(PuzzleConfigError, match=r"ffn_fractions"):
         config_from_dict(tiny_config_dict(parent_dir, text_file, search_space={"ffn_fractions": [1.5]}))
     with pytest.raises(SearchSpaceError, match="do not divide"):
@@ -148,9 +160,42 @@ def test_bad_search_space_and_config_fields_are_named(parent_dir, text_file):
 # ------------------------------------------------------------------------------------------------ calibration
 
 
-def test_calibration_train_and_heldout_come_from_disjoint_documents(tokens):
-    assert tokens["train"].shape == (12, 16) and tokens["heldout"].shape == (4, 16)
-    assert tokens["train"].dtype == torch.long
+def test_calibration_sets_have_their_configured_sizes(tokens):
+    assert tokens["train"].shape == (12, 16) and tokens["train"].dtype == torch.long
+    assert tokens["selection"].shape == (4, 16) and tokens["reporting"].shape == (3, 16)
+
+
+def test_calibration_train_selection_and_reporting_come_from_disjoint_documents(tmp_path, parent_dir):
+    import re
+
+    from open_nemotron.model.loading import load_tokenizer
+    from open_nemotron.puzzle.calibration import CalibrationError, split_documents
+    from open_nemotron.puzzle.config import CalibrationConfig
+
+    documents = [f"<doc{i:03d}> " + "words of text " * (3 + i % 5) for i in range(40)]
+    cfg = CalibrationConfig(
+        source=str(tmp_path / "docs.txt"), seq_len=16, train_sequences=6, selection_sequences=3, reporting_sequences=3
+    )
+    parts = split_documents(documents, cfg)
+    assert sorted(len(parts[k]) for k in ("selection", "reporting")) == [5, 5] and len(parts["train"]) == 30
+    assert split_documents(documents, cfg) == parts  # seeded
+    assert [len(v) for v in split_documents(["a", "b", "c"], cfg).values()] == [1, 1, 1]
+    with pytest.raises(CalibrationError, match=r"2 document\(s\): expected at least 3"):
+        split_documents(["a", "b"], cfg)
+    assert sorted(parts["train"] + parts["selection"] + parts["reporting"]) == sorted(documents)  # a partition
+    (tmp_path / "docs.txt").write_text("\n\n".join(documents))
+    meta = build_calibration(str(parent_dir), cfg, tmp_path / "out")
+    assert meta["documents"] == {"train": 30, "selection": 5, "reporting": 5}
+    tokens = load_tokens(tmp_path / "out")
+    tokenizer = load_tokenizer(str(parent_dir))
+    seen = {}
+    for name in ("train", "selection", "reporting"):
+        text = "".join(tokenizer.decode(row) for row in tokens[name])
+        seen[name] = set(re.findall(r"<doc\d{3}>", text))
+        assert seen[name]  # every set holds documents...
+        assert seen[name] <= {d.split()[0] for d in parts[name]}  # ...only its own
+    assert not (seen["train"] & seen["selection"]) and not (seen["selection"] & seen["reporting"])
+    assert not (seen["train"] & seen["reporting"])
 
 
 # ------------------------------------------------------------------------------------------------ BLD
@@ -226,7 +271,7 @@ def test_bld_shards_together_equal_one_process(tmp_path, parent, space, tokens, 
 
 def test_replace_one_block_kl_equals_the_whole_model_with_that_block_swapped(tmp_path, parent, space, library, tokens):
     scores = score_library(
-        parent, space, library, tokens["heldout"], tmp_path / "scores.json", batch_size=3, progress=False
+        parent, space, library, tokens["selection"], tmp_path / "scores.json", batch_size=3, progress=False
     )
     layer, variant = 1, space.ffn[1][2]  # the narrower FFN in the middle layer
     child = assemble_child(
@@ -236,7 +281,7 @@ def test_replace_one_block_kl_equals_the_whole_model_with_that_block_swapped(tmp
         [a[0] for a in space.attention],
         [variant if i == layer else f[0] for i, f in enumerate(space.ffn)],
     )
-    ids = tokens["heldout"]
+    ids = tokens["selection"]
     with torch.no_grad():
         logp = F.log_softmax(parent(ids).logits[:, :-1], -1)
         logq = F.log_softmax(child(ids).logits[:, :-1], -1)
@@ -245,7 +290,7 @@ def test_replace_one_block_kl_equals_the_whole_model_with_that_block_swapped(tmp
     assert scores["layers"][0]["attention"]["attn:no_op"]["kl"] > 0
     # No-op FFN in the last layer from the cached residual equals the agreement measured on the assembled child.
     again = score_library(
-        parent, space, library, tokens["heldout"], tmp_path / "scores.json", batch_size=3, progress=False
+        parent, space, library, tokens["selection"], tmp_path / "scores.json", batch_size=3, progress=False
     )
     assert again == scores  # resumed: nothing left to score
 
@@ -253,8 +298,8 @@ def test_replace_one_block_kl_equals_the_whole_model_with_that_block_swapped(tmp
 def test_all_parent_choice_assembles_the_parent_exactly(parent, space, library, tokens):
     child = assemble_child(parent, space, library, [a[0] for a in space.attention], [f[0] for f in space.ffn])
     with torch.no_grad():
-        assert torch.equal(child(tokens["heldout"]).logits, parent(tokens["heldout"]).logits)
-    agreement = heldout_agreement(parent, child, tokens["heldout"])
+        assert torch.equal(child(tokens["reporting"]).logits, parent(tokens["reporting"]).logits)
+    agreement = heldout_agreement(parent, child, tokens["reporting"])
     assert agreement["heldout_kl"] == pytest.approx(0.0, abs=1e-7) and agreement["top1_agreement"] == 1.0
 
 
@@ -268,10 +313,21 @@ def test_library_layer_loads_trained_halves(parent, space, library):
 # ------------------------------------------------------------------------------------------------ costs
 
 
+def params_timer(parent_config, probe_layers: int):
+    """Fake costs: a probe's decode takes 1e-7 s per parameter of its variant (prefill 4x); the parent's generate
+    of n tokens takes 30 ms + (n - 1) x 6 ms. Deterministic, so the search's choices are too."""
+
+    def block_s(name, kind):
+        return 1e-7 * half_params(parent_config, parse_variant(name)) * (1 if kind == "decode" else 4)
+
+    return fake_timer(block_s, 6e-3, 30e-3, probe_layers)
+
+
 def test_costs_cover_every_variant_with_exact_parameter_counts(parent, space, config):
     from open_nemotron.puzzle.bld import build_child_layer, half_state
 
-    costs = measure_costs(parent, space, config.costs, progress=False)
+    timer = params_timer(parent.config, config.costs.probe_layers)
+    costs = measure_costs(parent, space, config.costs, progress=False, timer=timer)
     for name, entry in costs["variants"].items():
         v = parse_variant(name)
         if v.kind == "no_op":
@@ -284,22 +340,60 @@ def test_costs_cover_every_variant_with_exact_parameter_counts(parent, space, co
             == sum(t.numel() for t in half_state(layer, v.part).values())
             == half_params(parent.config, v)
         )
-        assert entry["decode_s"]["2"] > 0 and entry["prefill_s"]["2"] > 0
+        assert entry["decode_s"]["2"] == pytest.approx(1e-7 * entry["params"])
+        assert entry["prefill_s"]["2"] == pytest.approx(4e-7 * entry["params"])
     assert costs["fixed"]["params"] == 2 * 259 * 48 + 48  # untied embeddings + LM head + final norm
-    assert costs["fixed"]["parent_decode_step_s"]["2"] > 0
+    assert costs["fixed"]["parent_decode_step_s"]["2"] == pytest.approx(6e-3)
+    assert costs["fixed"]["decode_s"]["2"] == pytest.approx(
+        6e-3 - 1e-7 * (sum(p.numel() for p in parent.parameters()) - costs["fixed"]["params"])
+    )
+    assert costs["residual_warnings"] == []
+
+
+def test_the_wall_timer_times_the_call_between_synchronisations():
+    from open_nemotron.puzzle.costs import Timing, wall_timer
+
+    calls = []
+    seconds = wall_timer(Timing("decode", 1, "ffn:no_op"), lambda: calls.append(1), torch.device("cpu"))
+    assert calls == [1] and seconds >= 0
 
 
 # ------------------------------------------------------------------------------------------------ the whole run
 
 
-def test_puzzle_run_writes_every_artifact_and_skips_finished_stages(tmp_path, parent_dir, text_file):
+def test_puzzle_run_writes_every_artifact_and_skips_finished_stages(tmp_path, parent_dir, text_file, monkeypatch):
+    import itertools
+
     from transformers import AutoModelForCausalLM
 
+    import open_nemotron.puzzle.assemble as assemble_module
+    import open_nemotron.puzzle.scoring as scoring_module
+    from open_nemotron.puzzle.config import TargetConfig
     from open_nemotron.puzzle.pipeline import STAGES, run
 
     config = config_from_dict(tiny_config_dict(parent_dir, text_file))
+    config.search.targets = [TargetConfig(max_params=30000), TargetConfig(decode_speedup=1.5)]
     lines: list[str] = []
-    report = run(config, tmp_path / "run", progress=False, echo=lines.append)
+    parent_config = load_model(parent_dir, implementation="ours").config
+    timer = params_timer(parent_config, config.costs.probe_layers)
+    read: dict[str, list[torch.Tensor]] = {"init choice": [], "scores": [], "report": []}
+
+    def spy(module, name, what, arg):
+        real = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            read[what].append(args[arg].cpu())
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapper)
+
+    spy(bld_module, "evaluate_variants", "init choice", 2)  # the linear init vs BLD choice (and BLD's losses)
+    spy(scoring_module, "score_library", "scores", 3)
+    spy(assemble_module, "heldout_agreement", "report", 2)
+    report = run(config, tmp_path / "run", progress=False, echo=lines.append, timer=timer)
+    sets = load_tokens(tmp_path / "run" / "calibration")
+    for what, name in (("init choice", "selection"), ("scores", "selection"), ("report", "reporting")):
+        assert read[what] and all(torch.equal(t, sets[name]) for t in read[what]), what
     for key in ("target_speedup", "predicted_speedup", "measured_speedup", "heldout_kl", "top1_agreement", "layers"):
         assert key in report
     assert set(report["stage_seconds"]) == set(STAGES) - {"report"} or set(report["stage_seconds"]) == set(STAGES)
@@ -314,15 +408,60 @@ def test_puzzle_run_writes_every_artifact_and_skips_finished_stages(tmp_path, pa
     assert [(b.attention.kind, b.ffn.kind) for b in blocks] == [
         (parse_variant(la["attention"]).kind, parse_variant(la["ffn"]).kind) for la in report["layers"]
     ]
+    assert report["fixed_residual_s"] == pytest.approx(
+        json.loads((tmp_path / "run" / "search.json").read_text())["fixed_residual_s"]
+    )
+    assert report["residual_warnings"] == [] and "Fixed residual" in (tmp_path / "run" / "report.md").read_text()
+    from open_nemotron.puzzle.report import render_markdown
+
+    negative = {**report, "fixed_residual_s": -2e-3, "residual_warnings": ["batch 2: the parent's probed ..."]}
+    text = render_markdown(negative)
+    assert "-2 ms — negative" in text and "- batch 2: the parent's probed ..." in text
     again: list[str] = []
-    run(config, tmp_path / "run", progress=False, echo=again.append)
+    run(config, tmp_path / "run", progress=False, echo=again.append, timer=timer)
     assert all("up to date" in line for line in again)
+
+    # The injected costs make the choices deterministic: brute force over every architecture of the space with
+    # scores.json and the costs formula gives what each target must pick.
+    space = build_search_space(parent_config, config.search_space)
+    scores = json.loads((tmp_path / "run" / "scores.json").read_text())
+
+    def half_score(i, part, name):
+        parent_name = space.variants(part)[i][0].name
+        return 0.0 if name == parent_name else scores["layers"][i][part][name]["kl"]
+
+    fixed = json.loads((tmp_path / "run" / "costs.json").read_text())["fixed"]
+    fixed_params, fixed_s = fixed["params"], fixed["decode_s"]["2"]
+    per_layer = []
+    for i in range(3):
+        options = []
+        for a, f in itertools.product(space.attention[i], space.ffn[i]):
+            params = half_params(parent_config, a) + half_params(parent_config, f)
+            score = half_score(i, "attention", a.name) + half_score(i, "ffn", f.name)
+            options.append((score, params, 1e-7 * params, a.name, f.name))
+        per_layer.append(options)
+    parent_step = fixed_s + sum(layer[0][2] for layer in per_layer)
+    assert parent_step == pytest.approx(6e-3)  # fixed + the parent's blocks = the parent's (injected) step
+    fits = {
+        "max_params_30000": lambda params, step: fixed_params + params <= 30000,
+        "decode_speedup_1.5": lambda params, step: parent_step / (fixed_s + step) >= 1.5 * (1 - 1e-9),
+    }
+    by_name = {t["name"]: t for t in report["targets"]}
+    for name, fit in fits.items():
+        best = min(
+            (sum(c[0] for c in combo), [(c[3], c[4]) for c in combo])
+            for combo in itertools.product(*per_layer)
+            if fit(sum(c[1] for c in combo), sum(c[2] for c in combo))
+        )
+        chosen = [(la["attention"], la["ffn"]) for la in by_name[name]["layers"]]
+        assert by_name[name]["summed_score"] == pytest.approx(best[0], abs=1e-9)
+        assert chosen == best[1]
 
 
 def test_parent_activations_match_the_model_hidden_states(parent, tokens):
-    acts = parent_activations(parent, tokens["heldout"])
+    acts = parent_activations(parent, tokens["selection"])
     with torch.no_grad():
-        hidden = parent(tokens["heldout"], output_hidden_states=True).hidden_states
+        hidden = parent(tokens["selection"], output_hidden_states=True).hidden_states
     for i in range(len(acts.inputs) - 1):
         assert torch.allclose(acts.inputs[i], hidden[i], atol=1e-6)
 
@@ -333,10 +472,16 @@ def test_parent_generated_calibration_is_cached_and_deterministic(tmp_path, pare
 
     monkeypatch.setattr(calibration, "_cache_dir", lambda: tmp_path / "cache")
     cfg = CalibrationConfig(
-        source="parent", seq_len=8, train_sequences=4, heldout_sequences=2, generate_prompts=6, generate_tokens=6
+        source="parent",
+        seq_len=8,
+        train_sequences=4,
+        selection_sequences=2,
+        reporting_sequences=2,
+        generate_prompts=6,
+        generate_tokens=6,
     )
     first = build_calibration(str(parent_dir), cfg, tmp_path / "a")
-    assert first["documents"] == {"train": 5, "heldout": 1}
+    assert first["documents"] == {"train": 4, "selection": 1, "reporting": 1}
     cached = list((tmp_path / "cache").glob("*/documents.json"))
     assert len(cached) == 1
     docs = json.loads(cached[0].read_text())
@@ -354,9 +499,11 @@ def test_jsonl_calibration_reads_text_and_chat_rows_and_names_bad_lines(tmp_path
     rows += [{"input": [{"role": "user", "content": "hi there"}], "output": "hello, how can I help?"}]
     good = tmp_path / "c.jsonl"
     good.write_text("\n".join(json.dumps(r) for r in rows))
-    cfg = CalibrationConfig(source=str(good), seq_len=8, train_sequences=3, heldout_sequences=1)
+    cfg = CalibrationConfig(
+        source=str(good), seq_len=8, train_sequences=3, selection_sequences=1, reporting_sequences=1
+    )
     meta = build_calibration(str(parent_dir), cfg, tmp_path / "out")
-    assert meta["documents"]["train"] + meta["documents"]["heldout"] == 7
+    assert meta["documents"] == {"train": 5, "selection": 1, "reporting": 1}
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{not json\n')
     with pytest.raises(CalibrationError, match=r"bad.jsonl:2: not valid JSON"):
@@ -364,7 +511,7 @@ def test_jsonl_calibration_reads_text_and_chat_rows_and_names_bad_lines(tmp_path
 
 
 def test_candidates_sum_their_halves_and_lm_loss_scores_are_relative_to_the_parent(parent, config):
-    from open_nemotron.puzzle.searching import build_candidates, fixed_costs, run_search
+    from open_nemotron.puzzle.search import build_candidates, fixed_costs, run_search
 
     space = build_search_space(
         parent.config,
@@ -405,3 +552,161 @@ def test_candidates_sum_their_halves_and_lm_loss_scores_are_relative_to_the_pare
     sol = result["targets"][0]["solution"]
     assert sol["predicted_speedup"] >= 1.5
     assert result["parent"]["runtime_s"] == pytest.approx(0.01 + 3 * 0.008)
+
+
+# ------------------------------------------------------------------------------------------------ signed residuals
+
+
+def fake_timer(block_s, parent_step_s: float, parent_prefill_s: float, probe_layers: int):
+    """A deterministic timer: probe calls take probe_layers x block_s(variant, kind); the parent's generate of n
+    tokens takes prefill + (n - 1) steps. The timed functions still run (the code path is exercised)."""
+
+    def timer(what, fn, device):
+        fn()
+        if what.kind == "generate":
+            return parent_prefill_s + (what.new_tokens - 1) * parent_step_s
+        return probe_layers * block_s(what.variant, what.kind)
+
+    return timer
+
+
+def test_costs_keep_a_negative_fixed_residual_signed_and_say_so(parent, space, config):
+    def block_s(name, kind):
+        return (2e-3 if "attn" in name else 3e-3) * (1 if kind == "decode" else 4)
+
+    step, prefill = 1e-3, 50e-3  # the parent's step is shorter than its 3 x (2 + 3) ms of probed blocks
+    timer = fake_timer(block_s, step, prefill, config.costs.probe_layers)
+    costs = measure_costs(parent, space, config.costs, progress=False, timer=timer)
+    fixed = costs["fixed"]
+    assert fixed["parent_decode_step_s"]["2"] == pytest.approx(step)
+    assert fixed["parent_blocks_decode_s"]["2"] == pytest.approx(3 * (2e-3 + 3e-3))
+    assert fixed["decode_s"]["2"] == pytest.approx(step - 3 * 5e-3)  # -14 ms, not clamped to 0
+    assert fixed["prefill_s"]["2"] == pytest.approx(prefill - 3 * 20e-3)  # -10 ms
+    assert costs["variants"]["ffn:swiglu_32"]["decode_s"]["2"] == pytest.approx(3e-3)
+    warnings = costs["residual_warnings"]
+    assert len(warnings) == 2 and "decode step" in warnings[0] and "negative (-14 ms)" in warnings[0]
+    # The parent's prediction (fixed + its blocks) equals its measured step.
+    parent_blocks = sum(costs["variants"][space.attention[i][0].name]["decode_s"]["2"] for i in range(3)) + sum(
+        costs["variants"][space.ffn[i][0].name]["decode_s"]["2"] for i in range(3)
+    )
+    assert fixed["decode_s"]["2"] + parent_blocks == pytest.approx(step)
+
+
+def test_search_with_a_negative_residual_and_an_all_no_op_fastest_child(
+    parent, config, tmp_path, parent_dir, text_file
+):
+    """The acceptance case: fixed < 0 and the fastest child (every half no-op) is predicted at fixed < 0 s."""
+    import itertools
+
+    from open_nemotron.puzzle.search import run_search
+
+    space = build_search_space(
+        parent.config,
+        SearchSpaceConfig(kv_heads=[2], attention_linear=False, ffn_fractions=[0.5], ffn_multiple=8, ffn_linear=False),
+    )
+    names = {v.name for layer in space.attention + space.ffn for v in layer}
+    runtime = {"attn:gqa_kv2": 4e-3, "attn:no_op": 0.0, "ffn:swiglu_70": 5e-3, "ffn:swiglu_32": 3e-3, "ffn:no_op": 0.0}
+    parent_step = 20e-3
+    fixed_s = parent_step - 3 * (4e-3 + 5e-3)  # -7 ms
+    costs = {
+        "fixed": {"decode_s": {"2": fixed_s}, "params": 1000, "params_bytes": 4000},
+        "residual_warnings": ["batch 2: ... negative ..."],
+        "variants": {
+            n: {
+                "decode_s": {"2": runtime[n]},
+                "params": 0 if "no_op" in n else 100,
+                "params_bytes": 0 if "no_op" in n else 400,
+                "kv_bytes_per_token": 64 if "kv" in n else 0,
+            }
+            for n in names
+        },
+    }
+    kl = {"attn:no_op": 0.3, "ffn:swiglu_32": 0.05, "ffn:no_op": 0.2}
+    layer_scores = {
+        "attention": {"attn:no_op": {"kl": kl["attn:no_op"]}},
+        "ffn": {n: {"kl": kl[n]} for n in ("ffn:swiglu_32", "ffn:no_op")},
+    }
+    scores = {"metric": "kl", "layers": [layer_scores] * space.num_layers}
+    search = config.search.__class__(
+        batch_sizes=[2], targets=[config.search.targets[0].__class__(decode_speedup=2.5)], front_points=4
+    )
+    result = run_search(space, costs, scores, search, config.costs)
+    assert result["fixed_residual_s"] == pytest.approx(-7e-3) and result["residual_warnings"]
+    assert result["parent"]["runtime_s"] == pytest.approx(parent_step)  # fixed + the parent's blocks
+    # Brute force: the best summed KL among choices whose predicted step is positive and >= 2.5x the parent's speed.
+    pairs = [(a.name, f.name) for a in space.attention[0] for f in space.ffn[0]]
+    best = None
+    for choice in itertools.product(pairs, repeat=3):
+        step = fixed_s + sum(runtime[a] + runtime[f] for a, f in choice)
+        score = sum(kl.get(a, 0.0) + kl.get(f, 0.0) for a, f in choice)
+        if step > 0 and parent_step / step >= 2.5 and (best is None or score < best[0] - 1e-12):
+            best = (score, step, choice)
+    sol = result["targets"][0]["solution"]
+    assert sol["score"] == pytest.approx(best[0])
+    assert sol["runtime_s"] > 0 and sol["predicted_speedup"] == pytest.approx(parent_step / sol["runtime_s"])
+    assert best[0] < 0.5 * 3  # the all no-op child (predicted at -7 ms) would not have been the best anyway...
+    assert result["targets"][0]["greedy"].get("runtime_s", 1.0) > 0  # ...and nothing predicted <= 0 comes back
+
+    # The same through `open-nemotron puzzle search` on a run directory: exit 0, the residual in search.json.
+    import yaml
+    from typer.testing import CliRunner
+
+    from open_nemotron.cli import app
+
+    space_config = {"kv_heads": [2], "attention_linear": False, "ffn_fractions": [0.5], "ffn_linear": False}
+    data = tiny_config_dict(parent_dir, text_file, search_space=space_config)
+    data["search"] = {"batch_sizes": [2], "targets": [{"decode_speedup": 2.5}], "front_points": 4}
+    (tmp_path / "puzzle.yaml").write_text(yaml.safe_dump(data))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "costs.json").write_text(json.dumps(costs))
+    (run_dir / "scores.json").write_text(json.dumps(scores))
+    args = ["puzzle", "search", "--config", str(tmp_path / "puzzle.yaml"), "--run-dir", str(run_dir), "--quiet"]
+    cli = CliRunner().invoke(app, args)
+    assert cli.exit_code == 0, cli.output
+    written = json.loads((run_dir / "search.json").read_text())
+    assert written["fixed_residual_s"] == pytest.approx(-7e-3) and written["residual_warnings"]
+    assert written["targets"][0]["solution"]["score"] == pytest.approx(best[0])
+    for point in result["front"]:
+        assert point["predicted_speedup"] > 0 and (point["greedy_speedup"] is None or point["greedy_speedup"] > 0)
+
+
+def test_a_degenerate_costs_json_is_a_one_line_cli_error(tmp_path, parent_dir, text_file, space):
+    import yaml
+    from typer.testing import CliRunner
+
+    from open_nemotron.cli import app
+
+    config_path = tmp_path / "puzzle.yaml"
+    config_path.write_text(yaml.safe_dump(tiny_config_dict(parent_dir, text_file)))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "scores.json").write_text(json.dumps({"metric": "kl", "layers": [{"attention": {}, "ffn": {}}] * 3}))
+    result = CliRunner().invoke(app, ["puzzle", "search", "--config", str(config_path), "--run-dir", str(run_dir)])
+    assert result.exit_code == 2 and result.output.startswith("error: ")  # no costs.json yet
+    all_scores = {part: {v.name: {"kl": 0.1} for v in space.variants(part)[0]} for part in ("attention", "ffn")}
+    (run_dir / "scores.json").write_text(json.dumps({"metric": "kl", "layers": [all_scores] * 3}))
+    zero = {"decode_s": {"2": 0.0}, "params": 0, "params_bytes": 0, "kv_bytes_per_token": 0}
+    all_zero = {v.name: zero for layer in space.attention + space.ffn for v in layer}
+    for costs, message in (
+        (
+            {"fixed": {"decode_s": {"2": 0.0}, "params": 1, "params_bytes": 4}, "variants": all_zero},
+            "the parent's predicted decode step at batch size 2 is 0 s",
+        ),
+        ({"fixed": {"decode_s": {"2": 0.01}, "params": 1, "params_bytes": 4}, "variants": {}}, "variants['attn:"),
+        ({"fixed": {"decode_s": {}, "params": 1, "params_bytes": 4}, "variants": {}}, "fixed.decode_s['2'] = None"),
+        ([], "(top level): expected a mapping"),
+    ):
+        (run_dir / "costs.json").write_text(json.dumps(costs))
+        result = CliRunner().invoke(app, ["puzzle", "search", "--config", str(config_path), "--run-dir", str(run_dir)])
+        assert result.exit_code == 2, result.output
+        assert result.output.startswith("error: costs.json") and message in result.output
+        assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+
+
+def test_long_stages_print_step_lines_unless_quiet(tmp_path, parent, space, library, tokens, capsys):
+    score_library(parent, space, library, tokens["selection"], tmp_path / "a.json", batch_size=3, progress=True)
+    err = capsys.readouterr().err
+    assert "scores: " in err and "selection sequences" in err
+    score_library(parent, space, library, tokens["selection"], tmp_path / "b.json", batch_size=3, progress=False)
+    assert capsys.readouterr().err == ""

@@ -440,6 +440,78 @@ class DeciLMModel(DeciLMPreTrainedModel):
             **{CACHE_OUTPUT_FIELD: cache if use_cache or cache is not None else None},
         )
 
+    def run_layers(
+        self,
+        hidden_states: torch.Tensor,
+        start: int = 0,
+        end: int | None = None,
+        *,
+        position_ids: torch.LongTensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values=None,
+        replace: dict[int, nn.Module] | None = None,
+        return_residuals: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Run decoder layers ``start .. end - 1`` (default: to the last) on the residual stream ``hidden_states``
+        [batch, seq, hidden]: the part of `forward` between the embeddings and the final norm, from any layer to
+        any layer. ``run_layers(run_layers(embeds, 0, k), k)`` is the full forward's residual stream before the final
+        norm, and ``run_layers(embeds, 0, k)`` its ``hidden_states[k]`` (``output_hidden_states=True``).
+
+        - ``position_ids``, ``attention_mask`` (2-D padding mask over past + current tokens), ``past_key_values``
+          (a cache the GQA layers append to: ``transformers.DynamicCache`` or our ``StaticKVCache``): as in
+          `forward`; default positions continue the cache (its length at the first GQA layer in the range).
+        - ``position_embeddings``: ``self.rotary_emb(hidden_states, position_ids)`` (transformers' (cos, sin),
+          [batch, seq, head_dim] each), for a caller that runs the same positions many times; when given, the
+          rotary embeddings are not recomputed.
+        - ``replace``: ``{layer index: module}`` run instead of the model's own layer at that index (same call
+          signature as `DeciLMDecoderLayer`): Puzzle scores and trains block variants inside the parent this way.
+        - ``return_residuals``: also return the residual stream after every half-layer, ``[input of start, after
+          start's attention, output of start (= input of start + 1), ..., output of end - 1]`` (2·(end - start) + 1
+          tensors; the layers must then have `attention_residual` / `ffn_residual`).
+        """
+        end = len(self.layers) if end is None else end
+        if not 0 <= start <= end <= len(self.layers):
+            raise ValueError(f"run_layers({start}, {end}): expected 0 <= start <= end <= {len(self.layers)}")
+        replace = replace or {}
+        layers = [replace.get(i, self.layers[i]) for i in range(start, end)]
+        seq = hidden_states.shape[1]
+        past = 0
+        if past_key_values is not None:
+            cached = next(
+                (start + k for k, lay in enumerate(layers) if getattr(lay, "attention_kind", None) == "gqa"), None
+            )
+            past = 0 if cached is None else past_key_values.get_seq_length(cached)
+        packed = False  # only caller-given positions can restart (checking costs a device sync: skipped otherwise)
+        if position_ids is None:
+            if attention_mask is not None and not bool(attention_mask.all()):
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -seq:]
+            else:
+                position_ids = torch.arange(past, past + seq, device=hidden_states.device)[None]
+        elif attention_mask is None and past == 0 and seq > 1:
+            packed = packed_sequences(position_ids)
+        if packed:
+            if position_ids.shape[0] == 1:
+                mask, is_causal = PackedSegments.from_position_ids(position_ids), False
+            else:
+                mask, is_causal = packed_causal_mask(position_ids), False
+        else:
+            mask, is_causal = attention_masks(attention_mask, seq, past)
+        if position_embeddings is None:
+            position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        cos, sin = (t.unsqueeze(1) for t in position_embeddings)
+        if not return_residuals:
+            for layer in layers:
+                hidden_states = layer(hidden_states, cos, sin, mask, is_causal, past_key_values)
+            return hidden_states
+        residuals = [hidden_states]
+        for layer in layers:
+            hidden_states = layer.attention_residual(hidden_states, cos, sin, mask, is_causal, past_key_values)
+            residuals.append(hidden_states)
+            hidden_states = layer.ffn_residual(hidden_states)
+            residuals.append(hidden_states)
+        return hidden_states, residuals
+
 
 class DeciLMForCausalLM(DeciLMPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}

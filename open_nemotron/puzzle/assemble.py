@@ -3,7 +3,8 @@
 The child's embeddings, final norm and LM head are the parent's; each layer takes its attention and FFN halves from
 the parent (parent variants) or the library (trained variants); no-op halves have no tensors at all (vLLM refuses
 extra keys for them). The directory is written atomically with the parent's tokenizer. Quality against the parent
-on the held-out calibration tokens: mean KL(parent || child) per token and next-token top-1 agreement.
+on the reporting calibration tokens (held out from every decision): mean KL(parent || child) per token and next-token
+top-1 agreement.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from open_nemotron.evaluate.divergence import kl_and_top1, log_probs
 from open_nemotron.puzzle.scoring import library_layer
 from open_nemotron.puzzle.search_space import SearchSpace, Variant, child_block_configs, config_with_blocks
 
@@ -65,9 +66,8 @@ def heldout_agreement(parent_model, child_model, heldout: torch.Tensor, batch_si
     kl_sum, agree, n = 0.0, 0.0, 0
     for start in range(0, heldout.shape[0], batch_size):
         ids = heldout[start : start + batch_size].to(device)
-        logp = F.log_softmax(parent_model(ids).logits[:, :-1].float(), dim=-1)
-        logq = F.log_softmax(child_model(ids).logits[:, :-1].float(), dim=-1)
-        kl_sum += (logp.exp() * (logp - logq)).sum(-1).sum().item()
-        agree += (logp.argmax(-1) == logq.argmax(-1)).float().sum().item()
-        n += logp.shape[0] * logp.shape[1]
+        kl, top1 = kl_and_top1(log_probs(parent_model(ids).logits[:, :-1]), log_probs(child_model(ids).logits[:, :-1]))
+        kl_sum += kl.sum().item()
+        agree += top1.sum().item()
+        n += kl.numel()
     return {"heldout_kl": kl_sum / n, "top1_agreement": agree / n, "tokens": n}

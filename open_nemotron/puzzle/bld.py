@@ -40,6 +40,7 @@ from torch import nn
 
 from open_nemotron.errors import OpenNemotronError
 from open_nemotron.puzzle.config import BLDConfig, parse_shard
+from open_nemotron.puzzle.progress import step_printer
 from open_nemotron.puzzle.search_space import ATTENTION, FFN, SearchSpace, Variant, config_with_blocks
 from open_nemotron.utils import atomic_path, atomic_write_text
 
@@ -57,26 +58,18 @@ class LibraryError(OpenNemotronError, ValueError):
 class ParentActivations:
     inputs: list[torch.Tensor]  # inputs[i] = residual entering layer i; inputs[i + 1] = layer i's output
     mids: list[torch.Tensor]  # residual after layer i's attention
-    cos: torch.Tensor
-    sin: torch.Tensor
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]  # the rotary (cos, sin) of these positions
 
 
 @torch.no_grad()
 def parent_activations(model, input_ids: torch.Tensor, last_layer: int | None = None) -> ParentActivations:
     """Run the parent's layers 0..last_layer once, keeping every layer's input and mid-layer residual."""
     inner = model.model
-    layers = inner.layers if last_layer is None else inner.layers[: last_layer + 1]
+    end = len(inner.layers) if last_layer is None else last_layer + 1
     x = inner.embed_tokens(input_ids)
-    positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
-    cos, sin = inner.rotary_emb(x, positions)
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    inputs, mids = [x], []
-    for layer in layers:
-        h = layer.attention_residual(x, cos, sin, None, True)
-        mids.append(h)
-        x = layer.ffn_residual(h)
-        inputs.append(x)
-    return ParentActivations(inputs, mids, cos, sin)
+    rope = inner.rotary_emb(x, torch.arange(input_ids.shape[1], device=input_ids.device)[None])
+    _, residuals = inner.run_layers(x, 0, end, position_embeddings=rope, return_residuals=True)
+    return ParentActivations(residuals[0::2], residuals[1::2], rope)
 
 
 # ----------------------------------------------------------------------------------------------- child layers
@@ -160,9 +153,13 @@ def normalized_mse(y_child: torch.Tensor, y_parent: torch.Tensor, x: torch.Tenso
     return (y_child - y_parent).float().pow(2).mean() / (y_parent - x).float().pow(2).mean().clamp_min(1e-12)
 
 
-def child_output(child: nn.Module, part: str, acts: ParentActivations, layer: int) -> torch.Tensor:
+def child_output(parent_model, child: nn.Module, part: str, acts: ParentActivations, layer: int) -> torch.Tensor:
+    """The child layer's output from the parent's residual entering it (attention) or its mid residual (FFN)."""
     if part == ATTENTION:
-        return child(acts.inputs[layer], acts.cos, acts.sin, None, True)
+        inputs = acts.inputs[layer]
+        return parent_model.model.run_layers(
+            inputs, layer, layer + 1, position_embeddings=acts.position_embeddings, replace={layer: child}
+        )
     return child.ffn_residual(acts.mids[layer])
 
 
@@ -305,7 +302,7 @@ def evaluate_variants(
         acts = parent_activations(parent_model, tokens[start : start + batch_size], last)
         batches += 1
         for key, (layer, variant, child) in trainers.items():
-            y = child_output(child, variant.part, acts, layer)
+            y = child_output(parent_model, child, variant.part, acts, layer)
             sums[key] += normalized_mse(y, acts.inputs[layer + 1], acts.inputs[layer]).item()
     return {k: s / batches for k, s in sums.items()}
 
@@ -334,10 +331,15 @@ def build_library(
     parent_model.eval()
     for p in parent_model.parameters():
         p.requires_grad_(False)
-    train, heldout = tokens["train"], tokens["heldout"]
+    # Decisions (keep a linear init or its BLD result) read the selection set, never the reporting one.
     device = parent_model.model.embed_tokens.weight.device
-    train, heldout = train.to(device), heldout.to(device)
+    train, selection = tokens["train"].to(device), tokens["selection"].to(device)
     last = max(i for i, _ in pending)
+    say = step_printer(progress)
+    say(
+        f"BLD: {len(pending)} variants of {len(layers)} layers; init statistics on {config.init_sequences} "
+        "calibration sequences"
+    )
     stats = init_statistics(
         parent_model, train[: config.init_sequences], pending, config.batch_size, config.linear_init
     )
@@ -355,8 +357,9 @@ def build_library(
     total = max(1, math.ceil(steps_per_epoch * config.epochs))
     warmup = max(1, round(config.warmup_ratio * total))
 
-    # Linear variants keep their init if BLD does not improve it on held-out tokens (a least-squares init is already
-    # optimal for its data; Adam's first steps can only move it away). Snapshot before a checkpoint overwrites them.
+    # Linear variants keep their init if BLD does not improve it on the selection tokens (a least-squares init is
+    # already optimal for its data; Adam's first steps can only move it away). Snapshot before a checkpoint
+    # overwrites them.
     init_states = {
         key: {n: t.clone() for n, t in half_state(child, v.part).items()}
         for key, (_, v, child) in trainers.items()
@@ -366,7 +369,10 @@ def build_library(
     keys = sorted(trainers)
     step, init_losses = _load_checkpoint(checkpoint, keys, digest, trainers, optimizer)
     if step == 0:
-        init_losses = evaluate_variants(parent_model, trainers, heldout, config.batch_size, last)
+        say(f"BLD: the inits' loss on {selection.shape[0]} selection sequences")
+        init_losses = evaluate_variants(parent_model, trainers, selection, config.batch_size, last)
+    else:
+        say(f"BLD: resuming from the checkpoint at step {step} of {total}")
     generator = torch.Generator().manual_seed(0)
     orders = [torch.randperm(train.shape[0], generator=generator) for _ in range(math.ceil(config.epochs) + 1)]
 
@@ -391,7 +397,11 @@ def build_library(
                 group["lr"] = config.learning_rate * lr_factor(step, total, warmup)
             losses = torch.stack(
                 [
-                    normalized_mse(child_output(child, v.part, acts, layer), acts.inputs[layer + 1], acts.inputs[layer])
+                    normalized_mse(
+                        child_output(parent_model, child, v.part, acts, layer),
+                        acts.inputs[layer + 1],
+                        acts.inputs[layer],
+                    )
                     for layer, v, child in trainers.values()
                 ]
             )
@@ -408,7 +418,8 @@ def build_library(
 
     for child in (c for _, _, c in trainers.values()):
         child.eval()
-    final_losses = evaluate_variants(parent_model, trainers, heldout, config.batch_size, last)
+    say(f"BLD: the trained variants' loss on {selection.shape[0]} selection sequences")
+    final_losses = evaluate_variants(parent_model, trainers, selection, config.batch_size, last)
     seconds = time.perf_counter() - started
     for key, (layer, variant, child) in trainers.items():
         kept = "bld"

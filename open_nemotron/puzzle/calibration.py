@@ -1,4 +1,10 @@
-"""Calibration tokens for Puzzle: training sequences for BLD and the pruning inits, held-out sequences for scoring.
+"""Calibration tokens for Puzzle: three disjoint sets, from disjoint documents.
+
+- ``train``: BLD training and the pruning / linear-fit inits;
+- ``selection``: held out from training; every decision reads it: a linear variant's init-vs-BLD choice (and the
+  library's held-out BLD losses) and the replace-1-block scores the MIP optimises;
+- ``reporting``: held out from every decision; only the assembled children's held-out KL and top-1 agreement
+  (report.json) are measured on it, so the reported quality is not biased by the choices made on `selection`.
 
 Sources (``calibration.source``):
 - ``parent`` (the default, needs no data): the parent answers a fixed, diverse prompt set (writing, code, science,
@@ -9,9 +15,10 @@ Sources (``calibration.source``):
   or ``.txt`` (documents separated by blank lines), or a hub dataset id (``datasets.load_dataset``; offline only
   when cached).
 
-Documents are split into train and held-out *before* tokenising (a document never feeds both), then each side is
-tokenised, joined with EOS and cut into ``seq_len`` windows. Artifact: ``calibration/tokens.safetensors``
-(``train`` [N, seq_len], ``heldout`` [M, seq_len], int64) and ``calibration/calibration.json``.
+Documents are split into train, selection and reporting *before* tokenising (a document feeds exactly one set), then
+each set is tokenised, joined with EOS and cut into ``seq_len`` windows. Artifact: ``calibration/tokens.safetensors``
+(``train`` [N, seq_len], ``selection`` [S, seq_len], ``reporting`` [R, seq_len], int64) and
+``calibration/calibration.json``.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import torch
 
 from open_nemotron.errors import OpenNemotronError
 from open_nemotron.puzzle.config import CalibrationConfig
+from open_nemotron.puzzle.progress import step_printer
 from open_nemotron.utils import atomic_write_text
 
 CALIBRATION_VERSION = 1
@@ -212,18 +220,26 @@ def windows(tokenizer, documents: list[str], seq_len: int, count: int, what: str
     return torch.tensor(stream[:needed], dtype=torch.long).view(count, seq_len)
 
 
-def split_documents(documents: list[str], config: CalibrationConfig) -> tuple[list[str], list[str]]:
-    """Disjoint train / held-out documents: about one document in eight is held out (at least one)."""
+SETS = ("train", "selection", "reporting")
+
+
+def split_documents(documents: list[str], config: CalibrationConfig) -> dict[str, list[str]]:
+    """Disjoint train / selection / reporting documents (a seeded shuffle): about one document in eight for each
+    held-out set (at least one each), the rest for training."""
+    if len(documents) < 3:
+        raise CalibrationError(
+            f"calibration: {len(documents)} document(s): expected at least 3 (train, selection and reporting are "
+            "disjoint)"
+        )
     order = list(range(len(documents)))
     random.Random(config.seed).shuffle(order)
     n_held = max(1, len(documents) // 8)
-    if len(documents) < 2:
-        raise CalibrationError(
-            f"calibration: {len(documents)} document(s): expected at least 2 (train and held-out are disjoint)"
-        )
-    held = sorted(order[:n_held])
-    train = sorted(order[n_held:])
-    return [documents[i] for i in train], [documents[i] for i in held]
+    parts = {
+        "selection": order[:n_held],
+        "reporting": order[n_held : 2 * n_held],
+        "train": order[2 * n_held :],
+    }
+    return {name: [documents[i] for i in sorted(parts[name])] for name in SETS}
 
 
 def cache_key(parent_dir: Path, config: CalibrationConfig) -> str:
@@ -242,7 +258,9 @@ def cache_key(parent_dir: Path, config: CalibrationConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def build(parent_spec: str, config: CalibrationConfig, out_dir: Path, model=None, tokenizer=None) -> dict[str, Any]:
+def build(
+    parent_spec: str, config: CalibrationConfig, out_dir: Path, model=None, tokenizer=None, progress: bool = False
+) -> dict[str, Any]:
     """Write ``tokens.safetensors`` + ``calibration.json`` into `out_dir` (skips if they exist for these settings)."""
     from safetensors.torch import save_file
 
@@ -265,6 +283,10 @@ def build(parent_spec: str, config: CalibrationConfig, out_dir: Path, model=None
             documents = json.loads(cache.read_text())
         else:
             model = model or load_model(parent_spec)
+            step_printer(progress)(
+                f"calibration: the parent answers {config.generate_prompts} prompts ({config.generate_tokens} new "
+                "tokens each; cached afterwards)"
+            )
             documents = parent_documents(model, tokenizer, config)
             cache.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(cache, json.dumps(documents))
@@ -275,15 +297,19 @@ def build(parent_spec: str, config: CalibrationConfig, out_dir: Path, model=None
     else:
         documents = hub_documents(config.source, config)
 
-    train_docs, held_docs = split_documents(documents, config)
-    train = windows(tokenizer, train_docs, config.seq_len, config.train_sequences, "training")
-    heldout = windows(tokenizer, held_docs, config.seq_len, config.heldout_sequences, "held-out")
+    docs = split_documents(documents, config)
+    counts = {
+        "train": config.train_sequences,
+        "selection": config.selection_sequences,
+        "reporting": config.reporting_sequences,
+    }
+    tokens = {name: windows(tokenizer, docs[name], config.seq_len, counts[name], name) for name in SETS}
     with atomic_path(out_dir / "tokens.safetensors") as tmp:
-        save_file({"train": train, "heldout": heldout}, str(tmp))
+        save_file(tokens, str(tmp))
     meta = {
         "settings": settings,
-        "documents": {"train": len(train_docs), "heldout": len(held_docs)},
-        "tokens": {"train": train.numel(), "heldout": heldout.numel()},
+        "documents": {name: len(docs[name]) for name in SETS},
+        "tokens": {name: t.numel() for name, t in tokens.items()},
     }
     atomic_write_text(meta_path, json.dumps(meta, indent=1))
     return meta
@@ -295,7 +321,14 @@ def load_tokens(out_dir: Path) -> dict[str, torch.Tensor]:
     path = out_dir / "tokens.safetensors"
     if not path.is_file():
         raise CalibrationError(f"{path}: missing; run the calibration stage first (open-nemotron puzzle run)")
-    return load_file(str(path))
+    tokens = load_file(str(path))
+    missing = [name for name in SETS if name not in tokens]
+    if missing:
+        raise CalibrationError(
+            f"{path}: no {', '.join(missing)} set (written by an older version); "
+            "rerun `open-nemotron puzzle calibration`"
+        )
+    return tokens
 
 
 def _cache_dir() -> Path:

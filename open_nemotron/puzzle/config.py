@@ -31,8 +31,9 @@ class CalibrationConfig:
     text_field: str = "text"
     split: str = "train"
     seq_len: int = 128
-    train_sequences: int = 192
-    heldout_sequences: int = 8
+    train_sequences: int = 192  # BLD training and the pruning / linear-fit inits
+    selection_sequences: int = 8  # held out from BLD: linear init vs BLD choice, the replace-1-block scores
+    reporting_sequences: int = 8  # held out from every decision: the report's held-out KL and top-1 agreement
     generate_prompts: int = 64  # parent source: prompts to answer (fixed list first, then reasoning tasks)
     generate_tokens: int = 128  # parent source: new tokens per answer
     seed: int = 0
@@ -129,10 +130,17 @@ def _jsonable(obj: Any) -> Any:
     raise TypeError(type(obj).__name__)
 
 
+# Fields that were split or renamed: the unknown-field error says what replaced them.
+RENAMED = {
+    "calibration.heldout_sequences": "split into selection_sequences (init choice, scores) and reporting_sequences "
+    "(the report's held-out KL, seen by no decision)",
+}
+
 POSITIVE_INTS = {
     "calibration.seq_len",
     "calibration.train_sequences",
-    "calibration.heldout_sequences",
+    "calibration.selection_sequences",
+    "calibration.reporting_sequences",
     "calibration.generate_prompts",
     "calibration.generate_tokens",
     "bld.batch_size",
@@ -196,9 +204,9 @@ def build_section(cls: type, data: Any, path: str) -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise PuzzleConfigError(
-            f"{path + '.' if path else ''}{unknown[0]}: unknown field; expected one of {', '.join(sorted(known))}"
-        )
+        name = f"{path + '.' if path else ''}{unknown[0]}"
+        hint = f" ({RENAMED[name]})" if name in RENAMED else ""
+        raise PuzzleConfigError(f"{name}: unknown field{hint}; expected one of {', '.join(sorted(known))}")
     kwargs = {}
     for name, value in data.items():
         sub = f"{path}.{name}" if path else name
@@ -248,8 +256,6 @@ def validate(config: PuzzleConfig) -> PuzzleConfig:
         for k in given:
             if getattr(t, k) <= 0:
                 raise PuzzleConfigError(f"search.targets[{i}].{k} = {getattr(t, k)}: expected a positive number")
-    if config.calibration.heldout_sequences < 1:
-        raise PuzzleConfigError("calibration.heldout_sequences: expected a positive integer")
     return config
 
 

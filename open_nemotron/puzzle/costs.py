@@ -5,10 +5,15 @@ half no-op), with their own weights so that they stream from memory as in a real
 loop uses at that batch size (`prepare_for_decode`). Decode = one new token per row over a KV cache of
 ``prompt_len + gen_len // 2`` tokens (the mean context of the scenario); prefill = ``prompt_len`` tokens per row.
 Variants are timed round-robin, `repeats` times, and the median is kept, so machine drift hits them all alike.
+Probes run through the model's public `run_layers` with a `StaticKVCache`; every timing goes through a `Timer`
+(default: wall time between device synchronisations; tests inject a fake one).
 
 Fixed costs: everything outside the layers (embedding, final norm, LM head, sampling, the loop's own overhead) is
 the parent's measured decode step (our `generate`, as `bench-speed` times it) minus the sum of its blocks' probe
-times. A child's predicted step is then fixed + the sum of its blocks: what `bench-speed` will measure.
+times. A child's predicted step is then fixed + the sum of its blocks: what `bench-speed` will measure. The residual
+is kept signed: when the probes sum to more than the parent's step it is negative (so the parent's prediction still
+equals its measurement), and ``residual_warnings`` says so; the search then excludes architectures whose predicted
+step is not positive (`puzzle.mip`).
 
 Memory: parameter bytes per variant (its norm included) and KV-cache bytes per token; fixed parameter bytes
 (embeddings, LM head if untied, final norm). Artifact ``costs.json`` (schema in docs/puzzle.md).
@@ -18,10 +23,13 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from open_nemotron.errors import OpenNemotronError
 from open_nemotron.evaluate.hardware import describe_device, synchronize
 from open_nemotron.puzzle.config import CostsConfig
 from open_nemotron.puzzle.search_space import (
@@ -49,7 +57,26 @@ def probe_model(parent_config, variant: Variant, layers: int, device: torch.devi
     return model
 
 
-def _time(fn, device: torch.device) -> float:
+class CostsError(OpenNemotronError, RuntimeError):
+    """Measurements that cannot make a cost model (e.g. a parent decode step that is not positive)."""
+
+
+@dataclass(frozen=True)
+class Timing:
+    """What a timer call measures: a probe's ``decode`` step or ``prefill`` (``variant`` set; the call covers
+    `probe_layers` layers), or the parent's ``generate`` of ``new_tokens`` tokens (``variant`` None)."""
+
+    kind: str  # "decode", "prefill" or "generate"
+    batch_size: int
+    variant: str | None = None
+    new_tokens: int | None = None
+
+
+Timer = Callable[[Timing, Callable[[], Any], torch.device], float]
+
+
+def wall_timer(what: Timing, fn: Callable[[], Any], device: torch.device) -> float:
+    """The default timer: `fn`'s wall time between two device synchronisations."""
     synchronize(device)
     start = time.perf_counter()
     fn()
@@ -58,45 +85,51 @@ def _time(fn, device: torch.device) -> float:
 
 
 class VariantProbe:
-    """Timing closures for one variant at one batch size."""
+    """Timing closures for one variant at one batch size, through the model's `run_layers` and a `StaticKVCache`.
 
-    def __init__(self, parent_config, variant: Variant, config: CostsConfig, batch: int, device, dtype) -> None:
+    The decode steps append to one cache, prefilled so that the median of `calls` steps attends over the scenario's
+    context (``prompt_len + gen_len // 2``); each prefill gets a fresh cache (allocated outside the timed call).
+    """
+
+    def __init__(self, parent_config, variant: Variant, config: CostsConfig, batch: int, device, dtype, calls: int):
         from open_nemotron.model.decode_layout import prepare_for_decode
-        from open_nemotron.model.generation import StaticKVCache
 
         self.model = probe_model(parent_config, variant, config.probe_layers, device, dtype)
         prepare_for_decode(self.model, batch)
-        self.layers = self.model.model.layers
+        self.inner = self.model.model
+        self.batch, self.dtype, self.device, self.prompt_len = batch, dtype, device, config.prompt_len
         hidden = parent_config.hidden_size
-        self.context = config.prompt_len + config.gen_len // 2
+        context = config.prompt_len + config.gen_len // 2
         gen = torch.Generator().manual_seed(0)
         self.step_input = torch.randn(batch, 1, hidden, generator=gen).to(device=device, dtype=dtype)
         self.prompt_input = torch.randn(batch, config.prompt_len, hidden, generator=gen).to(device=device, dtype=dtype)
-        self.cache = StaticKVCache(self.model.config, batch, self.context + 1, dtype, device)
-        for i, k in enumerate(self.cache.keys):
-            if k is not None:
-                k.normal_()
-                self.cache.values[i].normal_()
-        rotary = self.model.model.rotary_emb
-        cos, sin = rotary(self.step_input, torch.tensor([[self.context]], device=device))
-        self.step_rope = (cos.unsqueeze(1), sin.unsqueeze(1))
-        cos, sin = rotary(self.prompt_input, torch.arange(config.prompt_len, device=device)[None])
-        self.prompt_rope = (cos.unsqueeze(1), sin.unsqueeze(1))
-        self.prompt_cache = StaticKVCache(self.model.config, batch, config.prompt_len, dtype, device)
+        filled = max(1, context - calls // 2)
+        self.cache = self._cache(filled + calls)
+        with torch.inference_mode():
+            history = torch.randn(batch, filled, hidden, generator=gen).to(device=device, dtype=dtype)
+            self.inner.run_layers(history, past_key_values=self.cache)
+        rotary = self.inner.rotary_emb
+        self.step_rope = rotary(self.step_input, torch.tensor([[context]], device=device))
+        self.prompt_rope = rotary(self.prompt_input, torch.arange(config.prompt_len, device=device)[None])
+
+    def _cache(self, length: int):
+        from open_nemotron.model.generation import StaticKVCache
+
+        return StaticKVCache(self.model.config, self.batch, length, self.dtype, self.device)
 
     @torch.inference_mode()
     def decode(self) -> None:
-        self.cache.lengths = [self.context] * len(self.cache.lengths)
-        cos, sin = self.step_rope
-        for layer in self.layers:
-            layer(self.step_input, cos, sin, None, False, self.cache)
+        self.inner.run_layers(self.step_input, past_key_values=self.cache, position_embeddings=self.step_rope)
 
-    @torch.inference_mode()
-    def prefill(self) -> None:
-        self.prompt_cache.lengths = [0] * len(self.prompt_cache.lengths)
-        cos, sin = self.prompt_rope
-        for layer in self.layers:
-            layer(self.prompt_input, cos, sin, None, True, self.prompt_cache)
+    def prefill_call(self) -> Callable[[], None]:
+        """One prefill over a fresh cache (allocated here, outside the timed call)."""
+        cache = self._cache(self.prompt_len)
+
+        @torch.inference_mode()
+        def prefill() -> None:
+            self.inner.run_layers(self.prompt_input, past_key_values=cache, position_embeddings=self.prompt_rope)
+
+        return prefill
 
 
 def half_params(parent_config, variant: Variant) -> int:
@@ -131,9 +164,25 @@ def parent_blocks_sum(space: SearchSpace, variants: dict[str, Any], cost) -> flo
     )
 
 
-def measure_costs(parent_model, space: SearchSpace, config: CostsConfig, progress: bool = True) -> dict[str, Any]:
-    """Time every distinct variant and the parent; returns the ``costs.json`` content."""
-    from rich.progress import Progress
+def residual_warning(what: str, batch: int, measured: float, blocks: float) -> str:
+    """The line costs.json and the report carry when the probed blocks sum to more than the parent's measurement."""
+    return (
+        f"batch {batch}: the parent's probed blocks sum to {blocks * 1e3:.4g} ms, more than its measured {what} "
+        f"({measured * 1e3:.4g} ms): the fixed residual is negative ({(measured - blocks) * 1e3:.4g} ms), kept "
+        "signed so that the parent's prediction equals its measurement; children much smaller than the parent are "
+        "predicted optimistically"
+    )
+
+
+def measure_costs(
+    parent_model, space: SearchSpace, config: CostsConfig, progress: bool = True, timer: Timer | None = None
+) -> dict[str, Any]:
+    """Time every distinct variant and the parent; returns the ``costs.json`` content.
+
+    ``timer(what, fn, device)`` returns the seconds of one call of `fn` (default `wall_timer`); a test passes a
+    fake one to make the costs, and so the search's choices, deterministic.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from open_nemotron.evaluate.throughput import random_prompt, timed_generate
     from open_nemotron.model.decode_layout import prepare_for_decode
@@ -160,11 +209,23 @@ def measure_costs(parent_model, space: SearchSpace, config: CostsConfig, progres
         }
         for name, v in variants.items()
     }
-    fixed: dict[str, Any] = {"decode_s": {}, "prefill_s": {}, "parent_decode_step_s": {}, "parent_prefill_s": {}}
-    with Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task("costs", total=len(config.batch_sizes) * (config.repeats * (len(timed) + 1)))
+    fixed: dict[str, Any] = {
+        "decode_s": {},
+        "prefill_s": {},
+        "parent_decode_step_s": {},
+        "parent_prefill_s": {},
+        "parent_blocks_decode_s": {},
+        "parent_blocks_prefill_s": {},
+    }
+    warnings: list[str] = []
+    timer = timer or wall_timer
+    calls = config.repeats + 1  # one warm-up step, then the timed ones
+    columns = [TextColumn("costs {task.fields[what]}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, disable=not progress, transient=True) as bar:
+        task = bar.add_task("costs", total=len(config.batch_sizes) * (config.repeats * (len(timed) + 1)), what="")
         for b in config.batch_sizes:
-            probes = {v.name: VariantProbe(pc, v, config, b, device, dtype) for v in timed}
+            bar.update(task, what=f"batch {b}: building {len(timed)} probes")
+            probes = {v.name: VariantProbe(pc, v, config, b, device, dtype, calls) for v in timed}
             samples: dict[str, dict[str, list[float]]] = {n: {"decode": [], "prefill": []} for n in probes}
             prompt = random_prompt(b, config.prompt_len, pc.vocab_size, 0, device)
             prepare_for_decode(parent_model, b)
@@ -172,14 +233,26 @@ def measure_costs(parent_model, space: SearchSpace, config: CostsConfig, progres
             parent_steps, parent_prefills = [], []
             for probe in probes.values():
                 probe.decode()
-                probe.prefill()
+                probe.prefill_call()()
             for _ in range(config.repeats):
                 for name, probe in probes.items():
-                    samples[name]["decode"].append(_time(probe.decode, device) / config.probe_layers)
-                    samples[name]["prefill"].append(_time(probe.prefill, device) / config.probe_layers)
+                    bar.update(task, what=f"batch {b}: {name}")
+                    decode = timer(Timing("decode", b, name), probe.decode, device)
+                    prefill = timer(Timing("prefill", b, name), probe.prefill_call(), device)
+                    samples[name]["decode"].append(decode / config.probe_layers)
+                    samples[name]["prefill"].append(prefill / config.probe_layers)
                     bar.advance(task)
-                first = timed_generate(parent_model, prompt, 1, device)
-                total = timed_generate(parent_model, prompt, config.gen_len, device)
+                bar.update(task, what=f"batch {b}: the parent's generate")
+                first = timer(
+                    Timing("generate", b, new_tokens=1),
+                    lambda prompt=prompt: timed_generate(parent_model, prompt, 1, device),
+                    device,
+                )
+                total = timer(
+                    Timing("generate", b, new_tokens=config.gen_len),
+                    lambda prompt=prompt: timed_generate(parent_model, prompt, config.gen_len, device),
+                    device,
+                )
                 parent_prefills.append(first)
                 parent_steps.append((total - first) / (config.gen_len - 1))
                 bar.advance(task)
@@ -192,13 +265,25 @@ def measure_costs(parent_model, space: SearchSpace, config: CostsConfig, progres
                     out_variants[name]["prefill_s"][str(b)] = 0.0
             step = statistics.median(parent_steps)
             prefill = statistics.median(parent_prefills)
+            if not step > 0:
+                raise CostsError(
+                    f"costs: the parent's measured decode step at batch size {b} is {step:.6g} s (its generate of "
+                    f"{config.gen_len} tokens took no longer than of 1 token): timing noise; raise costs.gen_len or "
+                    "costs.repeats"
+                )
             blocks_decode = parent_blocks_sum(space, out_variants, lambda c, b=b: c["decode_s"][str(b)])
             blocks_prefill = parent_blocks_sum(space, out_variants, lambda c, b=b: c["prefill_s"][str(b)])
             fixed["parent_decode_step_s"][str(b)] = step
             fixed["parent_prefill_s"][str(b)] = prefill
-            fixed["decode_s"][str(b)] = max(0.0, step - blocks_decode)
-            fixed["prefill_s"][str(b)] = max(0.0, prefill - blocks_prefill)
-            fixed.setdefault("parent_blocks_decode_s", {})[str(b)] = blocks_decode
+            # Signed residuals: fixed + the parent's blocks = the parent's measured step, even when the probes sum to
+            # more than the step (then the residual is negative and flagged in `residual_warnings`).
+            fixed["decode_s"][str(b)] = step - blocks_decode
+            fixed["prefill_s"][str(b)] = prefill - blocks_prefill
+            fixed["parent_blocks_decode_s"][str(b)] = blocks_decode
+            fixed["parent_blocks_prefill_s"][str(b)] = blocks_prefill
+            for what, measured, blocks in (("decode step", step, blocks_decode), ("prefill", prefill, blocks_prefill)):
+                if blocks > measured:
+                    warnings.append(residual_warning(what, b, measured, blocks))
             del probes
     total_params = sum(p.numel() for p in {id(p): p for p in parent_model.parameters()}.values())
     layer_params = parent_blocks_sum(space, out_variants, lambda c: c["params"])
@@ -216,6 +301,7 @@ def measure_costs(parent_model, space: SearchSpace, config: CostsConfig, progres
             "repeats": config.repeats,
         },
         "fixed": fixed,
+        "residual_warnings": warnings,
         "variants": out_variants,
         "seconds": time.perf_counter() - started,
     }

@@ -26,6 +26,7 @@ from typing import Any
 
 from open_nemotron.errors import OpenNemotronError
 from open_nemotron.puzzle.config import PuzzleConfig
+from open_nemotron.puzzle.progress import step_printer
 from open_nemotron.puzzle.search_space import SearchSpace, build_search_space
 from open_nemotron.utils import atomic_write_text
 
@@ -51,8 +52,9 @@ class PuzzleRunError(OpenNemotronError, RuntimeError):
 class PuzzleRun:
     """One run directory: the config, lazily loaded parent and artifacts, and the stage bookkeeping."""
 
-    def __init__(self, config: PuzzleConfig, run_dir: str | Path, progress: bool = True) -> None:
+    def __init__(self, config: PuzzleConfig, run_dir: str | Path, progress: bool = True, timer=None) -> None:
         self.config = config
+        self.timer = timer  # costs' Timer (None: wall time); tests inject a fake one for deterministic costs
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.progress = progress
@@ -148,6 +150,7 @@ class PuzzleRun:
             self.dir / "calibration",
             tokenizer=self.tokenizer,
             model=self.parent if self.config.calibration.source == "parent" else None,
+            progress=self.progress,
         )
 
     def build_library(self) -> dict[str, Any]:
@@ -181,7 +184,7 @@ class PuzzleRun:
     def costs(self) -> dict[str, Any]:
         from open_nemotron.puzzle.costs import measure_costs
 
-        result = measure_costs(self.parent, self.space, self.config.costs, progress=self.progress)
+        result = measure_costs(self.parent, self.space, self.config.costs, progress=self.progress, timer=self.timer)
         atomic_write_text(self.dir / "costs.json", json.dumps(result, indent=1))
         return result
 
@@ -199,7 +202,7 @@ class PuzzleRun:
             self.parent,
             self.space,
             self.dir / "library",
-            tokens["heldout"],
+            tokens["selection"],  # a decision (the MIP's scores): never the reporting set
             self.dir / "scores.json",
             batch_size=self.config.score.batch_size,
             metric=self.config.score.metric,
@@ -207,7 +210,7 @@ class PuzzleRun:
         )
 
     def search(self) -> dict[str, Any]:
-        from open_nemotron.puzzle.searching import run_search
+        from open_nemotron.puzzle.search import run_search
 
         costs = self.read_json("costs.json", "costs")
         scores = self.read_json("scores.json", "score")
@@ -223,8 +226,9 @@ class PuzzleRun:
         from open_nemotron.puzzle.calibration import load_tokens
         from open_nemotron.puzzle.search_space import parse_variant
 
+        say = step_printer(self.progress)
         search = self.read_json("search.json", "search")
-        heldout = load_tokens(self.dir / "calibration")["heldout"]
+        reporting = load_tokens(self.dir / "calibration")["reporting"]  # seen by no decision
         children = []
         for target in search["targets"]:
             if target.get("solution") is None:
@@ -232,10 +236,11 @@ class PuzzleRun:
             layers = target["solution"]["layers"]
             attention = [parse_variant(layer["attention"]) for layer in layers]
             ffn = [parse_variant(layer["ffn"]) for layer in layers]
+            say(f"assemble {target['name']}: building the child, then its agreement on the reporting set")
             child = assemble_child(self.parent, self.space, self.dir / "library", attention, ffn)
             out = self.dir / "children" / target["name"]
             save_child(child, self.tokenizer, out)
-            quality = heldout_agreement(self.parent, child, heldout, self.config.score.batch_size)
+            quality = heldout_agreement(self.parent, child, reporting, self.config.score.batch_size)
             children.append({"name": target["name"], "dir": str(out), **quality})
             del child
         if not children:
@@ -244,6 +249,7 @@ class PuzzleRun:
 
         c, a = self.config.costs, self.config.assemble
         batch = search["batch_size"]
+        say(f"assemble: bench-speed of the parent and {len(children)} children at batch {batch}")
         speed = bench_speed(
             SpeedConfig(
                 models=[f"ours:{resolve_model_dir(self.config.parent)}", *[f"ours:{ch['dir']}" for ch in children]],
@@ -262,12 +268,16 @@ class PuzzleRun:
             ch["decode_tokens_per_s"] = model["batches"][str(batch)]["decode_tokens_per_s"]
         costs = self.read_json("costs.json", "costs")
         parent_step = speed["models"][0]["batches"][str(batch)]["decode_ms_per_step"] / 1e3
+        costs_step = costs["fixed"].get("parent_decode_step_s", {}).get(str(batch))
         result = {
             "batch_size": batch,
             "parent_decode_tokens_per_s": speed["models"][0]["batches"][str(batch)]["decode_tokens_per_s"],
             # The parent's decode step here vs when costs were measured: far from 1, the machine changed state in
             # between and the predictions (made in the other state) are off by about as much.
-            "machine_drift": parent_step / costs["fixed"]["parent_decode_step_s"][str(batch)],
+            # None when costs.json has no positive parent step at this batch size (injected or hand-written costs).
+            "machine_drift": parent_step / costs_step
+            if isinstance(costs_step, (int, float)) and costs_step > 0
+            else None,
             "children": children,
         }
         atomic_write_text(self.dir / "assemble.json", json.dumps(result, indent=1))
@@ -296,11 +306,23 @@ def run_stage(run: PuzzleRun, stage: str, force: bool = True) -> float:
     return run.run_stage(stage, getattr(run, STAGE_METHODS[stage]), force=force)
 
 
-def run(config: PuzzleConfig, run_dir: str | Path, progress: bool = True, echo: Callable[[str], None] = print) -> dict:
-    """Every stage in order, skipping the ones already done with the same settings; returns report.json."""
-    pr = PuzzleRun(config, run_dir, progress=progress)
+def run(
+    config: PuzzleConfig,
+    run_dir: str | Path,
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+    timer=None,
+) -> dict:
+    """Every stage in order, skipping the ones already done with the same settings; returns report.json.
+
+    ``timer``: the costs stage's `Timer` (default: wall time); a test passes a fake one for deterministic costs.
+    """
+    pr = PuzzleRun(config, run_dir, progress=progress, timer=timer)
+    say = step_printer(progress)
     for stage in STAGES:
         fresh = pr.is_fresh(stage)
+        if not fresh:
+            say(f"{stage}: running")
         seconds = run_stage(pr, stage, force=False)
         echo(f"{stage:>14}: {'up to date' if fresh else f'{seconds:7.1f} s'}")
     return json.loads((pr.dir / "report.json").read_text())

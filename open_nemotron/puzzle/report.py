@@ -1,8 +1,8 @@
 """The `report` stage: report.json (machine-readable), report.md (for people) and front.png.
 
 report.json's top-level fields describe the first target that has a solution (`target_speedup`,
-`predicted_speedup`, `measured_speedup`, `heldout_kl`, `top1_agreement`, `layers`), plus `stage_seconds` and a
-`targets` list with the same fields for every target.
+`predicted_speedup`, `measured_speedup`, `heldout_kl`, `top1_agreement`, `layers`), plus `stage_seconds`, the signed
+`fixed_residual_s` with its `residual_warnings`, and a `targets` list with the same fields for every target.
 """
 
 from __future__ import annotations
@@ -77,6 +77,9 @@ def write_report(run) -> dict[str, Any]:
         },
         "parent_decode_tokens_per_s": assembled["parent_decode_tokens_per_s"],
         "machine_drift": assembled.get("machine_drift"),
+        # fixed = the parent's measured step - its probed blocks, signed; negative: the probes overshoot.
+        "fixed_residual_s": search.get("fixed_residual_s", costs["fixed"]["decode_s"].get(str(search["batch_size"]))),
+        "residual_warnings": search.get("residual_warnings", costs.get("residual_warnings", [])),
         "front": search["front"],
     }
     plot_front(run.dir / "front.png", search, targets)
@@ -150,7 +153,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f" ({report['device']['device']}); decode at batch {report['batch_size']}; score = replace-1-block "
         f"{report['metric']}.",
         "",
-        "| target | predicted speedup | measured speedup | error | summed score | held-out KL | top-1 agreement | "
+        "| target | predicted speedup | measured speedup | error | summed score | held-out KL (reporting set) | "
+        "top-1 agreement | "
         "params | greedy score (same budget) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -176,6 +180,15 @@ def render_markdown(report: dict[str, Any]) -> str:
                 else "."
             ),
         ]
+    residual = report.get("fixed_residual_s")
+    if residual is not None:
+        lines += [
+            "",
+            f"Fixed residual (the parent's measured decode step minus its probed blocks, at batch "
+            f"{report['batch_size']}): {residual * 1e3:.4g} ms"
+            + (" — negative: the probes overshoot; it is kept signed (see below)." if residual < 0 else "."),
+        ]
+    lines += [f"- {w}" for w in report.get("residual_warnings") or []]
     lines += ["", "![front](front.png)", "", "## Chosen architectures", ""]
     for t in report["targets"]:
         if "layers" not in t:

@@ -1,6 +1,7 @@
 """Replace-1-block scores (paper-digest §1.5): the quality cost of each library variant in isolation.
 
-For layer i and a variant v of one of its halves, the parent with only that half replaced is run on held-out tokens
+For layer i and a variant v of one of its halves, the parent with only that half replaced is run on the selection
+tokens (held out from BLD; the report's quality uses the separate reporting set)
 and compared with the parent: KL(parent || child) of the next-token distributions, averaged over tokens (the
 paper's recommended metric), plus the LM loss and top-1 agreement as alternatives. The run starts from the parent's
 cached residual stream entering layer i, not from the embeddings: layers before i are the parent's in both models,
@@ -21,7 +22,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from open_nemotron.evaluate.divergence import kl_and_top1, log_probs
 from open_nemotron.puzzle.bld import build_child_layer, half_state, load_half, parent_activations
+from open_nemotron.puzzle.progress import step_printer
 from open_nemotron.puzzle.search_space import ATTENTION, FFN, SearchSpace, Variant
 from open_nemotron.utils import atomic_write_text
 
@@ -45,29 +48,26 @@ def library_layer(parent_model, space: SearchSpace, library: Path, layer: int, a
 
 
 @torch.no_grad()
-def run_from_layer(parent_model, start: int, first_layer, hidden: torch.Tensor, cos, sin) -> torch.Tensor:
+def run_from_layer(parent_model, start: int, first_layer, hidden: torch.Tensor, position_embeddings) -> torch.Tensor:
     """Logits of the parent with layer `start` replaced by `first_layer`, started from the residual entering it."""
-    x = first_layer(hidden, cos, sin, None, True)
-    for layer in parent_model.model.layers[start + 1 :]:
-        x = layer(x, cos, sin, None, True)
-    return parent_model.lm_head(parent_model.model.norm(x))
+    inner = parent_model.model
+    x = inner.run_layers(hidden, start, position_embeddings=position_embeddings, replace={start: first_layer})
+    return parent_model.lm_head(inner.norm(x))
 
 
 def token_metrics(parent_logp: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """Sums over tokens (positions with a next token): KL(parent || child), child LM loss, top-1 agreement."""
-    logq = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    logp = parent_logp[:, :-1]
-    kl = (logp.exp() * (logp - logq)).sum(-1)
+    logq = log_probs(logits[:, :-1])
+    kl, top1 = kl_and_top1(parent_logp[:, :-1], logq)
     lm = F.nll_loss(logq.reshape(-1, logq.shape[-1]), labels[:, 1:].reshape(-1), reduction="sum")
-    top1 = (logq.argmax(-1) == logp.argmax(-1)).float().sum()
-    return {"kl": kl.sum().item(), "lm_loss": lm.item(), "top1": top1.item()}
+    return {"kl": kl.sum().item(), "lm_loss": lm.item(), "top1": top1.sum().item()}
 
 
 def score_library(
     parent_model,
     space: SearchSpace,
     library: Path,
-    heldout: torch.Tensor,
+    selection: torch.Tensor,
     out_path: Path,
     batch_size: int = 4,
     metric: str = "kl",
@@ -78,9 +78,9 @@ def score_library(
 
     parent_model.eval()
     device = parent_model.model.embed_tokens.weight.device
-    heldout = heldout.to(device)
+    selection = selection.to(device)
     started = time.perf_counter()
-    result = _load_partial(out_path, heldout, metric, space)
+    result = _load_partial(out_path, selection, metric, space)
     todo = [
         (i, part, v)
         for i in range(space.num_layers)
@@ -89,13 +89,13 @@ def score_library(
         if v.name not in result["layers"][i][part]
     ]
     if todo:
-        batches = [heldout[s : s + batch_size] for s in range(0, heldout.shape[0], batch_size)]
+        batches = [selection[s : s + batch_size] for s in range(0, selection.shape[0], batch_size)]
+        step_printer(progress)(
+            f"scores: {len(todo)} variants on {selection.shape[0]} selection sequences (parent activations first)"
+        )
         with torch.no_grad():
             cached = [parent_activations(parent_model, b) for b in batches]
-            parent_logp = [
-                F.log_softmax(parent_model.lm_head(parent_model.model.norm(a.inputs[-1])).float(), dim=-1)
-                for a in cached
-            ]
+            parent_logp = [log_probs(parent_model.lm_head(parent_model.model.norm(a.inputs[-1]))) for a in cached]
         n_tokens = sum(b.shape[0] * (b.shape[1] - 1) for b in batches)
         parent_lm = sum(
             F.nll_loss(lp[:, :-1].reshape(-1, lp.shape[-1]), b[:, 1:].reshape(-1), reduction="sum").item()
@@ -107,12 +107,15 @@ def score_library(
             task = bar.add_task("replace-1-block scores", total=len(todo))
             for layer in sorted({i for i, _, _ in todo}):
                 for _, part, variant in [t for t in todo if t[0] == layer]:
+                    bar.update(task, description=f"replace-1-block scores: layer {layer} {variant.name}")
                     other = space.parent_variant(layer, FFN if part == ATTENTION else ATTENTION)
                     attention, ffn = (variant, other) if part == ATTENTION else (other, variant)
                     child = library_layer(parent_model, space, library, layer, attention, ffn)
                     sums = {"kl": 0.0, "lm_loss": 0.0, "top1": 0.0}
                     for acts, logp, ids in zip(cached, parent_logp, batches, strict=True):
-                        logits = run_from_layer(parent_model, layer, child, acts.inputs[layer], acts.cos, acts.sin)
+                        logits = run_from_layer(
+                            parent_model, layer, child, acts.inputs[layer], acts.position_embeddings
+                        )
                         for k, v in token_metrics(logp, logits, ids).items():
                             sums[k] += v
                     result["layers"][layer][part][variant.name] = {k: v / n_tokens for k, v in sums.items()}
@@ -124,8 +127,8 @@ def score_library(
     return result
 
 
-def _load_partial(out_path: Path, heldout: torch.Tensor, metric: str, space: SearchSpace) -> dict[str, Any]:
-    fingerprint = {"version": SCORES_VERSION, "heldout_shape": list(heldout.shape), "heldout_sum": int(heldout.sum())}
+def _load_partial(out_path: Path, selection: torch.Tensor, metric: str, space: SearchSpace) -> dict[str, Any]:
+    fingerprint = {"version": SCORES_VERSION, "tokens_shape": list(selection.shape), "tokens_sum": int(selection.sum())}
     if out_path.is_file():
         try:
             data = json.loads(out_path.read_text())

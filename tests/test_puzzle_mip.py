@@ -1,4 +1,4 @@
-"""Puzzle's architecture search (open_nemotron.puzzle.search): the MIP against brute-force enumeration, each budget
+"""Puzzle's architecture search (open_nemotron.puzzle.mip): the MIP against brute-force enumeration, each budget
 binding, diversity, the greedy baseline, the batch-size sweep and input validation. Pure numpy/scipy, all fast."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from open_nemotron.errors import OpenNemotronError
-from open_nemotron.puzzle.search import (
+from open_nemotron.puzzle.mip import (
     Budget,
     Candidate,
     FixedCosts,
@@ -506,17 +506,17 @@ def test_bad_solution_count_and_batch_list_are_named():
 
 
 def test_time_limit_is_reported(monkeypatch):
-    import open_nemotron.puzzle.search as search_module
+    import open_nemotron.puzzle.mip as mip_module
 
     layers, fixed = random_problem(0, num_layers=3)
-    real_milp = search_module.milp
+    real_milp = mip_module.milp
 
     def stopped_with_incumbent(*args, **kwargs):
         res = real_milp(*args, **kwargs)
         res.status, res.message = 1, "Time limit reached."
         return res
 
-    monkeypatch.setattr(search_module, "milp", stopped_with_incumbent)
+    monkeypatch.setattr(mip_module, "milp", stopped_with_incumbent)
     sol = solve_mip(layers, fixed, Budget(), 4, SEQ, time_limit_s=0.5)
     assert sol.method == "mip" and not sol.proven_optimal
 
@@ -525,6 +525,37 @@ def test_time_limit_is_reported(monkeypatch):
         res.status, res.message, res.x = 1, "Time limit reached.", None
         return res
 
-    monkeypatch.setattr(search_module, "milp", stopped_empty)
+    monkeypatch.setattr(mip_module, "milp", stopped_empty)
     with pytest.raises(SearchError, match=r"no architecture within time_limit_s=0.5"):
         solve_mip(layers, fixed, Budget(), 4, SEQ, time_limit_s=0.5)
+
+
+# ------------------------------------------------------------------------------------------ negative fixed residual
+
+
+def test_a_negative_fixed_residual_excludes_choices_predicted_at_or_below_zero_seconds():
+    """fixed = -2.5 ms: the best-scoring choice (every layer at 0 s) would be predicted at -2.5 ms; brute force over
+    the choices predicted above 0 s gives the answer, for the MIP and for a throughput budget alike."""
+
+    def cand(score, runtime):
+        return Candidate("attn:x", "ffn:x", score, {1: runtime}, 1, 1, 0)
+
+    layers = [[cand(0.0, 0.0), cand(1.0 + i / 10, 1e-3), cand(3.0, 2e-3)] for i in range(4)]
+    fixed = FixedCosts({1: -2.5e-3}, 0, 0)
+    for budget in (Budget(), Budget(min_throughput=1 / 3.5e-3)):
+        best = None
+        for choice in itertools.product(range(3), repeat=4):
+            step = -2.5e-3 + sum(layers[i][j].runtime_s[1] for i, j in enumerate(choice))
+            score = sum(layers[i][j].score for i, j in enumerate(choice))
+            fits = step > 0 and (budget.min_throughput is None or 1 / step >= budget.min_throughput * (1 - TOL))
+            if fits and (best is None or score < best[0] - 1e-12):
+                best = (score, list(choice))
+        sol = solve_mip(layers, fixed, budget, 1, SEQ)
+        assert sol.choice == best[1] and sol.runtime_s == pytest.approx(0.5e-3) and sol.throughput > 0
+        assert not is_feasible(layers, fixed, budget, 1, SEQ, [0, 0, 0, 0])  # -2.5 ms: outside the cost model
+    assert evaluate(layers, fixed, 1, SEQ, [0, 0, 0, 0]).runtime_s == pytest.approx(-2.5e-3)  # reported, signed
+    with pytest.raises(SearchError, match=r"greedy baseline breaks the budget.*not positive|predicted step"):
+        greedy_baseline(layers, fixed, Budget(), 1, SEQ)  # greedy takes the best scores: predicted -2.5 ms
+    degenerate = FixedCosts({1: -1.0}, 0, 0)  # even the slowest choice is predicted below 0 s
+    with pytest.raises(SearchError, match=r"every architecture's predicted decode step is at most"):
+        solve_mip(layers, degenerate, Budget(), 1, SEQ)
