@@ -62,11 +62,11 @@ def test_decode_step_with_a_cache_split_across_two_calls_equals_the_full_forward
     n = len(inner.layers)
     full = inner(ids).last_hidden_state[:, -1:]
     cache = StaticKVCache(model.config, ids.shape[0], ids.shape[1], torch.float32, ids.device)
-    inner.run_layers(inner.embed_tokens(ids[:, :-1]), past_key_values=cache)
+    inner.run_layers(inner.embed_tokens(ids[:, :-1]), cache=cache)
     step = inner.embed_tokens(ids[:, -1:])
     k = 3  # layers 0-2 append to the cache first; layers 3.. still see the prompt's length as the past
-    step = inner.run_layers(step, 0, k, past_key_values=cache)
-    step = inner.run_layers(step, k, n, past_key_values=cache)
+    step = inner.run_layers(step, 0, k, cache=cache)
+    step = inner.run_layers(step, k, n, cache=cache)
     torch.testing.assert_close(inner.norm(step), full, rtol=0, atol=1e-5)
 
 

@@ -378,11 +378,6 @@ class DeciLMModel(DeciLMPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def past_length(self, cache) -> int:
-        if cache is None or self.first_cached_layer is None:
-            return 0  # an attention-free model needs no positions or masks
-        return cache.get_seq_length(self.first_cached_layer)
-
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -407,25 +402,8 @@ class DeciLMModel(DeciLMPreTrainedModel):
         if use_cache and cache is None and self.first_cached_layer is not None:
             cache = DeciLMCache(self.config)
 
-        seq = inputs_embeds.shape[1]
-        past = self.past_length(cache)
-        if position_ids is None:
-            if attention_mask is not None and not bool(attention_mask.all()):
-                # Left padding: positions count real tokens only, as transformers' generate does.
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -seq:]
-            else:
-                position_ids = torch.arange(past, past + seq, device=inputs_embeds.device)[None]
-        if attention_mask is None and past == 0 and seq > 1 and packed_sequences(position_ids):
-            if position_ids.shape[0] == 1:
-                mask, is_causal = PackedSegments.from_position_ids(position_ids), False
-            else:  # rows packed differently: one block-diagonal mask
-                mask, is_causal = packed_causal_mask(position_ids), False
-        else:
-            mask, is_causal = attention_masks(attention_mask, seq, past)
-
         hidden_states = inputs_embeds
-        cos, sin = self.rotary_emb(hidden_states, position_ids)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        cos, sin, mask, is_causal = self.layer_inputs(hidden_states, 0, position_ids, None, attention_mask, cache)
         all_hidden = [] if output_hidden_states else None
         for layer in self.layers:
             if all_hidden is not None:
@@ -440,6 +418,50 @@ class DeciLMModel(DeciLMPreTrainedModel):
             **{CACHE_OUTPUT_FIELD: cache if use_cache or cache is not None else None},
         )
 
+    def layer_inputs(
+        self,
+        hidden_states: torch.Tensor,
+        start: int,
+        position_ids: torch.LongTensor | None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+        attention_mask: torch.Tensor | None,
+        cache,
+        layers: list[nn.Module] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | PackedSegments | None, bool]:
+        """What every layer of one pass shares: (cos, sin, attention mask, is_causal), the one place positions,
+        padding, packed sequences and RoPE are worked out (`forward` and `run_layers` both use it).
+
+        Positions default to continuing the cache (its length at the first GQA layer from `start` on); with left
+        padding they count real tokens only, as transformers' generate does. Caller-given positions that restart
+        mark packed sequences (TRL's padding-free packing), which attend only within themselves."""
+        layers = list(self.layers)[start:] if layers is None else layers
+        seq = hidden_states.shape[1]
+        past = 0
+        if cache is not None:
+            cached = next(
+                (start + k for k, lay in enumerate(layers) if getattr(lay, "attention_kind", None) == "gqa"), None
+            )
+            past = 0 if cached is None else cache.get_seq_length(cached)
+        packed = False  # only caller-given positions can restart (checking costs a device sync: skipped otherwise)
+        if position_ids is None:
+            if attention_mask is not None and not bool(attention_mask.all()):
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -seq:]
+            else:
+                position_ids = torch.arange(past, past + seq, device=hidden_states.device)[None]
+        elif attention_mask is None and past == 0 and seq > 1:
+            packed = packed_sequences(position_ids)
+        if packed:
+            if position_ids.shape[0] == 1:
+                mask, is_causal = PackedSegments.from_position_ids(position_ids), False
+            else:  # rows packed differently: one block-diagonal mask
+                mask, is_causal = packed_causal_mask(position_ids), False
+        else:
+            mask, is_causal = attention_masks(attention_mask, seq, past)
+        if position_embeddings is None:
+            position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        cos, sin = (t.unsqueeze(1) for t in position_embeddings)
+        return cos, sin, mask, is_causal
+
     def run_layers(
         self,
         hidden_states: torch.Tensor,
@@ -449,7 +471,7 @@ class DeciLMModel(DeciLMPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values=None,
+        cache=None,
         replace: dict[int, nn.Module] | None = None,
         return_residuals: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
@@ -458,7 +480,7 @@ class DeciLMModel(DeciLMPreTrainedModel):
         any layer. ``run_layers(run_layers(embeds, 0, k), k)`` is the full forward's residual stream before the final
         norm, and ``run_layers(embeds, 0, k)`` its ``hidden_states[k]`` (``output_hidden_states=True``).
 
-        - ``position_ids``, ``attention_mask`` (2-D padding mask over past + current tokens), ``past_key_values``
+        - ``position_ids``, ``attention_mask`` (2-D padding mask over past + current tokens), ``cache``
           (a cache the GQA layers append to: ``transformers.DynamicCache`` or our ``StaticKVCache``): as in
           `forward`; default positions continue the cache (its length at the first GQA layer in the range).
         - ``position_embeddings``: ``self.rotary_emb(hidden_states, position_ids)`` (transformers' (cos, sin),
@@ -475,38 +497,16 @@ class DeciLMModel(DeciLMPreTrainedModel):
             raise ValueError(f"run_layers({start}, {end}): expected 0 <= start <= end <= {len(self.layers)}")
         replace = replace or {}
         layers = [replace.get(i, self.layers[i]) for i in range(start, end)]
-        seq = hidden_states.shape[1]
-        past = 0
-        if past_key_values is not None:
-            cached = next(
-                (start + k for k, lay in enumerate(layers) if getattr(lay, "attention_kind", None) == "gqa"), None
-            )
-            past = 0 if cached is None else past_key_values.get_seq_length(cached)
-        packed = False  # only caller-given positions can restart (checking costs a device sync: skipped otherwise)
-        if position_ids is None:
-            if attention_mask is not None and not bool(attention_mask.all()):
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -seq:]
-            else:
-                position_ids = torch.arange(past, past + seq, device=hidden_states.device)[None]
-        elif attention_mask is None and past == 0 and seq > 1:
-            packed = packed_sequences(position_ids)
-        if packed:
-            if position_ids.shape[0] == 1:
-                mask, is_causal = PackedSegments.from_position_ids(position_ids), False
-            else:
-                mask, is_causal = packed_causal_mask(position_ids), False
-        else:
-            mask, is_causal = attention_masks(attention_mask, seq, past)
-        if position_embeddings is None:
-            position_embeddings = self.rotary_emb(hidden_states, position_ids)
-        cos, sin = (t.unsqueeze(1) for t in position_embeddings)
+        cos, sin, mask, is_causal = self.layer_inputs(
+            hidden_states, start, position_ids, position_embeddings, attention_mask, cache, layers
+        )
         if not return_residuals:
             for layer in layers:
-                hidden_states = layer(hidden_states, cos, sin, mask, is_causal, past_key_values)
+                hidden_states = layer(hidden_states, cos, sin, mask, is_causal, cache)
             return hidden_states
         residuals = [hidden_states]
         for layer in layers:
-            hidden_states = layer.attention_residual(hidden_states, cos, sin, mask, is_causal, past_key_values)
+            hidden_states = layer.attention_residual(hidden_states, cos, sin, mask, is_causal, cache)
             residuals.append(hidden_states)
             hidden_states = layer.ffn_residual(hidden_states)
             residuals.append(hidden_states)

@@ -107,7 +107,7 @@ class VariantProbe:
         self.cache = self._cache(filled + calls)
         with torch.inference_mode():
             history = torch.randn(batch, filled, hidden, generator=gen).to(device=device, dtype=dtype)
-            self.inner.run_layers(history, past_key_values=self.cache)
+            self.inner.run_layers(history, cache=self.cache)
         rotary = self.inner.rotary_emb
         self.step_rope = rotary(self.step_input, torch.tensor([[context]], device=device))
         self.prompt_rope = rotary(self.prompt_input, torch.arange(config.prompt_len, device=device)[None])
@@ -119,7 +119,7 @@ class VariantProbe:
 
     @torch.inference_mode()
     def decode(self) -> None:
-        self.inner.run_layers(self.step_input, past_key_values=self.cache, position_embeddings=self.step_rope)
+        self.inner.run_layers(self.step_input, cache=self.cache, position_embeddings=self.step_rope)
 
     def prefill_call(self) -> Callable[[], None]:
         """One prefill over a fresh cache (allocated here, outside the timed call)."""
@@ -127,7 +127,7 @@ class VariantProbe:
 
         @torch.inference_mode()
         def prefill() -> None:
-            self.inner.run_layers(self.prompt_input, past_key_values=cache, position_embeddings=self.prompt_rope)
+            self.inner.run_layers(self.prompt_input, cache=cache, position_embeddings=self.prompt_rope)
 
         return prefill
 
