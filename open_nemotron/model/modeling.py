@@ -114,13 +114,24 @@ class DeciLMAttention(nn.Module):
         self.o_proj = DeciLMLinear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
         self.fused_qkv = None  # set by `prepare_for_decode`: q/k/v weights as views of one matrix
 
-    def project_qkv(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def rotated_qkv(
+        self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v as [batch, heads, seq, head_dim], with RoPE applied to q and k."""
+        bsz, seq, _ = hidden_states.shape
+        heads, kv_heads, head_dim = self.num_heads, self.num_key_value_heads, self.head_dim
         fused = self.fused_qkv
         if fused is not None and not torch.is_grad_enabled() and fused.is_live():
-            q_size = self.num_heads * self.head_dim
-            kv_size = self.num_key_value_heads * self.head_dim
-            return decode_linear(hidden_states, fused.weight).split((q_size, kv_size, kv_size), dim=-1)
-        return self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+            qkv = decode_linear(hidden_states, fused.weight)
+            # q and k sit side by side in the fused output: one RoPE over both (same elementwise math, fewer ops).
+            qk = qkv[..., : (heads + kv_heads) * head_dim].view(bsz, seq, heads + kv_heads, head_dim)
+            qk = apply_rotary(qk, cos.transpose(1, 2), sin.transpose(1, 2))
+            v = qkv[..., (heads + kv_heads) * head_dim :].view(bsz, seq, kv_heads, head_dim)
+            return qk[:, :, :heads].transpose(1, 2), qk[:, :, heads:].transpose(1, 2), v.transpose(1, 2)
+        q = self.q_proj(hidden_states).reshape(bsz, seq, heads, head_dim).transpose(1, 2)
+        k = self.k_proj(hidden_states).reshape(bsz, seq, kv_heads, head_dim).transpose(1, 2)
+        v = self.v_proj(hidden_states).reshape(bsz, seq, kv_heads, head_dim).transpose(1, 2)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
     def forward(
         self,
@@ -132,12 +143,7 @@ class DeciLMAttention(nn.Module):
         cache=None,
     ) -> torch.Tensor:
         bsz, seq, _ = hidden_states.shape
-        q, k, v = self.project_qkv(hidden_states)
-        q = q.reshape(bsz, seq, self.num_heads, self.head_dim).transpose(1, 2)
-        k = k.reshape(bsz, seq, self.num_key_value_heads, self.head_dim).transpose(1, 2)
-        v = v.reshape(bsz, seq, self.num_key_value_heads, self.head_dim).transpose(1, 2)
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin)
+        q, k, v = self.rotated_qkv(hidden_states, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         if isinstance(attention_mask, PackedSegments):
