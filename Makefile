@@ -19,7 +19,7 @@ DEMO_DIR := runs/demo
 LATEST := .venv-latest
 PINS ?=
 # The generation and model tests: what a transformers upgrade breaks first.
-LATEST_TESTS ?= tests/test_model.py tests/test_decode.py tests/test_chat.py tests/test_loading.py
+LATEST_TESTS ?= tests/test_model.py tests/test_decode.py tests/test_generate_loop.py tests/test_model_run_layers.py tests/test_chat.py tests/test_loading.py
 
 .PHONY: venv demo test lint venv-latest test-latest lock
 

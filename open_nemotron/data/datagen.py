@@ -70,7 +70,6 @@ def training_items(config: DatagenConfig) -> list:
 
 
 def run(config: DatagenConfig, progress: bool = True) -> dict[str, Any]:
-    from rich.progress import Progress
 
     from open_nemotron.data.filters import run_filters
     from open_nemotron.data.generate import generate_to_jsonl
@@ -81,11 +80,13 @@ def run(config: DatagenConfig, progress: bool = True) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     items = training_items(config)
     teacher = make_teacher(config.teacher, **config.teacher_options)
-    with Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task(f"datagen ({config.teacher})", total=len(items) * len(config.modes))
+    from open_nemotron.progress import StageProgress
+
+    with StageProgress(f"datagen ({config.teacher})", len(items) * len(config.modes), enabled=progress) as bar:
 
         def on_batch(report) -> None:
-            bar.update(task, completed=report.already_present + report.generated + sum(report.failed.values()))
+            done = report.already_present + report.generated + sum(report.failed.values())
+            bar.advance(f"{report.generated} generated, {sum(report.failed.values())} failed", steps=done - bar.done)
 
         generation = generate_to_jsonl(teacher, items, out / "raw.jsonl", config.modes, progress=on_batch)
     atomic_write_text(out / "generation.json", json.dumps(generation.to_dict(), indent=2))

@@ -141,26 +141,23 @@ def _evaluate_mode(model, tokenizer, items: list, thinking: bool, config: EvalCo
 
 
 def run(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
-    from rich.progress import Progress
-
     from open_nemotron.model.chat import ensure_reasoning_template
     from open_nemotron.model.loading import load_model, load_tokenizer
+    from open_nemotron.progress import StageProgress
 
     items = load_suite(config.suite, config.limit)
     results: dict[str, Any] = {}
     all_records = []
-    with Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task("eval", total=len(config.models) * len(config.reasoning))
+    with StageProgress("eval", len(config.models) * len(config.reasoning), enabled=progress) as bar:
         for spec in config.models:
             model = load_model(spec, device=config.device)
             tokenizer = load_tokenizer(spec)
             ensure_reasoning_template(tokenizer)  # a raw parent gets the same switch as our models
             per_mode = {}
             for mode in config.reasoning:
-                bar.update(task, description=f"eval {spec} reasoning {mode}")
                 per_mode[mode] = _evaluate_mode(model, tokenizer, items, mode == "on", config, config.seed)
                 all_records += [{"model": spec, **r} for r in per_mode[mode].pop("_records")]
-                bar.advance(task)
+                bar.advance(f"{spec} reasoning {mode}: {len(items)} prompts")
             if {"on", "off"} <= set(per_mode):
                 diff = per_mode["on"]["_per_prompt"] - per_mode["off"]["_per_prompt"]
                 per_mode["on_minus_off"] = {

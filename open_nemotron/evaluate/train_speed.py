@@ -75,9 +75,8 @@ def _train_steps(model, optimizer, input_ids: torch.Tensor, steps: int, device: 
 
 
 def run(config: TrainSpeedConfig, progress: bool = True) -> dict[str, Any]:
-    from rich.progress import Progress
-
     from open_nemotron.model.loading import default_device, load_model
+    from open_nemotron.progress import StageProgress
 
     device = torch.device(config.device) if config.device else default_device()
     models, optimizers = [], []
@@ -92,15 +91,14 @@ def run(config: TrainSpeedConfig, progress: bool = True) -> dict[str, Any]:
     vocab = min(m.config.vocab_size for m in models)
     input_ids = torch.randint(0, vocab, (config.batch, config.seq), generator=gen).to(device)
     seconds: list[list[float]] = [[] for _ in models]
-    with Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task("bench-train", total=(config.repeats + 1) * len(models))
-        for model, opt in zip(models, optimizers, strict=True):  # warm-up: allocator, optimizer state
+    with StageProgress("bench-train", (config.repeats + 1) * len(models), enabled=progress) as bar:
+        for m, (model, opt) in enumerate(zip(models, optimizers, strict=True)):  # warm-up: allocator, optimizer
             _train_steps(model, opt, input_ids, 1, device)
-            bar.advance(task)
-        for _ in range(config.repeats):
+            bar.advance(f"warm-up {config.models[m]}")
+        for repeat in range(config.repeats):
             for m, (model, opt) in enumerate(zip(models, optimizers, strict=True)):
                 seconds[m].append(_train_steps(model, opt, input_ids, config.steps, device))
-                bar.advance(task)
+                bar.advance(f"repeat {repeat + 1}, {config.models[m]}: {seconds[m][-1] / config.steps:.2f} s/step")
     tokens = config.batch * config.seq * config.steps
     results = []
     for m, spec in enumerate(config.models):
