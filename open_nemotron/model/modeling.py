@@ -69,7 +69,8 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             # weight.t() is [in, out] row-major; view its columns as `threads` blocks of [in, out/threads].
             blocks = weight.t().view(in_features, threads, out_features // threads).permute(1, 0, 2)
             out = torch.bmm(x.reshape(1, 1, in_features).expand(threads, 1, in_features), blocks)
-            return out.permute(1, 0, 2).reshape(*x.shape[:-1], out_features)
+            # bmm's [threads, 1, out/threads] result is contiguous: in memory it already is the [.., out] row.
+            return out.view(*x.shape[:-1], out_features)
     elif 1 < rows <= 16 and weight.is_contiguous():
         # .contiguous(): a transposed result would push later kernels (SDPA, elementwise) onto slow paths.
         out = torch.mm(weight, x.reshape(rows, -1).t()).t().contiguous()
