@@ -47,6 +47,11 @@ def test_converted_parent_matches_transformers(parent_dir, converted_dir):
     kwargs = dict(max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id)
     expected = parent.generate(ids, **kwargs)
     assert torch.equal(ours.generate(ids, **kwargs), expected)
+    # The batch-1 weight layout (column-major, fused, per-thread column blocks at these sizes): same tokens.
+    fast = load_model(converted_dir, device="cpu", decode_layout="gemv")
+    with torch.no_grad():
+        assert (parent(ids).logits - fast(ids).logits).abs().max().item() <= 1e-4
+    assert torch.equal(fast.generate(ids, **kwargs), expected)
 
 
 def test_converted_tokenizer_has_the_toggle(converted_dir):
