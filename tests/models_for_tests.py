@@ -75,3 +75,18 @@ def random_decilm(config: DeciLMConfig, seed: int = 0) -> DeciLMForCausalLM:
             if name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
     return model
+
+
+def random_ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    """Token ids clear of the special ids 0-2."""
+    return torch.randint(3, TINY_VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def left_padded(batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask): row r has 2r pad tokens (id 2) on the left."""
+    ids = random_ids(batch, length, seed=1)
+    mask = torch.ones_like(ids)
+    for row in range(1, batch):
+        mask[row, : 2 * row] = 0
+        ids[row, : 2 * row] = 2
+    return ids, mask

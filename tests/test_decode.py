@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models_for_tests import TINY_VOCAB, heterogeneous_config, random_decilm
+from models_for_tests import heterogeneous_config, random_decilm, random_ids
 from transformers.generation.logits_process import (
     TemperatureLogitsWarper,
     TopKLogitsWarper,
@@ -13,10 +13,6 @@ from transformers.generation.logits_process import (
 
 from open_nemotron.model.decode_layout import decode_layout, prepare_for_decode, set_decode_layout
 from open_nemotron.model.generation import StaticKVCache, process_logits
-
-
-def _ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, TINY_VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize(
@@ -51,7 +47,7 @@ def test_static_cache_appends_per_layer_with_own_head_counts():
 
 def test_decode_layout_keeps_logits_and_is_idempotent():
     model = random_decilm(heterogeneous_config(), seed=1)
-    ids = _ids(2, 9)
+    ids = random_ids(2, 9)
     with torch.no_grad():
         before = model(ids).logits
         prepare_for_decode(model, batch_size=1)
@@ -86,7 +82,7 @@ def test_generate_changes_no_weights_and_training_after_it_is_unaffected(batch):
     computes exactly what the same step computes on an identical model that never generated."""
     model = random_decilm(heterogeneous_config(), seed=1)
     untouched = random_decilm(heterogeneous_config(), seed=1)
-    ids = _ids(batch, 9)
+    ids = random_ids(batch, 9)
     before = _weights_layout(model)
     with torch.inference_mode():  # as TRL and our benches call it
         model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=2)
@@ -100,7 +96,7 @@ def test_generate_changes_no_weights_and_training_after_it_is_unaffected(batch):
 def test_training_in_the_gemv_layout_equals_training_in_the_checkpoint_layout():
     model = set_decode_layout(random_decilm(heterogeneous_config(), seed=1), "gemv")
     reference = random_decilm(heterogeneous_config(), seed=1)
-    ids = _ids(2, 9)
+    ids = random_ids(2, 9)
     loss, grads = _train_step(model, ids)
     expected_loss, expected_grads = _train_step(reference, ids)
     assert abs(loss - expected_loss) <= 1e-6
@@ -120,7 +116,7 @@ def test_layout_read_from_the_checkpoint_equals_the_loaded_weights(tmp_path):
     expected = dict(plain.named_parameters())
     for name, p in fast.named_parameters():
         assert torch.equal(p, expected[name]), name
-    ids = _ids(1, 7)
+    ids = random_ids(1, 7)
     assert torch.equal(
         fast.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=2),
         plain.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=2),
@@ -131,7 +127,7 @@ def test_layout_read_from_the_checkpoint_equals_the_loaded_weights(tmp_path):
 
 def test_model_trains_after_generate_and_fused_path_sees_updates():
     model = prepare_for_decode(random_decilm(heterogeneous_config(), seed=1), batch_size=1)
-    ids = _ids(2, 9)
+    ids = random_ids(2, 9)
     with torch.inference_mode():  # as TRL and our benches call it
         model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=2)
     model.train()
@@ -150,7 +146,7 @@ def test_dtype_change_after_layout_falls_back_safely():
     model = random_decilm(heterogeneous_config(), seed=1)
     prepare_for_decode(model)
     model = model.to(torch.float64)  # replaces every Parameter's storage: the fused views no longer own them
-    ids = _ids(1, 7)
+    ids = random_ids(1, 7)
     with torch.no_grad():
         got = model(ids).logits
     reference = random_decilm(heterogeneous_config(), seed=1).to(torch.float64)
@@ -163,7 +159,7 @@ def test_save_after_layout_round_trips(tmp_path):
     from transformers import AutoModelForCausalLM
 
     model = random_decilm(heterogeneous_config(tie_word_embeddings=True), seed=1)
-    ids = _ids(1, 7)
+    ids = random_ids(1, 7)
     with torch.no_grad():
         expected = model(ids).logits
     prepare_for_decode(model)
@@ -176,7 +172,7 @@ def test_save_after_layout_round_trips(tmp_path):
 
 def test_num_return_sequences_and_min_new_tokens():
     model = random_decilm(heterogeneous_config(), seed=3)
-    ids = _ids(2, 5)
+    ids = random_ids(2, 5)
     kwargs = dict(
         max_new_tokens=6,
         min_new_tokens=6,
@@ -194,7 +190,7 @@ def test_num_return_sequences_and_min_new_tokens():
 
 def test_layout_switches_back_for_batches():
     model = random_decilm(heterogeneous_config(), seed=1)
-    ids = _ids(3, 9)
+    ids = random_ids(3, 9)
     with torch.no_grad():
         before = model(ids).logits
         prepare_for_decode(model, batch_size=1)

@@ -6,7 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models_for_tests import TINY_VOCAB, heterogeneous_config, random_decilm, save_tiny_llama, tiny_llama_config
+from models_for_tests import (
+    heterogeneous_config,
+    left_padded,
+    random_decilm,
+    random_ids,
+    save_tiny_llama,
+    tiny_llama_config,
+)
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 from transformers.generation import LogitsProcessor, LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 from transformers.generation.streamers import BaseStreamer
@@ -15,19 +22,6 @@ import open_nemotron  # noqa: F401  (registers nemotron-nas)
 from open_nemotron.model import generation
 from open_nemotron.model.cache import CACHE_OUTPUT_FIELD, DeciLMCache, NoKVCacheLayer
 from open_nemotron.model.loading import convert
-
-
-def _ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, TINY_VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def _left_padded(batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    ids = _ids(batch, length, seed=1)
-    mask = torch.ones_like(ids)
-    for row in range(1, batch):
-        mask[row, : 2 * row] = 0
-        ids[row, : 2 * row] = 2
-    return ids, mask
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +36,9 @@ def parent_and_converted(tmp_path_factory):
 
 def _inputs(padded: bool) -> dict:
     if padded:
-        ids, mask = _left_padded(3, 11)
+        ids, mask = left_padded(3, 11)
         return {"input_ids": ids, "attention_mask": mask}
-    return {"input_ids": _ids(2, 9)}
+    return {"input_ids": random_ids(2, 9)}
 
 
 class CollectingStreamer(BaseStreamer):
@@ -121,7 +115,7 @@ def test_streamer_and_logits_processor_equal_llama(parent_and_converted, padded)
 def test_seeded_sampling_with_default_top_k_equals_llama(parent_and_converted):
     """The fast loop applies transformers' defaults (top_k = 50 when unset) exactly: same draws, same tokens."""
     parent, ours = parent_and_converted
-    kwargs = dict(input_ids=_ids(2, 7), max_new_tokens=12, do_sample=True, temperature=1.7, pad_token_id=2)
+    kwargs = dict(input_ids=random_ids(2, 7), max_new_tokens=12, do_sample=True, temperature=1.7, pad_token_id=2)
     torch.manual_seed(123)
     expected = parent.generate(**kwargs)
     torch.manual_seed(123)
@@ -135,7 +129,7 @@ def test_plain_requests_take_the_fast_loop_and_others_do_not(parent_and_converte
     calls = []
     real = generation.decode
     monkeypatch.setattr(generation, "decode", lambda *a, **k: calls.append(1) or real(*a, **k))
-    ids = _ids(1, 5)
+    ids = random_ids(1, 5)
     ours.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=2)
     ours.generate(ids, max_new_tokens=3, do_sample=True, top_p=0.8, pad_token_id=2)
     assert len(calls) == 2
@@ -156,8 +150,8 @@ def test_heterogeneous_beams_with_cache_equal_without(padded):
 
 def test_cache_keyword_either_name_and_output_field():
     model = random_decilm(heterogeneous_config(), seed=3)
-    ids = _ids(2, 6)
-    step = _ids(2, 1, seed=5)
+    ids = random_ids(2, 6)
+    step = random_ids(2, 1, seed=5)
     with torch.no_grad():
         full = model(torch.cat([ids, step], dim=1)).logits[:, -1]
         for name in ("cache", "past_key_values"):

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from models_for_tests import (
-    TINY_VOCAB,
     heterogeneous_config,
+    left_padded,
     random_decilm,
+    random_ids,
     random_llama,
     save_tiny_llama,
     tiny_llama_config,
@@ -51,19 +52,6 @@ LLAMA_VARIANTS = {
 }
 
 
-def _ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, TINY_VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def _left_padded(batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    ids = _ids(batch, length, seed=1)
-    mask = torch.ones_like(ids)
-    for row in range(1, batch):
-        mask[row, : 2 * row] = 0  # row r has 2r pad tokens on the left
-        ids[row, : 2 * row] = 2
-    return ids, mask
-
-
 @pytest.fixture(scope="module", params=sorted(LLAMA_VARIANTS))
 def parent_and_converted(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(request.param)
@@ -87,7 +75,7 @@ def test_converted_model_is_ours_with_parent_blocks(parent_and_converted):
 
 def test_logits_match_transformers_llama(parent_and_converted):
     parent, ours = parent_and_converted
-    ids = _ids(2, 37)
+    ids = random_ids(2, 37)
     with torch.no_grad():
         diff = (parent(ids).logits - ours(ids).logits).abs().max().item()
     assert diff <= 1e-5
@@ -95,7 +83,7 @@ def test_logits_match_transformers_llama(parent_and_converted):
 
 def test_logits_match_with_left_padding(parent_and_converted):
     parent, ours = parent_and_converted
-    ids, mask = _left_padded(3, 20)
+    ids, mask = left_padded(3, 20)
     with torch.no_grad():
         ref = parent(ids, attention_mask=mask).logits
         got = ours(ids, attention_mask=mask).logits
@@ -104,7 +92,7 @@ def test_logits_match_with_left_padding(parent_and_converted):
 
 def test_greedy_generation_identical_to_transformers(parent_and_converted):
     parent, ours = parent_and_converted
-    ids, mask = _left_padded(3, 12)
+    ids, mask = left_padded(3, 12)
     kwargs = dict(attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=2)
     expected = parent.generate(ids, **kwargs)
     assert torch.equal(ours.generate(ids, fast_decode=False, **kwargs), expected)  # transformers' loop
@@ -113,7 +101,7 @@ def test_greedy_generation_identical_to_transformers(parent_and_converted):
 
 def test_training_gradients_match_transformers(parent_and_converted):
     parent, ours = parent_and_converted
-    ids = _ids(2, 16)
+    ids = random_ids(2, 16)
     ref = parent(ids, labels=ids)
     got = ours(ids, labels=ids)
     ref.loss.backward()
@@ -169,7 +157,7 @@ def test_heterogeneous_save_reload_generate(tmp_path):
     assert isinstance(config, DeciLMConfig)
     assert config.block_configs[3]["ffn"]["intermediate_size"] == 256
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    ids = _ids(2, 9)
+    ids = random_ids(2, 9)
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, model(ids).logits)
     out = reloaded.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=2)
@@ -179,7 +167,7 @@ def test_heterogeneous_save_reload_generate(tmp_path):
 @pytest.mark.parametrize("padded", [False, True])
 def test_heterogeneous_generation_with_cache_equals_without(padded):
     model = random_decilm(heterogeneous_config(), seed=7)
-    ids, mask = _left_padded(3, 10) if padded else (_ids(2, 10), None)
+    ids, mask = left_padded(3, 10) if padded else (random_ids(2, 10), None)
     kwargs = dict(attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=2)
     no_cache = model.generate(ids, use_cache=False, **kwargs)  # full recompute every step
     dynamic_cache = model.generate(ids, fast_decode=False, **kwargs)  # transformers' DynamicCache
@@ -190,7 +178,7 @@ def test_heterogeneous_generation_with_cache_equals_without(padded):
 
 def test_left_padded_batch_equals_rows_alone():
     model = random_decilm(heterogeneous_config(), seed=2)
-    ids, mask = _left_padded(3, 10)
+    ids, mask = left_padded(3, 10)
     batch = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=2)
     for row in range(3):
         alone = ids[row : row + 1, 2 * row :]
@@ -203,7 +191,7 @@ def test_attention_free_model_generates():
         block_configs=[{"attention": {"no_op": True}, "ffn": {"intermediate_size": 20}}] * 2, num_hidden_layers=2
     )
     model = random_decilm(cfg)
-    ids = _ids(1, 6)
+    ids = random_ids(1, 6)
     a = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=2)
     b = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=2, use_cache=False)
     assert torch.equal(a, b)
@@ -211,7 +199,7 @@ def test_attention_free_model_generates():
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy():
     model = random_decilm(heterogeneous_config(), seed=4)
-    ids = _ids(2, 6)
+    ids = random_ids(2, 6)
     greedy = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=2)
     torch.manual_seed(0)
     top1 = model.generate(ids, max_new_tokens=8, do_sample=True, top_k=1, pad_token_id=2)
@@ -225,7 +213,7 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy():
 
 def test_eos_stops_rows_and_pads_after():
     model = random_decilm(heterogeneous_config(), seed=4)
-    ids = _ids(2, 6)
+    ids = random_ids(2, 6)
     free = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
     eos = int(free[0, 8])  # row 0's third new token becomes its EOS
     kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=eos)
@@ -237,7 +225,7 @@ def test_eos_stops_rows_and_pads_after():
 
 def test_unsupported_generate_options_fall_back_to_transformers():
     model = random_decilm(heterogeneous_config(), seed=4)
-    ids = _ids(1, 6)
+    ids = random_ids(1, 6)
     kwargs = dict(max_new_tokens=4, num_beams=2, do_sample=False, pad_token_id=2, return_dict_in_generate=True)
     out = model.generate(ids, **kwargs)
     reference = model.generate(ids, use_cache=False, **kwargs)  # full recompute: no cache to get wrong
@@ -298,7 +286,7 @@ def test_same_weights_any_parent_class_loads_into_ours(tmp_path):
     ours = load_model(tmp_path, implementation="ours", device="cpu")
     ref = load_model(tmp_path, implementation="transformers", device="cpu")
     assert type(ours) is DeciLMForCausalLM and type(ref) is LlamaForCausalLM
-    ids = _ids(1, 11)
+    ids = random_ids(1, 11)
     with torch.no_grad():
         assert (ours(ids).logits - ref(ids).logits).abs().max().item() <= 1e-5
 
@@ -311,7 +299,7 @@ def test_random_llama_helper_is_deterministic():
 def test_packed_sequences_attend_only_within_themselves():
     """TRL's padding-free packing: one row, positions restart per sequence; logits equal separate forwards."""
     model = random_decilm(heterogeneous_config(), seed=8)
-    a, b = _ids(1, 7, seed=1), _ids(1, 5, seed=2)
+    a, b = random_ids(1, 7, seed=1), random_ids(1, 5, seed=2)
     packed = torch.cat([a, b], dim=1)
     positions = torch.cat([torch.arange(7), torch.arange(5)])[None]
     with torch.no_grad():
@@ -323,7 +311,7 @@ def test_packed_sequences_attend_only_within_themselves():
 def test_packed_rows_with_different_boundaries_use_one_block_mask():
     """Several packed rows (positions restart at different places): each sequence still sees only itself."""
     model = random_decilm(heterogeneous_config(), seed=8)
-    a, b, c, d = _ids(1, 7, seed=1), _ids(1, 5, seed=2), _ids(1, 3, seed=3), _ids(1, 9, seed=4)
+    a, b, c, d = random_ids(1, 7, seed=1), random_ids(1, 5, seed=2), random_ids(1, 3, seed=3), random_ids(1, 9, seed=4)
     packed = torch.cat([torch.cat([a, b], dim=1), torch.cat([c, d], dim=1)])
     positions = torch.stack(
         [torch.cat([torch.arange(7), torch.arange(5)]), torch.cat([torch.arange(3), torch.arange(9)])]
