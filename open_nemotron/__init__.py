@@ -1,4 +1,5 @@
-"""open-nemotron: Llama-Nemotron's pipeline (Puzzle NAS, fusion, distillation, reasoning SFT/RL) for any Llama.
+"""open-nemotron: parts of Llama-Nemotron's pipeline for any Llama: the heterogeneous nemotron-nas model, Puzzle
+NAS, reasoning data, toggle SFT and the on/off eval (distillation, fusion, RL, serving and export are not built yet).
 
 Importing the package registers the heterogeneous "nemotron-nas" model with the `transformers` Auto classes.
 """
