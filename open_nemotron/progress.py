@@ -15,11 +15,11 @@ class StageProgress:
     `bench-speed 3/12 (25%) 41 s: batch 16, model 2` per step. `enabled=False` prints nothing (tests, callers
     with their own display)."""
 
-    def __init__(self, description: str, total: int, enabled: bool = True) -> None:
+    def __init__(self, description: str, total: int, enabled: bool = True, completed: int = 0) -> None:
         self.description = description
         self.total = max(int(total), 0)
         self.enabled = enabled
-        self.done = 0
+        self.done = completed  # a resumed stage starts part-way
         self._bar = None
         self._task = None
         self._start = time.perf_counter()
@@ -47,7 +47,7 @@ class StageProgress:
                 console=Console(stderr=True),
             )
             self._bar.__enter__()
-            self._task = self._bar.add_task(self.description, total=self.total or None, note="")
+            self._task = self._bar.add_task(self.description, total=self.total or None, completed=self.done, note="")
         return self
 
     def advance(self, note: str = "", steps: int = 1) -> None:

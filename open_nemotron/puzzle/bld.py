@@ -317,8 +317,9 @@ def build_library(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train every missing (layer, variant) of this process's layers; returns the library index and timings."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from safetensors.torch import save_file
+
+    from open_nemotron.progress import StageProgress
 
     library.mkdir(parents=True, exist_ok=True)
     digest = settings_digest(config, calibration_digest)
@@ -376,17 +377,8 @@ def build_library(
     generator = torch.Generator().manual_seed(0)
     orders = [torch.randperm(train.shape[0], generator=generator) for _ in range(math.ceil(config.epochs) + 1)]
 
-    columns = [
-        TextColumn("BLD {task.fields[what]}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TextColumn("loss {task.fields[loss]:.3f}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    ]
     running: dict[str, float] = {}
-    with Progress(*columns, disable=not progress, transient=False) as bar:
-        task = bar.add_task("bld", total=total, completed=step, what=f"{len(trainers)} variants", loss=float("nan"))
+    with StageProgress(f"BLD ({len(trainers)} variants)", total, enabled=progress, completed=step) as bar:
         for child in (c for _, _, c in trainers.values()):
             child.train()
         while step < total:
@@ -412,7 +404,7 @@ def build_library(
                 running[key] = value if key not in running else 0.9 * running[key] + 0.1 * value
             optimizer.step()
             step += 1
-            bar.update(task, completed=step, loss=sum(running.values()) / len(running))
+            bar.advance(f"step {step}, mean normalised loss {sum(running.values()) / len(running):.3f}")
             if step % config.checkpoint_every == 0 and step < total:
                 _save_checkpoint(checkpoint, keys, digest, trainers, optimizer, step, init_losses)
 

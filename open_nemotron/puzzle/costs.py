@@ -182,10 +182,9 @@ def measure_costs(
     ``timer(what, fn, device)`` returns the seconds of one call of `fn` (default `wall_timer`); a test passes a
     fake one to make the costs, and so the search's choices, deterministic.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from open_nemotron.evaluate.throughput import random_prompt, timed_generate
     from open_nemotron.model.decode_layout import prepare_for_decode
+    from open_nemotron.progress import StageProgress
 
     device = parent_model.model.embed_tokens.weight.device
     dtype = parent_model.model.embed_tokens.weight.dtype
@@ -220,11 +219,9 @@ def measure_costs(
     warnings: list[str] = []
     timer = timer or wall_timer
     calls = config.repeats + 1  # one warm-up step, then the timed ones
-    columns = [TextColumn("costs {task.fields[what]}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    with Progress(*columns, disable=not progress, transient=True) as bar:
-        task = bar.add_task("costs", total=len(config.batch_sizes) * (config.repeats * (len(timed) + 1)), what="")
+    total_steps = len(config.batch_sizes) * (config.repeats * (len(timed) + 1))
+    with StageProgress("costs", total_steps, enabled=progress) as bar:
         for b in config.batch_sizes:
-            bar.update(task, what=f"batch {b}: building {len(timed)} probes")
             probes = {v.name: VariantProbe(pc, v, config, b, device, dtype, calls) for v in timed}
             samples: dict[str, dict[str, list[float]]] = {n: {"decode": [], "prefill": []} for n in probes}
             prompt = random_prompt(b, config.prompt_len, pc.vocab_size, 0, device)
@@ -236,13 +233,11 @@ def measure_costs(
                 probe.prefill_call()()
             for _ in range(config.repeats):
                 for name, probe in probes.items():
-                    bar.update(task, what=f"batch {b}: {name}")
                     decode = timer(Timing("decode", b, name), probe.decode, device)
                     prefill = timer(Timing("prefill", b, name), probe.prefill_call(), device)
                     samples[name]["decode"].append(decode / config.probe_layers)
                     samples[name]["prefill"].append(prefill / config.probe_layers)
-                    bar.advance(task)
-                bar.update(task, what=f"batch {b}: the parent's generate")
+                    bar.advance(f"batch {b}: {name} decode {decode / config.probe_layers * 1e3:.3f} ms per block")
                 first = timer(
                     Timing("generate", b, new_tokens=1),
                     lambda prompt=prompt: timed_generate(parent_model, prompt, 1, device),
@@ -255,7 +250,7 @@ def measure_costs(
                 )
                 parent_prefills.append(first)
                 parent_steps.append((total - first) / (config.gen_len - 1))
-                bar.advance(task)
+                bar.advance(f"batch {b}: the parent's step {parent_steps[-1] * 1e3:.2f} ms")
             for name in probes:
                 out_variants[name]["decode_s"][str(b)] = statistics.median(samples[name]["decode"])
                 out_variants[name]["prefill_s"][str(b)] = statistics.median(samples[name]["prefill"])

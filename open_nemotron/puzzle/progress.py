@@ -1,4 +1,4 @@
-"""Step lines for Puzzle's long stages (beside their rich progress bars); silent with ``progress=False``."""
+"""Step lines for Puzzle's long stages (phases and notes, beside their `StageProgress` bars); silent with ``progress=False``."""
 
 from __future__ import annotations
 

@@ -74,7 +74,7 @@ def score_library(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Score every non-parent variant of every layer (resuming from `out_path`)."""
-    from rich.progress import Progress
+    from open_nemotron.progress import StageProgress
 
     parent_model.eval()
     device = parent_model.model.embed_tokens.weight.device
@@ -103,11 +103,9 @@ def score_library(
         )
         result["tokens"] = n_tokens
         result["parent_lm_loss"] = parent_lm / n_tokens
-        with Progress(disable=not progress, transient=False) as bar:
-            task = bar.add_task("replace-1-block scores", total=len(todo))
+        with StageProgress("replace-1-block scores", len(todo), enabled=progress) as bar:
             for layer in sorted({i for i, _, _ in todo}):
                 for _, part, variant in [t for t in todo if t[0] == layer]:
-                    bar.update(task, description=f"replace-1-block scores: layer {layer} {variant.name}")
                     other = space.parent_variant(layer, FFN if part == ATTENTION else ATTENTION)
                     attention, ffn = (variant, other) if part == ATTENTION else (other, variant)
                     child = library_layer(parent_model, space, library, layer, attention, ffn)
@@ -119,7 +117,7 @@ def score_library(
                         for k, v in token_metrics(logp, logits, ids).items():
                             sums[k] += v
                     result["layers"][layer][part][variant.name] = {k: v / n_tokens for k, v in sums.items()}
-                    bar.advance(task)
+                    bar.advance(f"layer {layer} {variant.name}: {metric} {sums[metric] / n_tokens:.4f}")
                 result["seconds"] = result.get("seconds", 0.0) + (time.perf_counter() - started)
                 started = time.perf_counter()
                 atomic_write_text(out_path, json.dumps(result, indent=1))
