@@ -148,6 +148,15 @@ def test_heterogeneous_beams_with_cache_equal_without(padded):
     assert torch.equal(model.generate(**kwargs), model.generate(use_cache=False, **kwargs))
 
 
+@pytest.mark.parametrize("padded", [False, True], ids=["no-mask", "left-padded"])
+@pytest.mark.parametrize("fast_decode", [True, False], ids=["our-loop", "transformers-loop"])
+def test_static_cache_request_gives_the_uncached_tokens(padded, fast_decode):
+    model = random_decilm(heterogeneous_config(), seed=3)
+    kwargs = dict(**_inputs(padded), max_new_tokens=8, do_sample=False, pad_token_id=2)
+    expected = model.generate(use_cache=False, **kwargs)
+    assert torch.equal(model.generate(fast_decode=fast_decode, cache_implementation="static", **kwargs), expected)
+
+
 def test_cache_keyword_either_name_and_output_field():
     model = random_decilm(heterogeneous_config(), seed=3)
     ids = random_ids(2, 6)

@@ -582,15 +582,18 @@ class DeciLMForCausalLM(DeciLMPreTrainedModel, GenerationMixin):
         if request is not None:
             return decode(self, **request)
         config = generation_config if generation_config is not None else self.generation_config
-        wants_dynamic_cache = (
+        wants_kv_cache = (
             kwargs.get("use_cache", config.use_cache) is not False
-            and kwargs.get("cache_implementation", config.cache_implementation) in (None, "dynamic")
+            # transformers' StaticCache hands attention max-length buffers (for torch.compile); our layers attend
+            # over what is cached, so "static" gets our cache too: same tokens (the fast loop's cache is static).
+            and kwargs.get("cache_implementation", config.cache_implementation) in (None, "dynamic", "static")
             and kwargs.get("cache") is None
             and kwargs.get("past_key_values") is None
             and self.model.first_cached_layer is not None
         )
-        if wants_dynamic_cache:
+        if wants_kv_cache:
             kwargs[CACHE_GENERATE_KWARG] = DeciLMCache(self.config)
+            kwargs["cache_implementation"] = None  # transformers refuses a cache object beside an implementation
         return super().generate(inputs, generation_config, **kwargs)
 
 
