@@ -1,0 +1,1 @@
+"""Serving: the continuous-batching generation engine (`engine.py`)."""

@@ -1,0 +1,247 @@
+"""A continuous-batching generation engine over a slot KV cache (first part of the engine/server issue).
+
+Requests (prompt token ids + sampling settings + stop conditions) wait in a queue. Each engine step first
+prefills waiting requests into free slots of a preallocated KV cache (one slot = one row of every GQA layer's
+[slots, kv_heads, max_length, head_dim] buffers, each layer with its own KV-head count; layers without attention
+have none), then decodes one token for every running request in one batched forward pass. A request that finishes
+frees its slot at once and the next waiting request takes it, so a long generation never holds short ones back.
+
+The decode pass runs our model's ordinary `forward`: `SlotKVCache.update` writes each row's new key/value at that
+row's own length and returns the whole buffers, and the 2-D attention mask marks each row's valid keys, so rows of
+any length share one pass (rows past the highest running slot are not computed at all).
+
+Per request: temperature (0 = greedy), top-k, top-p, max new tokens, stop token ids and a seed; a seeded request
+draws from its own generator, so it gives the same tokens whatever else is in the batch.
+
+Not here yet (see the issue): stop strings, the reasoning budget, the server, and eval / teacher / chat on top.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from open_nemotron.model.generation import process_logits
+
+
+class EngineError(ValueError):
+    """A request the engine cannot serve (the field, its value and what was expected)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request decodes. `temperature == 0` is greedy (argmax); top_k 0 and top_p 1.0 keep every token."""
+
+    max_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise EngineError(f"max_tokens = {self.max_tokens!r}: expected a positive integer")
+        if not self.temperature >= 0:
+            raise EngineError(f"temperature = {self.temperature!r}: expected a number >= 0")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise EngineError(f"top_k = {self.top_k!r}: expected an integer >= 0")
+        if not 0 < self.top_p <= 1:
+            raise EngineError(f"top_p = {self.top_p!r}: expected a number in (0, 1]")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class Request:
+    prompt_ids: Sequence[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    request_id: str | None = None
+
+
+@dataclass
+class Completion:
+    request_id: str
+    prompt_ids: list[int]
+    token_ids: list[int]
+    finish_reason: str  # "stop" (a stop token, included in token_ids) or "length"
+
+
+@dataclass
+class _Running:
+    request: Request
+    slot: int
+    tokens: list[int]
+    generator: torch.Generator | None
+
+
+class SlotKVCache:
+    """Keys/values of every GQA layer for `slots` rows of up to `max_length` positions each, rows independent.
+
+    Row r holds `lengths[r]` positions. `update` (called by our attention with this step's keys/values, one new
+    position per row) writes them at each row's own length and returns the whole buffers; the engine's attention
+    mask marks which positions of each row are real. `get_seq_length` answers `max_length - 1` so that our model
+    expects a mask of `max_length` key positions for a one-token step."""
+
+    def __init__(self, config, slots: int, max_length: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.max_length = max_length
+        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
+        self.keys: list[torch.Tensor | None] = []
+        self.values: list[torch.Tensor | None] = []
+        for blocks in config.layers_blocks():
+            shape = (slots, blocks.attention.num_key_value_heads, max_length, config.head_dim)
+            has = blocks.attention.has_kv_cache
+            self.keys.append(torch.zeros(shape, dtype=dtype, device=device) if has else None)
+            self.values.append(torch.zeros(shape, dtype=dtype, device=device) if has else None)
+        self.rows = slots  # how many leading rows the current step computes
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, cache_kwargs=None):
+        rows = torch.arange(key.shape[0], device=key.device)
+        positions = self.lengths[: key.shape[0]]
+        keys, values = self.keys[layer_idx][: key.shape[0]], self.values[layer_idx][: key.shape[0]]
+        keys[rows, :, positions] = key[:, :, 0]
+        values[rows, :, positions] = value[:, :, 0]
+        return keys, values
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.max_length - 1
+
+    def write_prefill(self, slot: int, prefill_cache, length: int) -> None:
+        """Copy a request's prefilled keys/values (a transformers-style cache of one row) into `slot`."""
+        for i, keys in enumerate(self.keys):
+            if keys is None:
+                continue
+            layer = prefill_cache.layers[i]
+            keys[slot, :, :length] = layer.keys[0]
+            self.values[i][slot, :, :length] = layer.values[0]
+        self.lengths[slot] = length
+
+
+class Engine:
+    """Continuous batching over `max_batch_size` slots of `max_length` positions (prompt + new tokens) each."""
+
+    def __init__(self, model: nn.Module, max_batch_size: int = 8, max_length: int = 512) -> None:
+        if max_batch_size < 1:
+            raise EngineError(f"max_batch_size = {max_batch_size}: expected a positive integer")
+        if max_length < 2:
+            raise EngineError(f"max_length = {max_length}: expected at least 2")
+        self.model = model.eval()
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.max_batch_size = max_batch_size
+        self.max_length = max_length
+        self.cache = SlotKVCache(model.config, max_batch_size, max_length, self.dtype, self.device)
+        self.waiting: deque[Request] = deque()
+        self.running: dict[int, _Running] = {}  # slot -> request
+        self._ids = itertools.count()
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, request: Request) -> str:
+        prompt = list(request.prompt_ids)
+        if not prompt:
+            raise EngineError("prompt_ids is empty: expected at least one token")
+        if len(prompt) + 1 > self.max_length:
+            raise EngineError(
+                f"prompt of {len(prompt)} tokens: expected at most {self.max_length - 1} (max_length {self.max_length})"
+            )
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt):
+            raise EngineError(f"prompt_ids: expected token ids in [0, {vocab})")
+        if request.request_id is None:
+            request.request_id = f"req-{next(self._ids)}"
+        self.waiting.append(request)
+        return request.request_id
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def run(self, requests: Iterable[Request]) -> list[Completion]:
+        """Serve `requests` to the end; completions in the order the requests were given."""
+        order = [self.add_request(r) for r in requests]
+        done: dict[str, Completion] = {}
+        while self.has_work():
+            for completion in self.step():
+                done[completion.request_id] = completion
+        return [done[i] for i in order]
+
+    # ------------------------------------------------------------------ one step
+    @torch.inference_mode()
+    def step(self) -> list[Completion]:
+        """Admit waiting requests into free slots (prefill, first token), then decode one token for every running
+        request. Returns the requests that finished in this step."""
+        finished: list[Completion] = []
+        free = [s for s in range(self.max_batch_size) if s not in self.running]
+        while self.waiting and free:
+            slot = free.pop(0)  # lowest first: the running rows stay near the front
+            completion = self._admit(self.waiting.popleft(), slot)
+            if completion is not None:
+                finished.append(completion)
+        if self.running:
+            finished += self._decode()
+        return finished
+
+    def _admit(self, request: Request, slot: int) -> Completion | None:
+        from open_nemotron.model.cache import DeciLMCache
+
+        prompt = torch.tensor([list(request.prompt_ids)], dtype=torch.long, device=self.device)
+        prefill_cache = DeciLMCache(self.model.config)
+        logits = self.model(prompt, cache=prefill_cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        self.cache.write_prefill(slot, prefill_cache, prompt.shape[1])
+        generator = None
+        if not request.params.greedy:
+            generator = torch.Generator(device=self.device)
+            if request.params.seed is not None:
+                generator.manual_seed(request.params.seed)
+            else:
+                generator.seed()  # a fresh random seed for this request only
+        state = _Running(request, slot, [], generator)
+        self.running[slot] = state
+        return self._append(state, self._sample(logits[0], state))
+
+    def _decode(self) -> list[Completion]:
+        rows = max(self.running) + 1  # compute the leading rows up to the last running slot only
+        tokens = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
+        for slot, state in self.running.items():
+            tokens[slot, 0] = state.tokens[-1]
+        lengths = self.cache.lengths[:rows]
+        positions = lengths[:, None].clone()
+        # Valid keys per row: its cached positions and the one written now. Rows of free slots see nothing real.
+        keys = torch.arange(self.max_length, device=self.device)[None, :]
+        active = torch.zeros(rows, dtype=torch.bool, device=self.device)
+        active[list(self.running)] = True
+        mask = ((keys <= lengths[:, None]) & active[:, None]).long()
+        logits = self.model(tokens, attention_mask=mask, position_ids=positions, cache=self.cache).logits[:, -1]
+        self.cache.lengths[:rows] += active.long()
+        finished = []
+        for slot, state in list(self.running.items()):
+            completion = self._append(state, self._sample(logits[slot], state))
+            if completion is not None:
+                finished.append(completion)
+        return finished
+
+    def _sample(self, logits: torch.Tensor, state: _Running) -> int:
+        params = state.request.params
+        if params.greedy:
+            return int(logits.argmax())
+        probs = process_logits(logits.float()[None], params.temperature, params.top_k, params.top_p).softmax(-1)
+        return int(torch.multinomial(probs, 1, generator=state.generator))
+
+    def _append(self, state: _Running, token: int) -> Completion | None:
+        state.tokens.append(token)
+        params = state.request.params
+        reason = None
+        if token in params.stop_token_ids:
+            reason = "stop"
+        elif len(state.tokens) >= params.max_tokens or int(self.cache.lengths[state.slot]) >= self.max_length:
+            reason = "length"  # (the next step would write this token at position lengths[slot]: none left)
+        if reason is None:
+            return None
+        del self.running[state.slot]
+        return Completion(state.request.request_id, list(state.request.prompt_ids), state.tokens, reason)

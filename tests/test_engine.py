@@ -1,0 +1,126 @@
+"""The continuous-batching engine against our own sequential generation (references: `model.generate` per prompt)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models_for_tests import TINY_VOCAB, heterogeneous_config, random_decilm
+
+from open_nemotron.model.generation import process_logits
+from open_nemotron.serve.engine import Engine, EngineError, Request, SamplingParams
+
+
+def _prompts(n: int, seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, 14, (n,), generator=gen).tolist()
+    return [torch.randint(3, TINY_VOCAB, (k,), generator=gen).tolist() for k in lengths]
+
+
+def _greedy_reference(model, prompt: list[int], max_tokens: int, stop: tuple[int, ...] = ()) -> list[int]:
+    out = model.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=max_tokens,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=list(stop) or None,
+    )
+    tokens = out[0, len(prompt) :].tolist()
+    for i, t in enumerate(tokens):
+        if t in stop:
+            return tokens[: i + 1]
+    return tokens
+
+
+@pytest.mark.parametrize("slots", [1, 3, 8])
+def test_greedy_equals_sequential_generation_with_more_requests_than_slots(slots):
+    """Ten requests of different prompt lengths and budgets through 1, 3 or 8 slots: rows join as others finish."""
+    model = random_decilm(heterogeneous_config(), seed=11)
+    prompts = _prompts(10)
+    budgets = [3, 9, 1, 14, 5, 7, 2, 11, 6, 4]
+    engine = Engine(model, max_batch_size=slots, max_length=32)
+    got = engine.run(
+        [Request(p, SamplingParams(max_tokens=b, temperature=0)) for p, b in zip(prompts, budgets, strict=True)]
+    )
+    for completion, prompt, budget in zip(got, prompts, budgets, strict=True):
+        assert completion.token_ids == _greedy_reference(model, prompt, budget)
+        assert completion.finish_reason == "length" and completion.prompt_ids == prompt
+    assert not engine.has_work() and engine.running == {}
+
+
+def test_stop_tokens_end_a_request_and_free_its_slot():
+    model = random_decilm(heterogeneous_config(), seed=5)
+    prompts = _prompts(4, seed=2)
+    free_run = Engine(model, max_batch_size=2, max_length=32).run(
+        [Request(p, SamplingParams(max_tokens=10, temperature=0)) for p in prompts]
+    )
+    stop = free_run[0].token_ids[3]  # request 0's fourth token becomes a stop token for everyone
+    got = Engine(model, max_batch_size=2, max_length=32).run(
+        [Request(p, SamplingParams(max_tokens=10, temperature=0, stop_token_ids=(stop,))) for p in prompts]
+    )
+    assert got[0].token_ids == free_run[0].token_ids[: free_run[0].token_ids.index(stop) + 1]
+    assert got[0].finish_reason == "stop"
+    for completion, prompt in zip(got, prompts, strict=True):
+        assert completion.token_ids == _greedy_reference(model, prompt, 10, (stop,))
+
+
+def test_seeded_sampling_is_the_same_alone_and_in_a_batch():
+    model = random_decilm(heterogeneous_config(), seed=7)
+    prompts = _prompts(5, seed=3)
+    params = SamplingParams(max_tokens=8, temperature=1.3, top_k=20, top_p=0.9, seed=1234)
+    alone = Engine(model, max_batch_size=1, max_length=32).run([Request(prompts[2], params)])[0]
+    others = [Request(p, SamplingParams(max_tokens=6, temperature=0.8, seed=i)) for i, p in enumerate(prompts)]
+    crowd = Engine(model, max_batch_size=4, max_length=32).run(others[:2] + [Request(prompts[2], params)] + others[3:])
+    assert crowd[2].token_ids == alone.token_ids
+
+
+def test_seeded_sampling_follows_the_sampling_formula():
+    """One request, its own generator: each token is a draw from process_logits(...).softmax() of the model's
+    next-token logits, in order (recomputed here with the full model, no cache)."""
+    model = random_decilm(heterogeneous_config(), seed=8)
+    prompt = _prompts(1, seed=4)[0]
+    params = SamplingParams(max_tokens=6, temperature=0.7, top_k=15, top_p=0.8, seed=99)
+    got = Engine(model, max_batch_size=2, max_length=32).run([Request(prompt, params)])[0].token_ids
+    generator = torch.Generator().manual_seed(99)
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(6):
+            logits = model(torch.tensor([ids])).logits[0, -1]
+            probs = process_logits(logits.float()[None], 0.7, 15, 0.8).softmax(-1)
+            ids.append(int(torch.multinomial(probs, 1, generator=generator)))
+    assert got == ids[len(prompt) :]
+
+
+def test_max_length_ends_a_request_before_the_cache_overflows():
+    model = random_decilm(heterogeneous_config(), seed=9)
+    prompt = _prompts(1, seed=5)[0][:6]
+    got = Engine(model, max_batch_size=2, max_length=10).run(
+        [Request(prompt, SamplingParams(max_tokens=50, temperature=0))]
+    )
+    assert got[0].finish_reason == "length"
+    assert len(prompt) + len(got[0].token_ids) == 11  # 10 cached positions + the last token, never cached
+    assert got[0].token_ids == _greedy_reference(model, prompt, len(got[0].token_ids))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_tokens": 0}, "max_tokens = 0"),
+        ({"temperature": -1.0}, "temperature = -1.0"),
+        ({"top_p": 0.0}, "top_p = 0.0"),
+        ({"top_k": -3}, "top_k = -3"),
+    ],
+)
+def test_bad_sampling_params_name_the_field(kwargs, message):
+    with pytest.raises(EngineError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_bad_prompts_are_refused_with_the_reason():
+    engine = Engine(random_decilm(heterogeneous_config(), seed=1), max_batch_size=1, max_length=8)
+    with pytest.raises(EngineError, match="empty"):
+        engine.add_request(Request([]))
+    with pytest.raises(EngineError, match="at most 7"):
+        engine.add_request(Request(list(range(3, 11))))
+    with pytest.raises(EngineError, match="token ids in"):
+        engine.add_request(Request([5, TINY_VOCAB]))
+    assert not engine.has_work()
