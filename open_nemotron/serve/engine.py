@@ -113,14 +113,15 @@ class SlotKVCache:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.max_length - 1
 
-    def write_prefill(self, slot: int, prefill_cache, length: int) -> None:
-        """Copy a request's prefilled keys/values (a transformers-style cache of one row) into `slot`."""
+    def write_prefill(self, slot: int, prefill_cache, row: int, start: int, length: int) -> None:
+        """Copy row `row`'s prefilled keys/values (positions start..start+length of a transformers-style cache, e.g. a
+        left-padded batch) into `slot` as its positions 0..length."""
         for i, keys in enumerate(self.keys):
             if keys is None:
                 continue
             layer = prefill_cache.layers[i]
-            keys[slot, :, :length] = layer.keys[0]
-            self.values[i][slot, :, :length] = layer.values[0]
+            keys[slot, :, :length] = layer.keys[row, :, start : start + length]
+            self.values[i][slot, :, :length] = layer.values[row, :, start : start + length]
         self.lengths[slot] = length
 
 
@@ -178,32 +179,45 @@ class Engine:
         request. Returns the requests that finished in this step."""
         finished: list[Completion] = []
         free = [s for s in range(self.max_batch_size) if s not in self.running]
+        admitted = []
         while self.waiting and free:
-            slot = free.pop(0)  # lowest first: the running rows stay near the front
-            completion = self._admit(self.waiting.popleft(), slot)
-            if completion is not None:
-                finished.append(completion)
+            admitted.append((self.waiting.popleft(), free.pop(0)))  # lowest slots first: running rows stay in front
+        if admitted:
+            finished += self._admit(admitted)
         if self.running:
             finished += self._decode()
         return finished
 
-    def _admit(self, request: Request, slot: int) -> Completion | None:
+    def _admit(self, admitted: list[tuple[Request, int]]) -> list[Completion]:
+        """Prefill the new requests in one left-padded pass, move each row's keys/values into its slot, and sample
+        each request's first token."""
         from open_nemotron.model.cache import DeciLMCache
 
-        prompt = torch.tensor([list(request.prompt_ids)], dtype=torch.long, device=self.device)
+        lengths = [len(request.prompt_ids) for request, _ in admitted]
+        width = max(lengths)
+        ids = torch.zeros(len(admitted), width, dtype=torch.long, device=self.device)
+        mask = torch.zeros(len(admitted), width, dtype=torch.long, device=self.device)
+        for row, ((request, _), length) in enumerate(zip(admitted, lengths, strict=True)):
+            ids[row, width - length :] = torch.tensor(list(request.prompt_ids), device=self.device)
+            mask[row, width - length :] = 1
         prefill_cache = DeciLMCache(self.model.config)
-        logits = self.model(prompt, cache=prefill_cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-        self.cache.write_prefill(slot, prefill_cache, prompt.shape[1])
-        generator = None
-        if not request.params.greedy:
-            generator = torch.Generator(device=self.device)
-            if request.params.seed is not None:
-                generator.manual_seed(request.params.seed)
-            else:
-                generator.seed()  # a fresh random seed for this request only
-        state = _Running(request, slot, [], generator)
-        self.running[slot] = state
-        return self._append(state, self._sample(logits[0], state))
+        logits = self.model(ids, attention_mask=mask, cache=prefill_cache, use_cache=True, logits_to_keep=1).logits
+        finished = []
+        for row, ((request, slot), length) in enumerate(zip(admitted, lengths, strict=True)):
+            self.cache.write_prefill(slot, prefill_cache, row, width - length, length)
+            generator = None
+            if not request.params.greedy:
+                generator = torch.Generator(device=self.device)
+                if request.params.seed is not None:
+                    generator.manual_seed(request.params.seed)
+                else:
+                    generator.seed()  # a fresh random seed for this request only
+            state = _Running(request, slot, [], generator)
+            self.running[slot] = state
+            completion = self._append(state, self._sample(logits[row, -1], state))
+            if completion is not None:
+                finished.append(completion)
+        return finished
 
     def _decode(self) -> list[Completion]:
         rows = max(self.running) + 1  # compute the leading rows up to the last running slot only
