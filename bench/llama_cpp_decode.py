@@ -97,13 +97,17 @@ def main(argv: list[str] | None = None) -> int:
     }
     tokens: dict[str, list[int]] = {}
     with StageProgress("llama.cpp vs ours", 2 * (args.repeats + 1)) as bar:
-        for name, run in (("llama.cpp", lambda n: llama_cpp_greedy(llm, prompt[0].tolist(), n)),
-                          ("ours", lambda n: ours_greedy(model, prompt, n))):
+        for name, run in (
+            ("llama.cpp", lambda n: llama_cpp_greedy(llm, prompt[0].tolist(), n)),
+            ("ours", lambda n: ours_greedy(model, prompt, n)),
+        ):
             run(4)  # warm-up
             bar.advance(f"warm-up {name}")
         for repeat in range(args.repeats):
-            for name, run in (("llama.cpp", lambda n: llama_cpp_greedy(llm, prompt[0].tolist(), n)),
-                              ("ours", lambda n: ours_greedy(model, prompt, n))):
+            for name, run in (
+                ("llama.cpp", lambda n: llama_cpp_greedy(llm, prompt[0].tolist(), n)),
+                ("ours", lambda n: ours_greedy(model, prompt, n)),
+            ):
                 prefill, decode_s, toks = run(args.gen_len)
                 samples[name]["prefill_s"].append(prefill)
                 samples[name]["decode_s"].append(decode_s)
