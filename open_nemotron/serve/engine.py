@@ -221,9 +221,8 @@ class Engine:
 
     def _decode(self) -> list[Completion]:
         rows = max(self.running) + 1  # compute the leading rows up to the last running slot only
-        tokens = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
-        for slot, state in self.running.items():
-            tokens[slot, 0] = state.tokens[-1]
+        last = [self.running[s].tokens[-1] if s in self.running else 0 for s in range(rows)]
+        tokens = torch.tensor(last, dtype=torch.long, device=self.device)[:, None]
         lengths = self.cache.lengths[:rows]
         positions = lengths[:, None].clone()
         # Valid keys per row: its cached positions and the one written now. Rows of free slots see nothing real.
