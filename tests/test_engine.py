@@ -124,3 +124,62 @@ def test_bad_prompts_are_refused_with_the_reason():
     with pytest.raises(EngineError, match="token ids in"):
         engine.add_request(Request([5, TINY_VOCAB]))
     assert not engine.has_work()
+
+
+def _chat_prompt(tokenizer, text: str, suffix: str = "") -> list[int]:
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+    )
+    return tokenizer.encode(rendered + suffix, add_special_tokens=False)
+
+
+def test_stop_strings_cut_the_text_before_the_first_match():
+    from tokenizers_for_tests import chatml_tokenizer
+
+    tok = chatml_tokenizer()
+    model = random_decilm(heterogeneous_config(), seed=12)
+    prompt = _chat_prompt(tok, "hello there")
+    free = Engine(model, max_batch_size=2, max_length=200, tokenizer=tok).run(
+        [Request(prompt, SamplingParams(max_tokens=20, temperature=0))]
+    )[0]
+    assert free.text == tok.decode(free.token_ids, skip_special_tokens=True)
+    visible = free.text
+    stop = visible[5:8]  # a piece of the model's own text
+    assert stop and visible.find(stop) >= 0
+    got = Engine(model, max_batch_size=2, max_length=200, tokenizer=tok).run(
+        [Request(prompt, SamplingParams(max_tokens=20, temperature=0, stop=("never-there", stop)))]
+    )[0]
+    assert got.finish_reason == "stop"
+    assert got.text == visible[: visible.find(stop)]
+    assert got.token_ids == free.token_ids[: len(got.token_ids)]
+
+
+@pytest.mark.parametrize("budget", [0, 4])
+def test_reasoning_budget_closes_the_think_block_and_the_model_goes_on(budget):
+    """A prompt that opens `<think>`: after `budget` reasoning tokens the engine writes `\\n</think>` itself; every
+    other token is the model's greedy choice given everything before it (checked against generate)."""
+    from tokenizers_for_tests import chatml_tokenizer
+
+    tok = chatml_tokenizer()
+    model = random_decilm(heterogeneous_config(), seed=13)
+    prompt = _chat_prompt(tok, "think about it", suffix="<think>\n")
+    got = Engine(model, max_batch_size=2, max_length=200, tokenizer=tok).run(
+        [Request(prompt, SamplingParams(max_tokens=24, temperature=0, max_reasoning_tokens=budget))]
+    )[0]
+    close = tok.encode("\n</think>", add_special_tokens=False)
+    if budget:
+        assert got.token_ids[:budget] == _greedy_reference(model, prompt, budget)
+    assert got.token_ids[budget : budget + len(close)] == close
+    assert got.reasoning_tokens == budget
+    head = prompt + got.token_ids[: budget + len(close)]
+    rest = 24 - budget - len(close)
+    assert got.token_ids[budget + len(close) :] == _greedy_reference(model, head, rest)
+    assert "</think>" in got.text
+
+
+def test_stop_strings_and_budgets_need_a_tokenizer():
+    engine = Engine(random_decilm(heterogeneous_config(), seed=1), max_batch_size=1, max_length=16)
+    with pytest.raises(EngineError, match="need the engine's tokenizer"):
+        engine.add_request(Request([5, 6], SamplingParams(stop=("x",))))
+    with pytest.raises(EngineError, match="max_reasoning_tokens = -1"):
+        SamplingParams(max_reasoning_tokens=-1)

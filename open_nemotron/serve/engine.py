@@ -10,10 +10,13 @@ The decode pass runs our model's ordinary `forward`: `SlotKVCache.update` writes
 row's own length and returns the whole buffers, and the 2-D attention mask marks each row's valid keys, so rows of
 any length share one pass (rows past the highest running slot are not computed at all).
 
-Per request: temperature (0 = greedy), top-k, top-p, max new tokens, stop token ids and a seed; a seeded request
-draws from its own generator, so it gives the same tokens whatever else is in the batch.
+Per request: temperature (0 = greedy), top-k, top-p, max new tokens, stop token ids and strings, a seed and a
+reasoning budget; a seeded request draws from its own generator, so it gives the same tokens whatever else is in
+the batch.
 
-Not here yet (see the issue): stop strings, the reasoning budget, the server, and eval / teacher / chat on top.
+With the engine's tokenizer: stop strings (the text ends before the first one) and a per-request reasoning budget
+(`max_reasoning_tokens`: when a think block reaches it, the engine writes `</think>` itself and the model goes on
+to its answer). Not here yet (see the issue): the server, and eval / teacher / chat on top.
 """
 
 from __future__ import annotations
@@ -42,7 +45,9 @@ class SamplingParams:
     top_k: int = 0
     top_p: float = 1.0
     stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()  # stop strings (need the engine's tokenizer); the text ends before the first one
     seed: int | None = None
+    max_reasoning_tokens: int | None = None  # think-block budget: at it, the engine writes `</think>` itself
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -53,6 +58,12 @@ class SamplingParams:
             raise EngineError(f"top_k = {self.top_k!r}: expected an integer >= 0")
         if not 0 < self.top_p <= 1:
             raise EngineError(f"top_p = {self.top_p!r}: expected a number in (0, 1]")
+        if any(not isinstance(x, str) or not x for x in self.stop):
+            raise EngineError(f"stop = {self.stop!r}: expected non-empty strings")
+        if self.max_reasoning_tokens is not None and (
+            not isinstance(self.max_reasoning_tokens, int) or self.max_reasoning_tokens < 0
+        ):
+            raise EngineError(f"max_reasoning_tokens = {self.max_reasoning_tokens!r}: expected an integer >= 0")
 
     @property
     def greedy(self) -> bool:
@@ -71,7 +82,9 @@ class Completion:
     request_id: str
     prompt_ids: list[int]
     token_ids: list[int]
-    finish_reason: str  # "stop" (a stop token, included in token_ids) or "length"
+    finish_reason: str  # "stop" (a stop token, included in token_ids, or a stop string) or "length"
+    text: str | None = None  # the new text (special tokens skipped, cut before a stop string); needs a tokenizer
+    reasoning_tokens: int = 0  # tokens generated inside the think block
 
 
 @dataclass
@@ -80,6 +93,9 @@ class _Running:
     slot: int
     tokens: list[int]
     generator: torch.Generator | None
+    thinking: bool = False  # inside a think block (opened by the prompt or by the model, not yet closed)
+    reasoning_tokens: int = 0
+    forced: list[int] = field(default_factory=list)  # tokens the engine writes instead of sampling (`</think>`)
 
 
 class SlotKVCache:
@@ -128,7 +144,7 @@ class SlotKVCache:
 class Engine:
     """Continuous batching over `max_batch_size` slots of `max_length` positions (prompt + new tokens) each."""
 
-    def __init__(self, model: nn.Module, max_batch_size: int = 8, max_length: int = 512) -> None:
+    def __init__(self, model: nn.Module, max_batch_size: int = 8, max_length: int = 512, tokenizer=None) -> None:
         if max_batch_size < 1:
             raise EngineError(f"max_batch_size = {max_batch_size}: expected a positive integer")
         if max_length < 2:
@@ -139,6 +155,7 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.max_length = max_length
         self.cache = SlotKVCache(model.config, max_batch_size, max_length, self.dtype, self.device)
+        self.tokenizer = tokenizer  # for stop strings, reasoning budgets and Completion.text
         self.waiting: deque[Request] = deque()
         self.running: dict[int, _Running] = {}  # slot -> request
         self._ids = itertools.count()
@@ -155,6 +172,10 @@ class Engine:
         vocab = self.model.config.vocab_size
         if any(not 0 <= t < vocab for t in prompt):
             raise EngineError(f"prompt_ids: expected token ids in [0, {vocab})")
+        if self.tokenizer is None and (request.params.stop or request.params.max_reasoning_tokens is not None):
+            raise EngineError(
+                "stop strings and max_reasoning_tokens need the engine's tokenizer: Engine(..., tokenizer=)"
+            )
         if request.request_id is None:
             request.request_id = f"req-{next(self._ids)}"
         self.waiting.append(request)
@@ -212,7 +233,9 @@ class Engine:
                     generator.manual_seed(request.params.seed)
                 else:
                     generator.seed()  # a fresh random seed for this request only
-            state = _Running(request, slot, [], generator)
+            state = _Running(request, slot, [], generator, thinking=self._prompt_opens_think(request))
+            if state.thinking and request.params.max_reasoning_tokens == 0:
+                state.forced = self._think_close_ids()
             self.running[slot] = state
             completion = self._append(state, self._sample(logits[row, -1], state))
             if completion is not None:
@@ -240,21 +263,72 @@ class Engine:
         return finished
 
     def _sample(self, logits: torch.Tensor, state: _Running) -> int:
+        if state.forced:
+            return state.forced.pop(0)
         params = state.request.params
         if params.greedy:
             return int(logits.argmax())
         probs = process_logits(logits.float()[None], params.temperature, params.top_k, params.top_p).softmax(-1)
         return int(torch.multinomial(probs, 1, generator=state.generator))
 
+    def _prompt_opens_think(self, request: Request) -> bool:
+        """Whether the prompt ends inside a think block (a template that pre-fills `<think>`)."""
+        if self.tokenizer is None or request.params.max_reasoning_tokens is None:
+            return False
+        from open_nemotron.model.chat_template import THINK_CLOSE, THINK_OPEN
+
+        tail = self.tokenizer.decode(list(request.prompt_ids)[-32:])
+        return tail.rfind(THINK_OPEN) > tail.rfind(THINK_CLOSE)
+
+    def _think_close_ids(self) -> list[int]:
+        from open_nemotron.model.chat_template import THINK_CLOSE
+
+        return self.tokenizer.encode("\n" + THINK_CLOSE, add_special_tokens=False)
+
+    def _text(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def _track_reasoning(self, state: _Running) -> None:
+        """Count think-block tokens; at the budget, queue `</think>` to be written instead of sampled tokens."""
+        from open_nemotron.model.chat_template import THINK_CLOSE, THINK_OPEN
+
+        budget = state.request.params.max_reasoning_tokens
+        text = self.tokenizer.decode(state.tokens)
+        opened, closed = text.rfind(THINK_OPEN), text.rfind(THINK_CLOSE)
+        if opened > closed:
+            state.thinking = True
+        elif closed >= 0 and closed >= opened:
+            state.thinking = False
+        if state.thinking and not state.forced:
+            state.reasoning_tokens += 1
+            if state.reasoning_tokens >= budget:
+                state.forced = self._think_close_ids()
+
     def _append(self, state: _Running, token: int) -> Completion | None:
         state.tokens.append(token)
         params = state.request.params
-        reason = None
-        if token in params.stop_token_ids:
+        if params.max_reasoning_tokens is not None:
+            self._track_reasoning(state)
+        reason, text = None, None
+        if self.tokenizer is not None:
+            text = self._text(state.tokens)
+            cut = min((i for i in (text.find(stop) for stop in params.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                text, reason = text[:cut], "stop"
+        if reason is None and token in params.stop_token_ids and not state.forced:
             reason = "stop"
-        elif len(state.tokens) >= params.max_tokens or int(self.cache.lengths[state.slot]) >= self.max_length:
+        elif reason is None and (
+            len(state.tokens) >= params.max_tokens or int(self.cache.lengths[state.slot]) >= self.max_length
+        ):
             reason = "length"  # (the next step would write this token at position lengths[slot]: none left)
         if reason is None:
             return None
         del self.running[state.slot]
-        return Completion(state.request.request_id, list(state.request.prompt_ids), state.tokens, reason)
+        return Completion(
+            state.request.request_id,
+            list(state.request.prompt_ids),
+            state.tokens,
+            reason,
+            text=text,
+            reasoning_tokens=state.reasoning_tokens,
+        )
