@@ -116,7 +116,6 @@ class SlotKVCache:
             has = blocks.attention.has_kv_cache
             self.keys.append(torch.zeros(shape, dtype=dtype, device=device) if has else None)
             self.values.append(torch.zeros(shape, dtype=dtype, device=device) if has else None)
-        self.rows = slots  # how many leading rows the current step computes
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, cache_kwargs=None):
         rows = torch.arange(key.shape[0], device=key.device)
