@@ -124,6 +124,8 @@ def test_bad_prompts_are_refused_with_the_reason():
     with pytest.raises(EngineError, match="token ids in"):
         engine.add_request(Request([5, TINY_VOCAB]))
     assert not engine.has_work()
+    with pytest.raises(EngineError, match="training mode"):
+        Engine(random_decilm(heterogeneous_config(), seed=1).train())
 
 
 def _chat_prompt(tokenizer, text: str, suffix: str = "") -> list[int]:

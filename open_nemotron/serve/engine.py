@@ -148,7 +148,9 @@ class Engine:
             raise EngineError(f"max_batch_size = {max_batch_size}: expected a positive integer")
         if max_length < 2:
             raise EngineError(f"max_length = {max_length}: expected at least 2")
-        self.model = model.eval()
+        if model.training:  # not switched here: no hidden state changes on the caller's model
+            raise EngineError("the model is in training mode (dropout would change every token): call model.eval()")
+        self.model = model
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.max_batch_size = max_batch_size
