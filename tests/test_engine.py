@@ -185,3 +185,33 @@ def test_stop_strings_and_budgets_need_a_tokenizer():
         engine.add_request(Request([5, 6], SamplingParams(stop=("x",))))
     with pytest.raises(EngineError, match="max_reasoning_tokens = -1"):
         SamplingParams(max_reasoning_tokens=-1)
+
+
+def test_streamed_tokens_and_cancellation_free_the_slot():
+    """on_token sees every token as it is chosen; cancelling a running request frees its slot for the next one, and
+    the others' tokens are unaffected."""
+    model = random_decilm(heterogeneous_config(), seed=14)
+    prompts = _prompts(3, seed=6)
+    engine = Engine(model, max_batch_size=2, max_length=64)
+    streamed: list[int] = []
+    long = Request(prompts[0], SamplingParams(max_tokens=40, temperature=0), on_token=streamed.append)
+    other = Request(prompts[1], SamplingParams(max_tokens=6, temperature=0))
+    late = Request(prompts[2], SamplingParams(max_tokens=5, temperature=0))
+    for request in (long, other, late):
+        engine.add_request(request)
+    assert engine.step() == [] and set(engine.running) == {0, 1} and len(engine.waiting) == 1
+    engine.step()
+    cancelled = engine.cancel(long.request_id)
+    assert cancelled.finish_reason == "cancelled" and cancelled.token_ids == streamed and len(streamed) == 3
+    assert cancelled.token_ids == _greedy_reference(model, prompts[0], 3)
+    done = {}
+    while engine.has_work():
+        for completion in engine.step():
+            done[completion.request_id] = completion
+    assert 0 not in engine.running and len(streamed) == 3  # nothing more was generated for it
+    assert done[other.request_id].token_ids == _greedy_reference(model, prompts[1], 6)
+    assert done[late.request_id].token_ids == _greedy_reference(model, prompts[2], 5)  # took the freed slot
+    waiting = Request(prompts[2], SamplingParams(max_tokens=5, temperature=0))
+    engine.add_request(waiting)
+    assert engine.cancel(waiting.request_id).token_ids == [] and not engine.has_work()
+    assert engine.cancel("no-such-request") is None

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -75,6 +75,8 @@ class Request:
     prompt_ids: Sequence[int]
     params: SamplingParams = field(default_factory=SamplingParams)
     request_id: str | None = None
+    # Called with each new token id as it is chosen (streaming); runs on the engine's thread, so keep it short.
+    on_token: Callable[[int], None] | None = None
 
 
 @dataclass
@@ -82,7 +84,7 @@ class Completion:
     request_id: str
     prompt_ids: list[int]
     token_ids: list[int]
-    finish_reason: str  # "stop" (a stop token, included in token_ids, or a stop string) or "length"
+    finish_reason: str  # "stop" (a stop token, included in token_ids, or a stop string), "length" or "cancelled"
     text: str | None = None  # the new text (special tokens skipped, cut before a stop string); needs a tokenizer
     reasoning_tokens: int = 0  # tokens generated inside the think block
 
@@ -181,6 +183,19 @@ class Engine:
             request.request_id = f"req-{next(self._ids)}"
         self.waiting.append(request)
         return request.request_id
+
+    def cancel(self, request_id: str) -> Completion | None:
+        """Stop a waiting or running request now (e.g. its client went away) and free its slot; returns what it had
+        generated (finish_reason "cancelled"), or None if no such request is waiting or running."""
+        for request in self.waiting:
+            if request.request_id == request_id:
+                self.waiting.remove(request)
+                return Completion(request_id, list(request.prompt_ids), [], "cancelled")
+        for slot, state in self.running.items():
+            if state.request.request_id == request_id:
+                del self.running[slot]
+                return self._completion(state, "cancelled", self._text(state.tokens) if self.tokenizer else None)
+        return None
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -307,6 +322,8 @@ class Engine:
 
     def _append(self, state: _Running, token: int) -> Completion | None:
         state.tokens.append(token)
+        if state.request.on_token is not None:
+            state.request.on_token(token)
         params = state.request.params
         if params.max_reasoning_tokens is not None:
             self._track_reasoning(state)
@@ -325,6 +342,9 @@ class Engine:
         if reason is None:
             return None
         del self.running[state.slot]
+        return self._completion(state, reason, text)
+
+    def _completion(self, state: _Running, reason: str, text: str | None) -> Completion:
         return Completion(
             state.request.request_id,
             list(state.request.prompt_ids),
