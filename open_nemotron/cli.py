@@ -24,6 +24,7 @@ app = typer.Typer(
     help="Llama-Nemotron's pipeline for small Llama models. Verbs: convert (a Llama parent to the "
     "DeciLM format), bench-speed and bench-train (throughput), generate (one answer, reasoning on or off), datagen "
     "(reasoning on/off training data), sft (fine-tuning with the toggle), eval (accuracy with reasoning on and off), "
+    "serve (an OpenAI-compatible server with the reasoning toggle), "
     "puzzle (Puzzle NAS: run, or one stage: calibration, build-library, score, costs, search, assemble, report).",
     epilog="Run `open-nemotron VERB --help` for a verb's options; README.md has a section and an example per verb.",
     no_args_is_help=True,
@@ -466,6 +467,34 @@ def eval_command(
     typer.echo(render_markdown(result))
     if markdown_out is not None:
         typer.echo(f"wrote {json_out}, {markdown_out} and {json_out.with_suffix('.samples.jsonl')}")
+
+
+@app.command()
+@reports_user_errors
+def serve(
+    model: Annotated[str, typer.Argument(help="Model spec (our format or a Llama parent, loaded into our class).")],
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8000,
+    max_batch_size: Annotated[int, typer.Option("--max-batch-size", help="Requests decoded together (slots).")] = 8,
+    max_length: Annotated[int, typer.Option("--max-length", help="Context per request: prompt + new tokens.")] = 2048,
+    queue_size: Annotated[int, typer.Option("--queue-size", help="Open requests before answering 429.")] = 64,
+    model_name: Annotated[
+        str | None, typer.Option("--model-name", help="The id clients send as `model` (default: the spec).")
+    ] = None,
+    device: DeviceOption = None,
+) -> None:
+    """An OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models, /health) over the
+    continuous-batching engine, with the reasoning toggle and reasoning_content (docs/serve.md)."""
+    for option, value in (("--max-batch-size", max_batch_size), ("--queue-size", queue_size), ("--port", port)):
+        if value < 1:
+            raise CliInputError(f"{option} {value}: expected a positive integer")
+    if max_length < 2:
+        raise CliInputError(f"--max-length {max_length}: expected at least 2")
+    device = check_device(device)
+    check_model_specs([model])
+    from open_nemotron.serve.server import serve as run_server
+
+    run_server(model, host, port, max_batch_size, max_length, queue_size, model_name, device)
 
 
 puzzle_app = typer.Typer(

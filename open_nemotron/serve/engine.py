@@ -29,10 +29,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from open_nemotron.errors import OpenNemotronError
 from open_nemotron.model.generation import process_logits
 
 
-class EngineError(ValueError):
+class EngineError(OpenNemotronError, ValueError):
     """A request the engine cannot serve (the field, its value and what was expected)."""
 
 

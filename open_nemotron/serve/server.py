@@ -1,0 +1,442 @@
+"""An OpenAI-compatible HTTP server over the engine (FastAPI + uvicorn): `open-nemotron serve MODEL`.
+
+Endpoints: `POST /v1/chat/completions` (non-streaming and SSE streaming ending in `data: [DONE]`, `n`, `usage`),
+`POST /v1/completions`, `GET /v1/models`, `GET /health`.
+
+The reasoning switch per request, as vLLM takes it: a first system message that is exactly `detailed thinking on` /
+`detailed thinking off`, or `chat_template_kwargs: {"enable_thinking": bool}` (our chat template is the one rule).
+The reply's `<think>…</think>` block goes to `reasoning_content` (and `reasoning`, vLLM's newer name), the rest to
+`content`, on messages and on stream deltas. Extra body fields: `top_k`, `max_reasoning_tokens` (the engine's
+think-block budget). Sampling defaults when a request sets none: the paper's (reasoning on: temperature 0.6,
+top-p 0.95; off: greedy).
+
+One worker thread owns the engine: requests reach it through a bounded queue (full: 429), tokens come back to the
+request's asyncio queue. A client that goes away mid-stream cancels its request, which frees its slot. Bad requests
+get an OpenAI-style error body (`{"error": {"message", "type", "param", "code"}}`) and a 4xx; the server keeps
+serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import queue
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from fastapi import Request as HttpRequest  # module level: FastAPI resolves the endpoints' annotations here
+from pydantic import BaseModel, Field
+
+from open_nemotron.model.chat_template import THINK_CLOSE, THINK_OPEN, THINKING_ON, split_reasoning
+from open_nemotron.serve.engine import Completion, Engine, EngineError, Request, SamplingParams
+
+MAX_N = 8
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict[str, Any]:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+# ----------------------------------------------------------------------------------------------- request bodies
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class _Sampling(BaseModel):
+    model: str
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=0)
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    stream: bool = False
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    max_reasoning_tokens: int | None = Field(default=None, ge=0)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str
+
+
+# ----------------------------------------------------------------------------------------------- the worker
+@dataclass
+class _Job:
+    request: Request
+    on_done: Callable[[Completion], None]
+
+
+class EngineWorker:
+    """The one thread that runs the engine. `submit` / `cancel` may be called from any thread."""
+
+    def __init__(self, engine: Engine, queue_size: int = 64) -> None:
+        self.engine = engine
+        self.queue_size = queue_size
+        self._inbox: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._open = 0  # submitted and not yet finished
+        self._done: dict[str, Callable[[Completion], None]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="open-nemotron-engine", daemon=True)
+        self.cancels_requested = 0  # cancel() calls (a client went away)
+        self.cancelled = 0  # requests a cancel actually stopped (the others had already finished)
+
+    def start(self) -> EngineWorker:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._inbox.put(None)
+        self._thread.join(timeout=30)
+
+    def submit(self, request: Request, on_done: Callable[[Completion], None]) -> None:
+        with self._lock:
+            if self._open >= self.queue_size:
+                raise ApiError(429, f"the server is busy: {self._open} requests open (queue size {self.queue_size})")
+            self._open += 1
+        self._inbox.put(("add", _Job(request, on_done)))
+
+    def cancel(self, request_id: str) -> None:
+        with self._lock:
+            self.cancels_requested += 1
+        self._inbox.put(("cancel", request_id))
+
+    @property
+    def open_requests(self) -> int:
+        return self._open
+
+    def _finish(self, completion: Completion) -> None:
+        with self._lock:
+            self._open -= 1
+        callback = self._done.pop(completion.request_id, None)
+        if callback is not None:
+            callback(completion)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            if self.engine.has_work():
+                try:
+                    item = self._inbox.get_nowait()
+                except queue.Empty:
+                    item = ()
+            else:
+                item = self._inbox.get()  # idle: sleep until something arrives
+            while item is not None:
+                if item:
+                    kind, payload = item
+                    if kind == "add":
+                        self._done[payload.request.request_id] = payload.on_done
+                        self.engine.add_request(payload.request)
+                    else:
+                        completion = self.engine.cancel(payload)
+                        if completion is not None:
+                            self.cancelled += 1
+                            self._finish(completion)
+                try:
+                    item = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+            if item is None:
+                break
+            if self.engine.has_work():
+                for completion in self.engine.step():
+                    self._finish(completion)
+
+
+# ----------------------------------------------------------------------------------------------- streaming split
+class ReasoningSplitter:
+    """Splits a growing reply text into (reasoning, answer) deltas: a reply that opens with `<think>` has its block
+    routed to reasoning. Holds back text that could still turn out to be a tag."""
+
+    def __init__(self) -> None:
+        self.reasoning_sent = 0
+        self.answer_sent = 0
+
+    def split(self, text: str, final: bool) -> tuple[str, str]:
+        stripped = text.lstrip()
+        if not final and THINK_OPEN.startswith(stripped):
+            return "", ""  # maybe the start of <think>
+        if stripped.startswith(THINK_OPEN):
+            body = stripped[len(THINK_OPEN) :]
+            end = body.find(THINK_CLOSE)
+            if end < 0:
+                keep = len(body) if final else max(0, len(body) - len(THINK_CLOSE) + 1)
+                reasoning, answer = body[:keep], ""
+            else:
+                reasoning, answer = body[:end], body[end + len(THINK_CLOSE) :]
+        else:
+            reasoning, answer = "", text
+        reasoning_delta = reasoning[self.reasoning_sent :]
+        answer_delta = answer[self.answer_sent :]
+        self.reasoning_sent = max(self.reasoning_sent, len(reasoning))
+        self.answer_sent = max(self.answer_sent, len(answer))
+        return reasoning_delta, answer_delta
+
+
+# ----------------------------------------------------------------------------------------------- the app
+def create_app(engine: Engine, tokenizer, model_name: str, queue_size: int = 64):
+    """The FastAPI app serving `engine` (which must have `tokenizer`) as model `model_name`."""
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+
+    from open_nemotron.model.chat import resolve_sampling, stop_token_ids
+
+    worker = EngineWorker(engine, queue_size)
+    stop_ids = tuple(stop_token_ids(tokenizer))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        worker.start()
+        try:
+            yield
+        finally:
+            worker.stop()
+
+    app = FastAPI(title="open-nemotron", lifespan=lifespan)
+    app.state.worker = worker
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_request, err: ApiError):
+        return JSONResponse(status_code=err.status, content=err.body())
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request, err: RequestValidationError):
+        first = err.errors()[0] if err.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        message = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request")
+        return JSONResponse(status_code=400, content=ApiError(400, message, where or None).body())
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        return {"status": "ok", "open_requests": worker.open_requests}
+
+    @app.get("/v1/models")
+    def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "open-nemotron"}]}
+
+    def check_model(name: str) -> None:
+        if name != model_name:
+            raise ApiError(
+                404, f"model {name!r} does not exist: this server serves {model_name!r}", "model", "model_not_found"
+            )
+
+    def sampling_for(body: _Sampling, prompt_len: int, thinking: bool, index: int) -> SamplingParams:
+        limit = engine.max_length - prompt_len
+        if limit < 1:
+            raise ApiError(
+                400,
+                f"the prompt has {prompt_len} tokens: this server's context is {engine.max_length}",
+                "messages",
+                "context_length_exceeded",
+            )
+        given = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        max_tokens = limit if given is None else given
+        if not 1 <= max_tokens <= limit:
+            raise ApiError(
+                400,
+                f"max_tokens = {max_tokens}: expected 1 to {limit} (context {engine.max_length}, prompt {prompt_len})",
+                "max_tokens",
+            )
+        settings = resolve_sampling(thinking, None, body.temperature, body.top_p)
+        stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens,
+                temperature=settings.temperature if settings.do_sample else 0.0,
+                top_p=settings.top_p if settings.do_sample and settings.top_p is not None else 1.0,
+                top_k=body.top_k or 0,
+                stop_token_ids=stop_ids,
+                stop=stop,
+                seed=None if body.seed is None else body.seed + index,
+                max_reasoning_tokens=body.max_reasoning_tokens,
+            )
+        except EngineError as err:
+            raise ApiError(400, str(err)) from None
+
+    async def run_requests(prompt_ids: list[int], params: list[SamplingParams], stream: bool):
+        """Submit one engine request per choice; returns (request ids, per-choice asyncio queues of events)."""
+        loop = asyncio.get_running_loop()
+        queues = [asyncio.Queue() for _ in params]
+        ids = []
+        for q, p in zip(queues, params, strict=True):
+            rid = f"req-{uuid.uuid4().hex[:12]}"
+
+            def on_token(token: int, q=q) -> None:
+                loop.call_soon_threadsafe(q.put_nowait, ("token", token))
+
+            def on_done(completion: Completion, q=q) -> None:
+                loop.call_soon_threadsafe(q.put_nowait, ("done", completion))
+
+            request = Request(prompt_ids, p, request_id=rid, on_token=on_token if stream else None)
+            try:
+                worker.submit(request, on_done)
+            except ApiError:
+                for earlier in ids:
+                    worker.cancel(earlier)
+                raise
+            ids.append(rid)
+        return ids, queues
+
+    def finish_reason(completion: Completion) -> str:
+        return "stop" if completion.finish_reason in ("stop", "cancelled") else "length"
+
+    async def respond(body: _Sampling, prompt_ids: list[int], thinking: bool, chat: bool, http: HttpRequest):
+        params = [sampling_for(body, len(prompt_ids), thinking, i) for i in range(body.n)]
+        ids, queues = await run_requests(prompt_ids, params, body.stream)
+        created = int(time.time())
+        kind = "chat.completion" if chat else "text_completion"
+        if not body.stream:
+            try:
+                completions = [await _until_done(q) for q in queues]
+            except asyncio.CancelledError:
+                for rid in ids:
+                    worker.cancel(rid)
+                raise
+            choices = []
+            for i, c in enumerate(completions):
+                if chat:
+                    reasoning, answer = split_reasoning(c.text)
+                    message: dict[str, Any] = {"role": "assistant", "content": answer}
+                    if reasoning is not None:
+                        message["reasoning_content"] = message["reasoning"] = reasoning
+                    choices.append({"index": i, "message": message, "finish_reason": finish_reason(c)})
+                else:
+                    choices.append({"index": i, "text": c.text, "finish_reason": finish_reason(c)})
+            completion_tokens = sum(len(c.token_ids) for c in completions)
+            return {
+                "id": f"{'chatcmpl' if chat else 'cmpl'}-{ids[0]}",
+                "object": kind,
+                "created": created,
+                "model": model_name,
+                "choices": choices,
+                "usage": {
+                    "prompt_tokens": len(prompt_ids),
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": len(prompt_ids) * body.n + completion_tokens,
+                },
+            }
+        return StreamingResponse(
+            _stream(ids, queues, chat, created, http),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+        )
+
+    async def _until_done(q: asyncio.Queue) -> Completion:
+        while True:
+            kind, value = await q.get()
+            if kind == "done":
+                return value
+
+    async def _stream(ids, queues, chat: bool, created: int, http: HttpRequest) -> AsyncIterator[str]:
+        kind = "chat.completion.chunk" if chat else "text_completion"
+        stream_id = f"{'chatcmpl' if chat else 'cmpl'}-{ids[0]}"
+
+        def chunk(index: int, delta: dict | str, reason: str | None) -> str:
+            choice = {"index": index, "finish_reason": reason}
+            choice.update({"delta": delta} if chat else {"text": delta})
+            payload = {"id": stream_id, "object": kind, "created": created, "model": model_name, "choices": [choice]}
+            return f"data: {json.dumps(payload)}\n\n"
+
+        open_ids = set(ids)
+        try:
+            for index, (rid, q) in enumerate(zip(ids, queues, strict=True)):
+                if chat:
+                    yield chunk(index, {"role": "assistant", "content": ""}, None)
+                tokens: list[int] = []
+                splitter = ReasoningSplitter()
+                while True:
+                    event, value = await q.get()
+                    final = event == "done"
+                    if final:
+                        text = value.text
+                    else:
+                        tokens.append(value)
+                        text = tokenizer.decode(tokens, skip_special_tokens=True)
+                    if chat:
+                        reasoning, answer = splitter.split(text, final)
+                        delta: dict[str, str] = {}
+                        if reasoning:
+                            delta["reasoning_content"] = delta["reasoning"] = reasoning
+                        if answer:
+                            delta["content"] = answer
+                        if delta:
+                            yield chunk(index, delta, None)
+                    else:
+                        new = text[splitter.answer_sent :]
+                        splitter.answer_sent = len(text)
+                        if new:
+                            yield chunk(index, new, None)
+                    if final:
+                        open_ids.discard(rid)
+                        yield chunk(index, {} if chat else "", finish_reason(value))
+                        break
+            yield "data: [DONE]\n\n"
+        finally:
+            for rid in open_ids:  # the client went away (or the stream failed): free the slots
+                worker.cancel(rid)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, http: HttpRequest):
+        check_model(body.model)
+        messages = [m.model_dump() for m in body.messages]
+        kwargs = dict(body.chat_template_kwargs or {})
+        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
+        prompt_ids = tokenizer.encode(rendered, add_special_tokens=False)
+        return await respond(body, prompt_ids, THINKING_ON in rendered, True, http)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, http: HttpRequest):
+        check_model(body.model)
+        prompt_ids = tokenizer.encode(body.prompt, add_special_tokens=False)
+        if not prompt_ids:
+            raise ApiError(400, "prompt is empty: expected some text", "prompt")
+        return await respond(body, prompt_ids, False, False, http)
+
+    return app
+
+
+def serve(
+    model_spec: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_batch_size: int = 8,
+    max_length: int = 2048,
+    queue_size: int = 64,
+    model_name: str | None = None,
+    device: str | None = None,
+) -> None:
+    """Load a model and serve it until interrupted (SIGINT / SIGTERM stop uvicorn; the worker then stops)."""
+    import uvicorn
+
+    from open_nemotron.model.chat import ensure_reasoning_template
+    from open_nemotron.model.loading import load_model, load_tokenizer
+    from open_nemotron.model.modeling import DeciLMForCausalLM
+
+    model = load_model(model_spec, device=device, implementation="ours")
+    if not isinstance(model, DeciLMForCausalLM):
+        raise EngineError(f"{model_spec}: the engine serves Llama and nemotron-nas checkpoints")
+    tokenizer = load_tokenizer(model_spec)
+    ensure_reasoning_template(tokenizer)
+    engine = Engine(model, max_batch_size=max_batch_size, max_length=max_length, tokenizer=tokenizer)
+    app = create_app(engine, tokenizer, model_name or str(model_spec), queue_size)
+    uvicorn.run(app, host=host, port=port, log_level="info")

@@ -1,0 +1,264 @@
+"""The OpenAI-compatible server, exercised with the official `openai` client over loopback (tiny random model)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+from models_for_tests import heterogeneous_config, random_decilm
+from tokenizers_for_tests import chatml_tokenizer
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+from open_nemotron.model.chat import ensure_reasoning_template, stop_token_ids  # noqa: E402
+from open_nemotron.serve.engine import Engine  # noqa: E402
+from open_nemotron.serve.server import ReasoningSplitter, create_app  # noqa: E402
+
+SCRIPT = "<think>step one, step two</think>The answer is 4."
+
+
+class Served:
+    def __init__(self, engine: Engine, tokenizer) -> None:
+        self.engine, self.tokenizer = engine, tokenizer
+        self.app = create_app(engine, tokenizer, "tiny", queue_size=16)
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.01)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", timeout=120, max_retries=0)
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def _tokenizer():
+    tok = chatml_tokenizer()
+    ensure_reasoning_template(tok)
+    return tok
+
+
+@pytest.fixture(scope="module")
+def served():
+    tok = _tokenizer()
+    model = random_decilm(heterogeneous_config(), seed=21)
+    s = Served(Engine(model, max_batch_size=4, max_length=192, tokenizer=tok), tok)
+    yield s
+    s.close()
+
+
+class ScriptedEngine(Engine):
+    """Replies with SCRIPT then the end-of-turn token, whatever the model says (to test the reasoning split)."""
+
+    def _sample(self, logits, state):
+        script = self.tokenizer.encode(SCRIPT, add_special_tokens=False) + [stop_token_ids(self.tokenizer)[-1]]
+        return script[min(len(state.tokens), len(script) - 1)]
+
+
+@pytest.fixture(scope="module")
+def scripted():
+    tok = _tokenizer()
+    s = Served(ScriptedEngine(random_decilm(heterogeneous_config(), seed=2), 2, 192, tokenizer=tok), tok)
+    yield s
+    s.close()
+
+
+def _greedy(served: Served, messages: list[dict], thinking: bool, max_tokens: int) -> str:
+    tok = served.tokenizer
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=thinking, return_dict=False)
+    stops = stop_token_ids(tok)
+    out = served.engine.model.generate(
+        torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False, pad_token_id=0, eos_token_id=stops
+    )[0, len(ids) :].tolist()
+    return tok.decode(out, skip_special_tokens=True)
+
+
+def _good_request(served: Served) -> None:
+    reply = served.client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0
+    )
+    assert reply.choices[0].message.content is not None
+
+
+MESSAGES = [{"role": "system", "content": "detailed thinking off"}, {"role": "user", "content": "What is 2 + 2?"}]
+
+
+def test_chat_completion_is_the_models_greedy_reply(served):
+    reply = served.client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12)
+    assert reply.object == "chat.completion" and reply.model == "tiny"
+    assert reply.choices[0].message.content == _greedy(served, MESSAGES, False, 12).strip()
+    assert reply.usage.completion_tokens <= 12 and reply.usage.prompt_tokens > 0
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+def test_streaming_deltas_add_up_to_the_reply_and_end_with_done(served):
+    full = served.client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12)
+    stream = served.client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12, stream=True)
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert text.strip() == full.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    with httpx.stream(
+        "POST",
+        served.url + "/v1/chat/completions",
+        json={"model": "tiny", "messages": MESSAGES, "max_tokens": 3, "stream": True},
+        timeout=120,
+    ) as raw:
+        lines = [line for line in raw.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+
+
+def test_n_choices_and_completions_endpoint(served):
+    reply = served.client.chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=6, n=3, temperature=0.9, seed=5
+    )
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    again = served.client.chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=6, n=3, temperature=0.9, seed=5
+    )
+    assert [c.message.content for c in again.choices] == [c.message.content for c in reply.choices]
+    text = served.client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=5, temperature=0)
+    assert text.object == "text_completion" and isinstance(text.choices[0].text, str)
+    streamed = served.client.completions.create(
+        model="tiny", prompt="Once upon a time", max_tokens=5, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].text for c in streamed) == text.choices[0].text
+    assert served.client.models.list().data[0].id == "tiny"
+    assert httpx.get(served.url + "/health").json()["status"] == "ok"
+
+
+def test_reasoning_on_goes_to_reasoning_content_and_off_has_none(scripted):
+    on = scripted.client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "2+2?"}],
+        max_tokens=64,
+        extra_body={"chat_template_kwargs": {"enable_thinking": True}},
+    )
+    message = on.choices[0].message
+    assert message.content == "The answer is 4." and "<think>" not in message.content
+    assert message.reasoning_content == "step one, step two"
+    assert on.choices[0].finish_reason == "stop"
+    stream = scripted.client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "2+2?"}], max_tokens=64, stream=True
+    )
+    reasoning, content = "", ""
+    for chunk in stream:
+        delta = chunk.choices[0].delta
+        reasoning += getattr(delta, "reasoning_content", None) or ""
+        content += delta.content or ""
+    assert reasoning == "step one, step two" and content == "The answer is 4."
+
+
+def test_off_mode_reply_has_no_reasoning_field(served):
+    reply = served.client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=6)
+    assert getattr(reply.choices[0].message, "reasoning_content", None) is None
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "words"),
+    [
+        ("{not json", 400, "JSON"),
+        ({"model": "tiny", "messages": MESSAGES, "temperature": "hot"}, 400, "temperature"),
+        ({"model": "nope", "messages": MESSAGES}, 404, "does not exist"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "x" * 400}]}, 400, "context"),
+        ({"model": "tiny", "messages": MESSAGES, "max_tokens": 0}, 400, "max_tokens"),
+        ({"model": "tiny", "messages": MESSAGES, "max_tokens": 10**6}, 400, "max_tokens"),
+        ({"model": "tiny", "messages": MESSAGES, "n": 99}, 400, "n"),
+        ({"model": "tiny", "messages": []}, 400, "messages"),
+    ],
+)
+def test_bad_requests_get_a_4xx_with_a_message_and_the_server_keeps_serving(served, body, status, words):
+    kwargs = (
+        {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, str) else {"json": body}
+    )
+    response = httpx.post(served.url + "/v1/chat/completions", timeout=60, **kwargs)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert words.lower() in error["message"].lower() and error["type"] == "invalid_request_error"
+    _good_request(served)
+
+
+def test_eight_concurrent_clients_are_all_answered(served):
+    def ask(i: int) -> str:
+        reply = served.client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": f"question {i}"}], max_tokens=5, temperature=0
+        )
+        return reply.choices[0].finish_reason
+
+    with ThreadPoolExecutor(8) as pool:
+        reasons = list(pool.map(ask, range(8)))
+    assert len(reasons) == 8 and all(r in ("stop", "length") for r in reasons)
+
+
+class GatedEngine(Engine):
+    """Holds every request at its third token until the test opens the gate: the client's cancel is then sure to
+    arrive while the request is still running."""
+
+    gate = threading.Event()
+
+    def _sample(self, logits, state):
+        if len(state.tokens) == 2:
+            assert self.gate.wait(timeout=120), "the test never opened the gate"
+        return super()._sample(logits, state)
+
+
+@pytest.fixture(scope="module")
+def gated():
+    tok = _tokenizer()
+    s = Served(GatedEngine(random_decilm(heterogeneous_config(), seed=3), 2, 192, tokenizer=tok), tok)
+    yield s
+    GatedEngine.gate.set()
+    s.close()
+
+
+def test_a_cancelled_stream_frees_its_slot(gated):
+    worker = gated.app.state.worker
+    stream = gated.client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "tell me a long story"}], max_tokens=100, stream=True
+    )
+    next(iter(stream))  # the first token; the engine now waits at the third
+    stream.close()  # the client goes away
+    deadline = time.monotonic() + 60
+    while worker.cancels_requested == 0:  # the server noticed and asked the engine to cancel
+        assert time.monotonic() < deadline, "the server never cancelled the abandoned stream"
+        time.sleep(0.01)
+    GatedEngine.gate.set()
+    while worker.open_requests != 0:
+        assert time.monotonic() < deadline, "the cancelled request kept its slot"
+        time.sleep(0.01)
+    assert worker.cancelled == 1 and gated.engine.running == {}
+    _good_request(gated)
+
+
+def test_the_streaming_splitter_holds_back_partial_tags():
+    splitter = ReasoningSplitter()
+    deltas = [splitter.split(t, False) for t in ("<th", "<think>ab", "<think>abc</th", "<think>abc</think>A")]
+    deltas.append(splitter.split("<think>abc</think>Ans", True))
+    assert "".join(r for r, _ in deltas) == "abc" and "".join(a for _, a in deltas) == "Ans"
+    assert deltas[0] == ("", "")
+
+
+def test_the_data_generation_teacher_runs_against_this_server(scripted):
+    """The project's own OpenAI-endpoint teacher (`openai:URL::MODEL`) gets a reasoning-on row from the server."""
+    from open_nemotron.data.tasks import TaskItem
+    from open_nemotron.data.teachers import make_teacher
+
+    teacher = make_teacher(f"openai:{scripted.url}/v1::tiny", timeout_s=120.0, max_retries=0, max_tokens=64)
+    item = TaskItem("math", "What is 2 + 2?", "4", {"question": "What is 2 + 2?", "answer": "4"}, "train", 0, "unrated")
+    (reply,) = teacher.answer([item], reasoning=True)
+    assert reply is not None
+    assert reply.text == "<think>\nstep one, step two\n</think>\n\nThe answer is 4."  # the dataset layout
+    teacher.close()
