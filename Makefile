@@ -64,14 +64,17 @@ test-latest: venv-latest
 # file and moved into place, so a failed or interrupted run leaves the old lock untouched). The lock's comment lines
 # are kept except its Provenance line, which is rewritten. pip itself is left out: it comes with the venv, not from
 # `make venv`.
-# SUITE (pytest arguments, default: the whole suite) exists to test this recipe quickly; a real lock runs everything.
+# SUITE (pytest arguments, default: the whole suite) exists to test this recipe quickly; a real lock runs everything
+# (the check that the lock pins every dependency runs after the new lock is written: it tests the lock itself).
 SUITE ?=
 lock: override PINS :=
+LOCK_TEST := tests/test_docs.py::test_lock_pins_every_direct_dependency_inside_its_range
 lock: venv-latest
-	$(LATEST)/bin/python -m pytest -q $(SUITE)
+	$(LATEST)/bin/python -m pytest -q --deselect $(LOCK_TEST) $(SUITE)
 	{ sed -n '/^#/p' $(LOCK) | grep -v '^# Provenance:'; \
 	  echo "# Provenance: written by make lock on $$(date -u +%F) ($$($(LATEST)/bin/python -V), $$(uname -sm))."; \
 	  $(LATEST)/bin/pip freeze --all --exclude-editable | grep -v '^pip==' | sed 's/^\(torch==[^+]*\)+.*/\1/'; \
 	} > $(LOCK).tmp
 	mv $(LOCK).tmp $(LOCK)
+	$(LATEST)/bin/python -m pytest -q $(LOCK_TEST)  # the new lock pins every dependency inside its range
 	@echo "wrote $(LOCK); review with: git diff $(LOCK)"
