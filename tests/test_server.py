@@ -63,9 +63,9 @@ def served():
 class ScriptedEngine(Engine):
     """Replies with SCRIPT then the end-of-turn token, whatever the model says (to test the reasoning split)."""
 
-    def _sample(self, logits, state):
+    def _sample(self, logits, states):
         script = self.tokenizer.encode(SCRIPT, add_special_tokens=False) + [stop_token_ids(self.tokenizer)[-1]]
-        return script[min(len(state.tokens), len(script) - 1)]
+        return [script[min(len(state.tokens), len(script) - 1)] for state in states]
 
 
 @pytest.fixture(scope="module")
@@ -209,10 +209,10 @@ class GatedEngine(Engine):
 
     gate = threading.Event()
 
-    def _sample(self, logits, state):
-        if len(state.tokens) == 2:
+    def _sample(self, logits, states):
+        if any(len(state.tokens) == 2 for state in states):
             assert self.gate.wait(timeout=120), "the test never opened the gate"
-        return super()._sample(logits, state)
+        return super()._sample(logits, states)
 
 
 @pytest.fixture(scope="module")

@@ -240,7 +240,7 @@ class Engine:
             mask[row, width - length :] = 1
         prefill_cache = DeciLMCache(self.model.config)
         logits = self.model(ids, attention_mask=mask, cache=prefill_cache, use_cache=True, logits_to_keep=1).logits
-        finished = []
+        finished, states = [], []
         for row, ((request, slot), length) in enumerate(zip(admitted, lengths, strict=True)):
             self.cache.write_prefill(slot, prefill_cache, row, width - length, length)
             generator = None
@@ -254,7 +254,9 @@ class Engine:
             if state.thinking and request.params.max_reasoning_tokens == 0:
                 state.forced = self._think_close_ids()
             self.running[slot] = state
-            completion = self._append(state, self._sample(logits[row, -1], state))
+            states.append(state)
+        for state, token in zip(states, self._sample(logits[:, -1], states), strict=True):
+            completion = self._append(state, token)
             if completion is not None:
                 finished.append(completion)
         return finished
@@ -273,20 +275,35 @@ class Engine:
         logits = self.model(tokens, attention_mask=mask, position_ids=positions, cache=self.cache).logits[:, -1]
         self.cache.lengths[:rows] += active.long()
         finished = []
-        for slot, state in list(self.running.items()):
-            completion = self._append(state, self._sample(logits[slot], state))
+        slots = list(self.running)
+        states = [self.running[slot] for slot in slots]
+        for state, token in zip(states, self._sample(logits[slots], states), strict=True):
+            completion = self._append(state, token)
             if completion is not None:
                 finished.append(completion)
         return finished
 
-    def _sample(self, logits: torch.Tensor, state: _Running) -> int:
-        if state.forced:
-            return state.forced.pop(0)
-        params = state.request.params
-        if params.greedy:
-            return int(logits.argmax())
-        probs = process_logits(logits.float()[None], params.temperature, params.top_k, params.top_p).softmax(-1)
-        return int(torch.multinomial(probs, 1, generator=state.generator))
+    def _sample(self, logits: torch.Tensor, states: list[_Running]) -> list[int]:
+        """The next token of each state from its row of `logits` [len(states), vocab]: forced tokens first, greedy
+        rows by one argmax, sampled rows with the same settings through one `process_logits` (the warpers cost a
+        vocabulary sort per row), then one draw per row from the request's own generator."""
+        chosen: list[int | None] = [None] * len(states)
+        greedy = [i for i, st in enumerate(states) if not st.forced and st.request.params.greedy]
+        if greedy:
+            for i, token in zip(greedy, logits[greedy].argmax(-1).tolist(), strict=True):
+                chosen[i] = token
+        groups: dict[tuple[float, int, float], list[int]] = {}
+        for i, st in enumerate(states):
+            p = st.request.params
+            if st.forced:
+                chosen[i] = st.forced.pop(0)
+            elif not p.greedy:
+                groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(i)
+        for (temperature, top_k, top_p), rows in groups.items():
+            probs = process_logits(logits[rows].float(), temperature, top_k, top_p).softmax(-1)
+            for row, i in enumerate(rows):
+                chosen[i] = int(torch.multinomial(probs[row : row + 1], 1, generator=states[i].generator))
+        return chosen  # type: ignore[return-value]
 
     def _prompt_opens_think(self, request: Request) -> bool:
         """Whether the prompt ends inside a think block (a template that pre-fills `<think>`)."""
