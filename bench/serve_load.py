@@ -56,7 +56,9 @@ def _percentile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-async def _client(client, model: str, index: int, deadline: float, max_tokens: int, stats: dict) -> None:
+async def _client(
+    client, model: str, index: int, deadline: float, max_tokens: int, temperature: float, stats: dict
+) -> None:
     i = index
     while time.monotonic() < deadline:
         start = time.monotonic()
@@ -70,7 +72,7 @@ async def _client(client, model: str, index: int, deadline: float, max_tokens: i
                     {"role": "user", "content": PROMPTS[i % len(PROMPTS)]},
                 ],
                 max_tokens=max_tokens,
-                temperature=0.7,
+                temperature=temperature,
                 seed=i,
                 stream=True,
                 stream_options={"include_usage": False},
@@ -91,14 +93,14 @@ async def _client(client, model: str, index: int, deadline: float, max_tokens: i
         i += 1000
 
 
-async def _load(url: str, model: str, clients: int, seconds: float, max_tokens: int) -> dict:
+async def _load(url: str, model: str, clients: int, seconds: float, max_tokens: int, temperature: float) -> dict:
     import openai
 
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", timeout=600, max_retries=0)
     stats: dict = {"latency": [], "ttft": [], "chunks": 0, "requests": 0, "errors": {}}
     start = time.monotonic()
     deadline = start + seconds
-    await asyncio.gather(*(_client(client, model, k, deadline, max_tokens, stats) for k in range(clients)))
+    await asyncio.gather(*(_client(client, model, k, deadline, max_tokens, temperature, stats) for k in range(clients)))
     stats["wall_s"] = time.monotonic() - start
     await client.close()
     return stats
@@ -112,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy, as bench-speed measures decode")
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--port", type=int, default=8471)
     parser.add_argument("--json", required=True)
@@ -154,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             time.sleep(0.5)
     print(f"load: {args.clients} clients x {args.seconds:.0f} s against {url}", file=sys.stderr)
-    stats = asyncio.run(_load(url, args.model_name, args.clients, args.seconds, args.max_tokens))
+    stats = asyncio.run(_load(url, args.model_name, args.clients, args.seconds, args.max_tokens, args.temperature))
     peak = _peak_rss_mib(server.pid) if server is not None else None
     if server is not None:
         server.send_signal(signal.SIGTERM)
@@ -183,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         f"# serve load — {result['date']}",
         "",
         f"{args.clients} concurrent streaming clients × {args.seconds:.0f} s, max_tokens {args.max_tokens}, "
-        f"{args.max_batch_size} slots.",
+        f"temperature {args.temperature:g}, {args.max_batch_size} slots.",
         "",
         "| requests | errors | requests/s | output tokens/s | latency p50 / p95 / p99 s | TTFT p50 / p95 / p99 s | server peak RSS |",
         "|---:|---:|---:|---:|---:|---:|---:|",
