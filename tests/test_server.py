@@ -262,3 +262,29 @@ def test_the_data_generation_teacher_runs_against_this_server(scripted):
     assert reply is not None
     assert reply.text == "<think>\nstep one, step two\n</think>\n\nThe answer is 4."  # the dataset layout
     teacher.close()
+
+
+class FailingEngine(Engine):
+    """Raises inside a decode step for prompts that contain the byte "!" (a stand-in for an engine bug)."""
+
+    def _decode(self):
+        bang = self.tokenizer.encode("!", add_special_tokens=False)[0]
+        if any(bang in state.request.prompt_ids for state in self.running.values()):
+            raise RuntimeError("boom")
+        return super()._decode()
+
+
+def test_an_engine_failure_is_a_500_for_its_request_and_the_server_keeps_serving():
+    tok = _tokenizer()
+    s = Served(FailingEngine(random_decilm(heterogeneous_config(), seed=4), 2, 192, tokenizer=tok), tok)
+    try:
+        response = httpx.post(
+            s.url + "/v1/chat/completions",
+            json={"model": "tiny", "messages": [{"role": "user", "content": "fail!"}], "max_tokens": 5},
+            timeout=60,
+        )
+        assert response.status_code == 500 and "boom" in response.json()["error"]["message"]
+        _good_request(s)
+        assert s.app.state.worker.open_requests == 0
+    finally:
+        s.close()

@@ -145,7 +145,10 @@ class EngineWorker:
                     kind, payload = item
                     if kind == "add":
                         self._done[payload.request.request_id] = payload.on_done
-                        self.engine.add_request(payload.request)
+                        try:
+                            self.engine.add_request(payload.request)
+                        except EngineError as err:  # the endpoint checks first; never let one request stop the loop
+                            self._fail(payload.request, str(err))
                     else:
                         completion = self.engine.cancel(payload)
                         if completion is not None:
@@ -158,8 +161,18 @@ class EngineWorker:
             if item is None:
                 break
             if self.engine.has_work():
-                for completion in self.engine.step():
+                try:
+                    finished = self.engine.step()
+                except Exception as err:  # a bug must fail the running requests, not the server
+                    for state in list(self.engine.running.values()):
+                        self.engine.cancel(state.request.request_id)
+                        self._fail(state.request, f"the engine failed: {type(err).__name__}: {err}")
+                    continue
+                for completion in finished:
                     self._finish(completion)
+
+    def _fail(self, request: Request, message: str) -> None:
+        self._finish(Completion(request.request_id, list(request.prompt_ids), [], "error", text=message))
 
 
 # ----------------------------------------------------------------------------------------------- streaming split
@@ -312,6 +325,9 @@ def create_app(engine: Engine, tokenizer, model_name: str, queue_size: int = 64)
                 for rid in ids:
                     worker.cancel(rid)
                 raise
+            failed = [c for c in completions if c.finish_reason == "error"]
+            if failed:
+                raise ApiError(500, failed[0].text)
             choices = []
             for i, c in enumerate(completions):
                 if chat:
@@ -367,6 +383,10 @@ def create_app(engine: Engine, tokenizer, model_name: str, queue_size: int = 64)
                 while True:
                     event, value = await q.get()
                     final = event == "done"
+                    if final and value.finish_reason == "error":
+                        open_ids.discard(rid)
+                        yield f"data: {json.dumps(ApiError(500, value.text).body())}\n\n"
+                        break
                     if final:
                         text = value.text
                     else:
