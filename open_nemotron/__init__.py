@@ -1,5 +1,6 @@
 """open-nemotron: parts of Llama-Nemotron's pipeline for any Llama: the heterogeneous nemotron-nas model, Puzzle
-NAS, reasoning data, toggle SFT and the on/off eval (distillation, fusion, RL, serving and export are not built yet).
+NAS, reasoning data, toggle SFT, the on/off eval and an OpenAI-compatible server (distillation, fusion, RL and
+export are not built yet).
 
 Importing the package registers the heterogeneous "nemotron-nas" model with the `transformers` Auto classes.
 """
