@@ -346,7 +346,7 @@ class Engine:
         if params.max_reasoning_tokens is not None:
             self._track_reasoning(state)
         reason, text = None, None
-        if self.tokenizer is not None:
+        if params.stop:  # decode every step only for requests that have stop strings
             text = self._text(state.tokens)
             cut = min((i for i in (text.find(stop) for stop in params.stop) if i >= 0), default=-1)
             if cut >= 0:
@@ -360,6 +360,8 @@ class Engine:
         if reason is None:
             return None
         del self.running[state.slot]
+        if text is None and self.tokenizer is not None:
+            text = self._text(state.tokens)  # once, at the end
         return self._completion(state, reason, text)
 
     def _completion(self, state: _Running, reason: str, text: str | None) -> Completion:

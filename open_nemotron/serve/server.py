@@ -29,7 +29,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from fastapi import Request as HttpRequest  # module level: FastAPI resolves the endpoints' annotations here
 from pydantic import BaseModel, Field
 
 from open_nemotron.model.chat_template import THINK_CLOSE, THINK_OPEN, THINKING_ON, split_reasoning
@@ -313,7 +312,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, queue_size: int = 64)
     def finish_reason(completion: Completion) -> str:
         return "stop" if completion.finish_reason in ("stop", "cancelled") else "length"
 
-    async def respond(body: _Sampling, prompt_ids: list[int], thinking: bool, chat: bool, http: HttpRequest):
+    async def respond(body: _Sampling, prompt_ids: list[int], thinking: bool, chat: bool):
         params = [sampling_for(body, len(prompt_ids), thinking, i) for i in range(body.n)]
         ids, queues = await run_requests(prompt_ids, params, body.stream)
         created = int(time.time())
@@ -352,7 +351,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, queue_size: int = 64)
                 },
             }
         return StreamingResponse(
-            _stream(ids, queues, chat, created, http),
+            _stream(ids, queues, chat, created),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache"},
         )
@@ -363,7 +362,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, queue_size: int = 64)
             if kind == "done":
                 return value
 
-    async def _stream(ids, queues, chat: bool, created: int, http: HttpRequest) -> AsyncIterator[str]:
+    async def _stream(ids, queues, chat: bool, created: int) -> AsyncIterator[str]:
+        # A client that goes away cancels this generator (Starlette): the `finally` below frees its slots.
         kind = "chat.completion.chunk" if chat else "text_completion"
         stream_id = f"{'chatcmpl' if chat else 'cmpl'}-{ids[0]}"
 
@@ -416,21 +416,21 @@ def create_app(engine: Engine, tokenizer, model_name: str, queue_size: int = 64)
                 worker.cancel(rid)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, http: HttpRequest):
+    async def chat_completions(body: ChatCompletionRequest):
         check_model(body.model)
         messages = [m.model_dump() for m in body.messages]
         kwargs = dict(body.chat_template_kwargs or {})
         rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
         prompt_ids = tokenizer.encode(rendered, add_special_tokens=False)
-        return await respond(body, prompt_ids, THINKING_ON in rendered, True, http)
+        return await respond(body, prompt_ids, THINKING_ON in rendered, True)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, http: HttpRequest):
+    async def completions(body: CompletionRequest):
         check_model(body.model)
         prompt_ids = tokenizer.encode(body.prompt, add_special_tokens=False)
         if not prompt_ids:
             raise ApiError(400, "prompt is empty: expected some text", "prompt")
-        return await respond(body, prompt_ids, False, False, http)
+        return await respond(body, prompt_ids, False, False)
 
     return app
 
