@@ -147,6 +147,20 @@ JsonOption = Annotated[
     typer.Option("--json", help="Write the result as JSON here and a Markdown report beside it (.md).", dir_okay=False),
 ]
 SeedOption = Annotated[int, typer.Option("--seed", help="Seed for the random benchmark inputs.")]
+ReasoningBudgetOption = Annotated[
+    int | None,
+    typer.Option(
+        "--reasoning-budget",
+        help="Most tokens in a think block: the engine then writes </think> and the model answers (default: none).",
+        show_default=False,
+    ),
+]
+
+
+def check_reasoning_budget(value: int | None) -> int | None:
+    if value is not None and value < 0:
+        raise CliInputError(f"--reasoning-budget {value}: expected an integer >= 0")
+    return value
 
 
 @app.command()
@@ -270,6 +284,7 @@ def generate(
         typer.Option("--top-p", help="Nucleus sampling mass (default 0.95 when sampling).", show_default=False),
     ] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed for reproducible sampling.")] = None,
+    reasoning_budget: ReasoningBudgetOption = None,
     device: DeviceOption = None,
 ) -> None:
     """Answer one prompt with reasoning on or off; prints the reasoning and the answer separately."""
@@ -282,6 +297,7 @@ def generate(
     if max_new_tokens < 1:
         raise ChatGenerationError(f"--max-new-tokens {max_new_tokens}: expected a positive integer")
     sampling = resolve_sampling(thinking_on, temperature=temperature, top_p=top_p)
+    check_reasoning_budget(reasoning_budget)
 
     from rich.console import Console
     from rich.panel import Panel
@@ -292,8 +308,9 @@ def generate(
 
     status_console = _stderr_console()
     with status_console.status(f"loading {model_spec} ..."):
-        # One conversation decodes one row at a time: the batch-1 weight layout (CPU; ignored elsewhere).
-        model = load_model(model_spec, device=device, decode_layout="gemv")
+        # One conversation decodes one row at a time: the batch-1 weight layout (CPU; ignored elsewhere). A Llama
+        # checkpoint goes into our class (same weights and logits), which generates on the engine.
+        model = load_model(model_spec, device=device, implementation="ours", decode_layout="gemv")
         tokenizer = load_tokenizer(model_spec)
         ensure_reasoning_template(tokenizer)
     status_console.print(f"thinking {'on' if thinking_on else 'off'}: {sampling.describe()}")
@@ -308,6 +325,7 @@ def generate(
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             seed=seed,
+            reasoning_budget=reasoning_budget,
         )
     reasoning, answer = split_reasoning(reply)
     # Text(...) rather than str: model output must never be read as rich markup.
@@ -436,7 +454,8 @@ def eval_command(
     limit: Annotated[int | None, typer.Option("--limit", help="Evaluate the first N prompts only.")] = None,
     max_new_tokens_on: Annotated[int, typer.Option("--max-new-tokens-on", help="Token budget, reasoning on.")] = 384,
     max_new_tokens_off: Annotated[int, typer.Option("--max-new-tokens-off", help="Token budget, reasoning off.")] = 128,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts generated together.")] = 16,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Engine slots: prompts decoding together.")] = 16,
+    reasoning_budget: ReasoningBudgetOption = None,
     seed: SeedOption = 0,
     device: DeviceOption = None,
     json_out: JsonOption = None,
@@ -458,6 +477,7 @@ def eval_command(
         max_new_tokens_on=max_new_tokens_on,
         max_new_tokens_off=max_new_tokens_off,
         batch_size=batch_size,
+        reasoning_budget=check_reasoning_budget(reasoning_budget),
         seed=seed,
         device=device,
         json_out=str(json_out) if json_out is not None else None,

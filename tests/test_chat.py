@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models_for_tests import random_decilm, random_llama, tiny_llama_config
+from models_for_tests import heterogeneous_config, random_decilm, random_llama, tiny_llama_config
 from tokenizers_for_tests import LLAMA3_CHAT_TEMPLATE, SMOLLM2_CHAT_TEMPLATE, chatml_tokenizer, llama3_tokenizer
 
 from open_nemotron.errors import OpenNemotronError
@@ -18,8 +18,10 @@ from open_nemotron.model.chat import (
     generate_chat,
     has_reasoning_template,
     left_pad,
+    request_seed,
     resolve_sampling,
     stop_token_ids,
+    uses_engine,
 )
 from open_nemotron.model.chat_template import THINKING_OFF, THINKING_ON, reasoning_chat_template
 from open_nemotron.model.loading import deci_config_from_llama
@@ -143,6 +145,84 @@ def test_batches_keep_order_and_match_single_runs(reasoning_chatml, kind) -> Non
     ]
     assert batched == alone
     assert len(set(batched)) == len(batched)  # distinct replies, so a reordering could not go unnoticed
+
+
+MORE_CONVERSATIONS = CONVERSATIONS + [
+    [{"role": "user", "content": "Count to five."}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why is the sky blue? Answer in detail."}],
+    [{"role": "user", "content": "2+2?"}],
+]
+
+
+@pytest.mark.parametrize("thinking", [False, True])
+@pytest.mark.parametrize("layout", ["llama", "heterogeneous"])
+def test_greedy_on_the_engine_equals_the_padded_path_and_transformers(reasoning_chatml, layout, thinking) -> None:
+    """Greedy replies on the engine (2 slots for 6 conversations: rows join as others finish) are those of padded
+    `generate` batches, and for a Llama-shaped model those of transformers' LlamaForCausalLM."""
+    if layout == "llama":
+        model, reference = tiny_model("ours"), tiny_model("transformers")
+    else:
+        model = random_decilm(heterogeneous_config(initializer_range=0.5), seed=3)
+        reference = None
+    assert uses_engine(model) and not uses_engine(tiny_model("transformers"))
+    kwargs = dict(thinking=thinking, max_new_tokens=10, do_sample=False, batch_size=2)
+    on_engine = generate_chat(model, reasoning_chatml, MORE_CONVERSATIONS, **kwargs)
+    padded = generate_chat(model, reasoning_chatml, MORE_CONVERSATIONS, padded=True, **kwargs)
+    assert on_engine == padded
+    if reference is not None:
+        assert generate_chat(reference, reasoning_chatml, MORE_CONVERSATIONS, **kwargs) == on_engine
+    assert len(set(on_engine)) > 1
+
+
+def test_engine_samples_depend_on_the_seed_and_index_not_on_the_batching(reasoning_chatml) -> None:
+    model = tiny_model("ours")
+
+    def sample(batch_size: int, conversations=MORE_CONVERSATIONS) -> list[str]:
+        return generate_chat(
+            model, reasoning_chatml, conversations, thinking=True, max_new_tokens=8, seed=7, batch_size=batch_size
+        )
+
+    together = sample(6)
+    assert sample(1) == together and sample(4) == together
+    # Conversation i is drawn from request_seed(7, i): the first two alone give the same replies.
+    assert sample(2, MORE_CONVERSATIONS[:2]) == together[:2]
+    assert request_seed(7, 0) != request_seed(7, 1) != request_seed(8, 0)
+
+
+def test_reasoning_budget_caps_the_think_block(reasoning_chatml, monkeypatch) -> None:
+    """With a template that opens the think block after the generation prompt (as thinking templates do), each
+    reply's reasoning is cut at the budget by the engine's own `</think>`; on the padded path a budget is refused."""
+    from open_nemotron.model.chat_template import THINK_CLOSE
+
+    templates = dict(reasoning_chatml.chat_template)
+    templates["default"] += "{% if add_generation_prompt %}<think>\n{% endif %}"
+    reasoning_chatml.chat_template = templates
+    model = random_decilm(heterogeneous_config(initializer_range=0.5), seed=3)
+    kwargs = dict(thinking=True, max_new_tokens=40, do_sample=False, batch_size=2)
+    from open_nemotron.serve.engine import Engine
+
+    completions = []
+    real_run = Engine.run
+
+    def spy_run(self, requests):
+        completions.extend(real_run(self, requests))
+        return completions[-len(CONVERSATIONS) :]
+
+    free = generate_chat(model, reasoning_chatml, CONVERSATIONS, **kwargs)
+    monkeypatch.setattr(Engine, "run", spy_run)
+    capped = generate_chat(model, reasoning_chatml, CONVERSATIONS, reasoning_budget=3, **kwargs)
+    close_ids = reasoning_chatml.encode("\n" + THINK_CLOSE, add_special_tokens=False)
+    for reply, reference, completion in zip(
+        capped, free, sorted(completions, key=lambda c: int(c.request_id)), strict=True
+    ):
+        assert THINK_CLOSE not in reference and THINK_CLOSE in reply  # a random model never closes it itself
+        # 3 reasoning tokens of the model's own, then the engine's `\n</think>`, then the model again.
+        assert completion.reasoning_tokens == 3
+        assert completion.token_ids[3 : 3 + len(close_ids)] == close_ids
+    with pytest.raises(ChatGenerationError, match="reasoning_budget needs the engine"):
+        generate_chat(model, reasoning_chatml, CONVERSATIONS, reasoning_budget=3, padded=True, **kwargs)
+    with pytest.raises(ChatGenerationError, match="reasoning_budget = -1"):
+        generate_chat(model, reasoning_chatml, CONVERSATIONS, reasoning_budget=-1, **kwargs)
 
 
 def test_returns_only_the_new_text(reasoning_chatml) -> None:

@@ -109,13 +109,15 @@ def test_generate_prints_the_answer(tiny_llama_dir: Path, thinking: str) -> None
         reply = greedy_reference(tiny_llama_dir, "What is 2+2?", False, 6)
         assert reply.strip() and "<think>" not in reply
         assert list(printed) == ["answer"] and squeeze(printed["answer"]) == squeeze(reply)
-    else:  # sampled: the same seed gives the same reply through the library
-        from open_nemotron.model.chat import ensure_reasoning_template, generate_chat
+    else:  # sampled: the same seed gives the same reply through the library (our class, on the engine)
+        from open_nemotron.model.chat import ensure_reasoning_template, generate_chat, uses_engine
         from open_nemotron.model.chat_template import split_reasoning
+        from open_nemotron.model.loading import load_model
 
         tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
         ensure_reasoning_template(tokenizer)
-        model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+        model = load_model(tiny_llama_dir, device="cpu", implementation="ours")
+        assert uses_engine(model)
         (reply,) = generate_chat(
             model, tokenizer, [[{"role": "user", "content": "What is 2+2?"}]], thinking=True, max_new_tokens=6, seed=0
         )
@@ -134,7 +136,8 @@ def test_generate_prints_reasoning_and_answer_apart_and_literally(tiny_llama_dir
         return ["<think>\nI add [bold]2[/bold] and 2.\n</think>\n\nThe answer is [red]4[/red]."]
 
     monkeypatch.setattr(chat, "generate_chat", scripted)
-    result = invoke("generate", tiny_llama_dir, "--prompt", "What is 2+2?", "--max-new-tokens", "5", "--seed", "3")
+    args = ["--prompt", "What is 2+2?", "--max-new-tokens", "5", "--seed", "3", "--reasoning-budget", "4"]
+    result = invoke("generate", tiny_llama_dir, *args)
     assert result.exit_code == 0, result.output
     # Model text is never read as rich markup.
     assert panels(result.stdout) == {
@@ -144,7 +147,11 @@ def test_generate_prints_reasoning_and_answer_apart_and_literally(tiny_llama_dir
     assert result.stdout.index("reasoning") < result.stdout.index("answer")
     ((conversations, kwargs),) = calls
     assert conversations == [[{"role": "user", "content": "What is 2+2?"}]]
-    assert kwargs == dict(thinking=True, max_new_tokens=5, do_sample=True, temperature=0.6, top_p=0.95, seed=3)
+    assert kwargs == dict(
+        thinking=True, max_new_tokens=5, do_sample=True, temperature=0.6, top_p=0.95, seed=3, reasoning_budget=4
+    )
+    refused = invoke("generate", tiny_llama_dir, "--prompt", "hi", "--reasoning-budget", "-2")
+    assert refused.exit_code != 0 and "--reasoning-budget -2: expected an integer >= 0" in refused.output
 
 
 def test_bench_speed_writes_json_and_markdown(tiny_llama_dir: Path, tmp_path: Path, monkeypatch) -> None:

@@ -182,15 +182,16 @@ def test_eval_against_a_scripted_model(tiny_parent, math_suite, tmp_path, monkey
     calls = []
 
     def scripted(model, tokenizer, conversations, **kw):
-        thinking, seed = kw["thinking"], kw["seed"]
+        thinking = kw["thinking"]
         keys = ("thinking", "max_new_tokens", "do_sample", "temperature", "top_p", "seed", "batch_size")
-        calls.append((model.name_or_path, *(kw[k] for k in keys)))
-        sample = seed - 7  # the config's seed is 7; sample s uses seed 7 + s
-        assert [c[0]["content"] for c in conversations][0].startswith("What is 1 + 2?")
+        calls.append((model.name_or_path, *(kw[k] for k in keys), kw["reasoning_budget"], len(conversations)))
+        # All K samples of the four prompts in one call: row s * 4 + i is sample s of prompt i.
+        questions = [c[0]["content"] for c in conversations]
+        assert questions[0].startswith("What is 1 + 2?") and questions == questions[:4] * (len(questions) // 4)
         if model.name_or_path == str(perfect):
-            gold = [3, 7, 11, 15]
+            gold = [3, 7, 11, 15] * (len(questions) // 4)
             return [f"<think>ok</think>\\boxed{{{g}}}" if thinking else f"\\boxed{{{g}}}" for g in gold]
-        return list(SCRIPT[thinking][sample])
+        return [text for sample in SCRIPT[thinking] for text in sample]
 
     monkeypatch.setattr(chat, "generate_chat", scripted)
     config = EvalConfig(
@@ -202,15 +203,16 @@ def test_eval_against_a_scripted_model(tiny_parent, math_suite, tmp_path, monkey
         batch_size=3,
         bootstrap=300,
         seed=7,
+        reasoning_budget=12,
         json_out=str(tmp_path / "eval.json"),
     )
     result = run_eval(config, progress=False)
 
-    # On: K=2 samples at temperature 0.6 / top-p 0.95, seeds 7 and 8; off: one greedy pass.
+    # On: K=2 samples of each prompt at temperature 0.6 / top-p 0.95 under the think budget, in one engine run
+    # seeded 7 (each row its own generator); off: one greedy pass, no budget.
     assert [c for c in calls if c[0] == str(tiny_parent)] == [
-        (str(tiny_parent), True, 50, True, 0.6, 0.95, 7, 3),
-        (str(tiny_parent), True, 50, True, 0.6, 0.95, 8, 3),
-        (str(tiny_parent), False, 20, False, None, None, 7, 3),
+        (str(tiny_parent), True, 50, True, 0.6, 0.95, 7, 3, 12, 8),
+        (str(tiny_parent), False, 20, False, None, None, 7, 3, None, 4),
     ]
     scripted_model = result["models"][str(tiny_parent)]
     for mode, thinking in (("on", True), ("off", False)):

@@ -520,5 +520,7 @@ def make_teacher(spec: str, **options: Any) -> Teacher:
             raise TeacherSpecError(f"teacher spec {spec!r} has no model path; expected hf:PATH_OR_ALIAS")
         from open_nemotron.model.loading import load_model, load_tokenizer
 
-        return HFModelTeacher(load_model(path), load_tokenizer(path), name=f"hf:{path}", **options)
+        # A Llama checkpoint goes into our class (same weights and logits) so that it samples on the engine.
+        model = load_model(path, implementation="ours")
+        return HFModelTeacher(model, load_tokenizer(path), name=f"hf:{path}", **options)
     raise TeacherSpecError(f"teacher spec {spec!r} is not one of builtin, openai:BASE_URL::MODEL, hf:PATH")

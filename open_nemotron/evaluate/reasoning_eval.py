@@ -6,6 +6,12 @@ Reported per model and mode: accuracy with a 95% bootstrap interval over prompts
 well-formed think block then an answer; off: no tags), mean generated tokens, number of prompts; and per model the
 paired difference on - off with its own interval (the reasoning gain). Every generation is also written to a
 JSONL file beside the JSON for inspection. Deterministic for a fixed seed.
+
+Generation runs on the continuous-batching engine (`generate_chat`; Llama checkpoints are loaded into our class
+for it, same weights and logits): all K samples of all prompts of a mode are one engine run, so a long reasoning
+trace never holds finished rows back, and sample k of prompt i is drawn from its own seeded generator (the same
+text whatever the batch size). `reasoning_budget` caps the think block of reasoning-on replies (the engine closes
+it at that many tokens and the model goes on to its answer).
 """
 
 from __future__ import annotations
@@ -35,7 +41,8 @@ class EvalConfig:
     max_new_tokens_off: int = 128
     temperature: float = 0.6
     top_p: float = 0.95
-    batch_size: int = 16
+    batch_size: int = 16  # engine slots decoding together
+    reasoning_budget: int | None = None  # think-block cap for reasoning on (None: only max_new_tokens_on)
     seed: int = 0
     bootstrap: int = 2000
     device: str | None = None
@@ -52,6 +59,12 @@ class EvalConfig:
                 raise OpenNemotronError(f"eval: {name} = {getattr(self, name)}: expected a positive integer")
         if self.limit is not None and self.limit < 1:
             raise OpenNemotronError(f"eval: limit = {self.limit}: expected a positive integer or none")
+        if self.reasoning_budget is not None and (
+            not isinstance(self.reasoning_budget, int) or self.reasoning_budget < 0
+        ):
+            raise OpenNemotronError(
+                f"eval: reasoning_budget = {self.reasoning_budget!r}: expected an integer >= 0 or none"
+            )
 
 
 def load_suite(suite: str, limit: int | None = None) -> list:
@@ -97,20 +110,23 @@ def _evaluate_mode(model, tokenizer, items: list, thinking: bool, config: EvalCo
     compliant = np.zeros((len(items), samples))
     tokens = np.zeros((len(items), samples))
     records = []
+    # Every sample of every prompt in one call: row s * len(items) + i is sample s of prompt i.
+    texts = generate_chat(
+        model,
+        tokenizer,
+        conversations * samples,
+        thinking=thinking,
+        max_new_tokens=config.max_new_tokens_on if thinking else config.max_new_tokens_off,
+        do_sample=thinking,
+        temperature=config.temperature if thinking else None,
+        top_p=config.top_p if thinking else None,
+        seed=seed,
+        batch_size=config.batch_size,
+        reasoning_budget=config.reasoning_budget if thinking else None,
+    )
     for s in range(samples):
-        texts = generate_chat(
-            model,
-            tokenizer,
-            conversations,
-            thinking=thinking,
-            max_new_tokens=config.max_new_tokens_on if thinking else config.max_new_tokens_off,
-            do_sample=thinking,
-            temperature=config.temperature if thinking else None,
-            top_p=config.top_p if thinking else None,
-            seed=seed + s,
-            batch_size=config.batch_size,
-        )
-        for i, (item, text) in enumerate(zip(items, texts, strict=True)):
+        for i, item in enumerate(items):
+            text = texts[s * len(items) + i]
             scores[i, s] = 1.0 if score_answer(item, text) >= 1.0 else 0.0
             compliant[i, s] = float(is_toggle_compliant(text, thinking))
             tokens[i, s] = len(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -150,7 +166,8 @@ def run(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
     all_records = []
     with StageProgress("eval", len(config.models) * len(config.reasoning), enabled=progress) as bar:
         for spec in config.models:
-            model = load_model(spec, device=config.device)
+            # A Llama checkpoint goes into our class (same weights and logits) so that it runs on the engine.
+            model = load_model(spec, device=config.device, implementation="ours")
             tokenizer = load_tokenizer(spec)
             ensure_reasoning_template(tokenizer)  # a raw parent gets the same switch as our models
             per_mode = {}
@@ -188,8 +205,13 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"# eval — {result['date']}",
         "",
         f"Suite `{cfg['suite']}` ({result['suite_size']} prompts). Reasoning on: {cfg['samples']} samples per prompt "
-        f"at temperature {cfg['temperature']}, top-p {cfg['top_p']} (average pass@1); off: greedy. 95% bootstrap "
-        "intervals over prompts.",
+        f"at temperature {cfg['temperature']}, top-p {cfg['top_p']} (average pass@1)"
+        + (
+            f", think block capped at {cfg['reasoning_budget']} tokens"
+            if cfg.get("reasoning_budget") is not None
+            else ""
+        )
+        + "; off: greedy. 95% bootstrap intervals over prompts.",
         "",
         "| model | mode | accuracy | 95% interval | compliance | mean tokens | prompts |",
         "|---|---|---:|---|---:|---:|---:|",

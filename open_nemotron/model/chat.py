@@ -1,9 +1,13 @@
 """Chatting with a model under the reasoning switch: batched generation from conversations.
 
 `generate_chat` renders conversations with the tokenizer's chat template (``enable_thinking`` selects
-``detailed thinking on/off``), left-pads them in batches, generates, and returns only the new text. Its decoding
-defaults follow the Llama-Nemotron paper's evaluation protocol: reasoning on samples at temperature 0.6 and
-top-p 0.95, reasoning off decodes greedily.
+``detailed thinking on/off``), generates, and returns only the new text. Our model class (nemotron-nas, and Llama
+checkpoints loaded into it) generates on the continuous-batching engine (`open_nemotron.serve.engine`): every
+conversation is one request, a finished one frees its slot for the next at once, a seeded call gives every
+conversation its own generator (the same samples whatever else is in the batch), and a reasoning budget can close
+think blocks. Any other model class goes through left-padded `generate` batches. Its decoding defaults follow the
+Llama-Nemotron paper's evaluation protocol: reasoning on samples at temperature 0.6 and top-p 0.95 (no top-k),
+reasoning off decodes greedily.
 
 A raw parent's own template ignores ``enable_thinking``; `ensure_reasoning_template` installs ours so that a
 parent and a converted model see exactly the same prompt.
@@ -11,6 +15,7 @@ parent and a converted model see exactly the same prompt.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,6 +161,21 @@ def _cut_at_stop(tokens: list[int], stop_ids: list[int]) -> list[int]:
     return tokens
 
 
+def request_seed(seed: int, index: int) -> int:
+    """The seed of conversation `index` in a call seeded with `seed`: a hash, so that (seed, index) pairs never
+    share a stream (seed + index would give call 1's row 0 the stream of call 0's row 1)."""
+    digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:7], "little")
+
+
+def uses_engine(model: Any) -> bool:
+    """Whether `generate_chat` runs `model` on the continuous-batching engine (our model class) or on padded
+    `generate` batches (any other class)."""
+    from open_nemotron.model.modeling import DeciLMForCausalLM
+
+    return isinstance(model, DeciLMForCausalLM)
+
+
 def generate_chat(
     model: Any,
     tokenizer: Any,
@@ -168,18 +188,33 @@ def generate_chat(
     top_p: float | None = None,
     seed: int | None = None,
     batch_size: int = 16,
+    reasoning_budget: int | None = None,
+    padded: bool = False,
 ) -> list[str]:
     """Generate one reply per conversation (new text only, special tokens removed), in input order.
 
     `thinking` sets the reasoning switch (the tokenizer must have our reasoning template for it to take effect,
-    see `ensure_reasoning_template`); decoding defaults are those of `resolve_sampling`. `seed` seeds torch first,
-    so sampled replies are reproducible for the same batches.
+    see `ensure_reasoning_template`); decoding defaults are those of `resolve_sampling`. On the engine (our model
+    class, see `uses_engine`): `batch_size` is the number of slots decoding together, `seed` seeds conversation i
+    with `request_seed(seed, i)` (reproducible whatever the batching), and `reasoning_budget` caps each think block
+    (the engine writes `</think>` at that many reasoning tokens and the model goes on to its answer).
+    `padded=True`, or a model of another class, runs left-padded `generate` batches instead (`seed` then seeds
+    torch's global generator first; `reasoning_budget` is refused there). Greedy replies are the same on both
+    paths.
     """
     if max_new_tokens < 1:
         raise ChatGenerationError(f"max_new_tokens = {max_new_tokens}: expected a positive integer")
     if batch_size < 1:
         raise ChatGenerationError(f"batch_size = {batch_size}: expected a positive integer")
+    if reasoning_budget is not None and (not isinstance(reasoning_budget, int) or reasoning_budget < 0):
+        raise ChatGenerationError(f"reasoning_budget = {reasoning_budget!r}: expected an integer >= 0 or None")
     sampling = resolve_sampling(thinking, do_sample, temperature, top_p)
+    on_engine = uses_engine(model) and not padded
+    if reasoning_budget is not None and not on_engine:
+        raise ChatGenerationError(
+            f"reasoning_budget needs the engine (our model class); got {type(model).__name__}"
+            + (" with padded=True" if padded else "")
+        )
     if not conversations:
         return []
     for i, conversation in enumerate(conversations):
@@ -188,6 +223,63 @@ def generate_chat(
 
     prompts = render_chat_prompts(tokenizer, conversations, thinking)
     stop_ids = stop_token_ids(tokenizer)
+    if on_engine:
+        return _generate_on_engine(
+            model, tokenizer, prompts, sampling, max_new_tokens, seed, batch_size, reasoning_budget, stop_ids
+        )
+    return _generate_padded(model, tokenizer, prompts, sampling, max_new_tokens, seed, batch_size, stop_ids)
+
+
+def _generate_on_engine(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    sampling: SamplingSettings,
+    max_new_tokens: int,
+    seed: int | None,
+    batch_size: int,
+    reasoning_budget: int | None,
+    stop_ids: list[int],
+) -> list[str]:
+    from open_nemotron.serve.engine import Engine, Request, SamplingParams
+
+    # Longest prompts first: they cost the most, and the short ones fill the slots freed at the end.
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    engine = Engine(
+        model,
+        max_batch_size=min(batch_size, len(prompts)),
+        max_length=max(len(p) for p in prompts) + max_new_tokens,
+        tokenizer=tokenizer,
+    )
+    requests = []
+    for i in order:
+        params = SamplingParams(
+            max_tokens=max_new_tokens,
+            temperature=sampling.temperature if sampling.do_sample else 0.0,
+            top_p=sampling.top_p if sampling.do_sample else 1.0,
+            top_k=0,
+            stop_token_ids=tuple(stop_ids),
+            seed=None if seed is None or not sampling.do_sample else request_seed(seed, i),
+            max_reasoning_tokens=reasoning_budget,
+        )
+        requests.append(Request(prompts[i], params, request_id=str(i)))
+    replies = [""] * len(prompts)
+    for completion in engine.run(requests):
+        tokens = _cut_at_stop(completion.token_ids, stop_ids)
+        replies[int(completion.request_id)] = tokenizer.decode(tokens, skip_special_tokens=True)
+    return replies
+
+
+def _generate_padded(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    sampling: SamplingSettings,
+    max_new_tokens: int,
+    seed: int | None,
+    batch_size: int,
+    stop_ids: list[int],
+) -> list[str]:
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     device = next(model.parameters()).device
     sampling_kwargs: dict[str, Any] = {"do_sample": sampling.do_sample}

@@ -105,12 +105,14 @@ class SlotKVCache:
     """Keys/values of every GQA layer for `slots` rows of up to `max_length` positions each, rows independent.
 
     Row r holds `lengths[r]` positions. `update` (called by our attention with this step's keys/values, one new
-    position per row) writes them at each row's own length and returns the whole buffers; the engine's attention
-    mask marks which positions of each row are real. `get_seq_length` answers `max_length - 1` so that our model
-    expects a mask of `max_length` key positions for a one-token step."""
+    position per row) writes them at each row's own length and returns the buffers' first `window` positions (the
+    engine sets `window` to the longest running row + 1 before each step, so attention never reads the empty
+    tail); the engine's attention mask marks which of them are real for each row. `get_seq_length` answers
+    `window - 1` so that our model expects a mask of `window` key positions for a one-token step."""
 
     def __init__(self, config, slots: int, max_length: int, dtype: torch.dtype, device: torch.device) -> None:
         self.max_length = max_length
+        self.window = max_length
         self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
         self.keys: list[torch.Tensor | None] = []
         self.values: list[torch.Tensor | None] = []
@@ -126,10 +128,10 @@ class SlotKVCache:
         keys, values = self.keys[layer_idx][: key.shape[0]], self.values[layer_idx][: key.shape[0]]
         keys[rows, :, positions] = key[:, :, 0]
         values[rows, :, positions] = value[:, :, 0]
-        return keys, values
+        return keys[:, :, : self.window], values[:, :, : self.window]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.max_length - 1
+        return self.window - 1
 
     def write_prefill(self, slot: int, prefill_cache, row: int, start: int, length: int) -> None:
         """Copy row `row`'s prefilled keys/values (positions start..start+length of a transformers-style cache, e.g. a
@@ -267,10 +269,12 @@ class Engine:
         tokens = torch.tensor(last, dtype=torch.long, device=self.device)[:, None]
         lengths = self.cache.lengths[:rows]
         positions = lengths[:, None].clone()
-        # Valid keys per row: its cached positions and the one written now. Rows of free slots see nothing real.
-        keys = torch.arange(self.max_length, device=self.device)[None, :]
         active = torch.zeros(rows, dtype=torch.bool, device=self.device)
         active[list(self.running)] = True
+        # Attend over the positions up to the longest running row's new one only.
+        self.cache.window = int(lengths[active].max()) + 1
+        # Valid keys per row: its cached positions and the one written now. Rows of free slots see nothing real.
+        keys = torch.arange(self.cache.window, device=self.device)[None, :]
         mask = ((keys <= lengths[:, None]) & active[:, None]).long()
         logits = self.model(tokens, attention_mask=mask, position_ids=positions, cache=self.cache).logits[:, -1]
         self.cache.lengths[:rows] += active.long()
