@@ -502,6 +502,17 @@ def serve(
         str | None, typer.Option("--model-name", help="The id clients send as `model` (default: the spec).")
     ] = None,
     device: DeviceOption = None,
+    shutdown_grace: Annotated[
+        float,
+        typer.Option("--shutdown-grace", help="Seconds in-flight requests may finish after SIGTERM before cancelling."),
+    ] = 30.0,
+    engine: Annotated[
+        str, typer.Option("--engine", help="ours (this package's engine) or vllm (vLLM's server, on a GPU).")
+    ] = "ours",
+    reasoning_parser: Annotated[
+        str | None,
+        typer.Option("--reasoning-parser", help="--engine vllm only: vLLM's reasoning parser (see docs/serve.md)."),
+    ] = None,
 ) -> None:
     """An OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models, /health) over the
     continuous-batching engine, with the reasoning toggle and reasoning_content (docs/serve.md)."""
@@ -510,11 +521,22 @@ def serve(
             raise CliInputError(f"{option} {value}: expected a positive integer")
     if max_length < 2:
         raise CliInputError(f"--max-length {max_length}: expected at least 2")
+    if not shutdown_grace >= 0:
+        raise CliInputError(f"--shutdown-grace {shutdown_grace}: expected a number of seconds >= 0")
+    if engine not in ("ours", "vllm"):
+        raise CliInputError(f"--engine {engine!r}: expected ours or vllm")
+    if reasoning_parser is not None and engine != "vllm":
+        raise CliInputError("--reasoning-parser is for --engine vllm (ours splits reasoning itself)")
     device = check_device(device)
     check_model_specs([model])
+    if engine == "vllm":
+        from open_nemotron.serve.vllm_engine import exec_vllm
+
+        exec_vllm(model, host, port, max_batch_size, max_length, model_name, reasoning_parser)
+        return
     from open_nemotron.serve.server import serve as run_server
 
-    run_server(model, host, port, max_batch_size, max_length, queue_size, model_name, device)
+    run_server(model, host, port, max_batch_size, max_length, queue_size, model_name, device, shutdown_grace)
 
 
 puzzle_app = typer.Typer(

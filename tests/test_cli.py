@@ -395,3 +395,45 @@ def test_datagen_sft_eval_through_the_cli(tiny_llama_dir: Path, tmp_path: Path) 
             assert r["compliant"] == is_toggle_compliant(r["output"], mode == "on")
     assert json_out.with_suffix(".md").read_text() in result.stdout + "\n"
     assert f"wrote {json_out}" in result.stdout
+
+
+def test_serve_engine_vllm_checks_before_starting(tiny_llama_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """--engine vllm: a one-line reason where vLLM or CUDA is missing or the checkpoint is one vLLM cannot read;
+    otherwise the process becomes `vllm serve` with the same options."""
+    import importlib.util
+
+    import open_nemotron.serve.vllm_engine as vllm_engine
+
+    real_find_spec = importlib.util.find_spec
+    present = {"vllm": False}
+    monkeypatch.setattr(
+        vllm_engine.importlib.util,
+        "find_spec",
+        lambda name, *a: object() if name == "vllm" and present["vllm"] else real_find_spec(name, *a),
+    )
+    args = ["--engine", "vllm", "--port", "8123", "--max-batch-size", "4", "--max-length", "512"]
+    assert_one_line_error(invoke("serve", tiny_llama_dir, *args), "vLLM is not installed")
+    present["vllm"] = True
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert_one_line_error(invoke("serve", tiny_llama_dir, *args), "no CUDA device")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    converted = tmp_path / "converted"
+    assert invoke("convert", tiny_llama_dir, "--out", converted).exit_code == 0
+    assert_one_line_error(invoke("serve", converted, *args), "'nemotron-nas' checkpoint")
+    execs = []
+    monkeypatch.setattr(vllm_engine.os, "execvp", lambda file, argv: execs.append(argv))
+    result = invoke("serve", tiny_llama_dir, *args, "--model-name", "m", "--reasoning-parser", "qwen3")
+    assert result.exit_code == 0, result.output
+    ((argv,),) = [execs]
+    assert argv[argv.index("serve") + 1] == str(tiny_llama_dir)
+    flags = dict(zip(argv[argv.index("serve") + 2 :: 2], argv[argv.index("serve") + 3 :: 2], strict=True))
+    assert flags == {
+        "--host": "127.0.0.1",
+        "--port": "8123",
+        "--served-model-name": "m",
+        "--max-model-len": "512",
+        "--max-num-seqs": "4",
+        "--reasoning-parser": "qwen3",
+    }
+    assert_one_line_error(invoke("serve", tiny_llama_dir, "--reasoning-parser", "qwen3"), "for --engine vllm")
+    assert_one_line_error(invoke("serve", tiny_llama_dir, "--engine", "tgi"), "expected ours or vllm")

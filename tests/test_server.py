@@ -18,19 +18,19 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from open_nemotron.model.chat import ensure_reasoning_template, stop_token_ids  # noqa: E402
 from open_nemotron.serve.engine import Engine  # noqa: E402
-from open_nemotron.serve.server import ReasoningSplitter, create_app  # noqa: E402
+from open_nemotron.serve.server import ApiError, ReasoningSplitter, create_app, draining_server  # noqa: E402
 
 SCRIPT = "<think>step one, step two</think>The answer is 4."
 
 
 class Served:
-    def __init__(self, engine: Engine, tokenizer) -> None:
+    def __init__(self, engine: Engine, tokenizer, shutdown_grace_s: float = 30.0) -> None:
         self.engine, self.tokenizer = engine, tokenizer
         self.app = create_app(engine, tokenizer, "tiny", queue_size=16)
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning"))
+        self.server = draining_server(self.app, shutdown_grace_s=shutdown_grace_s, log_level="warning")
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 60
@@ -288,3 +288,91 @@ def test_an_engine_failure_is_a_500_for_its_request_and_the_server_keeps_serving
         assert s.app.state.worker.open_requests == 0
     finally:
         s.close()
+
+
+class SlowEngine(Engine):
+    """Sleeps 20 ms per step, so a long request is surely still running when the server is told to stop."""
+
+    def step(self):
+        time.sleep(0.02)
+        return super().step()
+
+
+@pytest.mark.parametrize("grace_s, max_tokens, reason", [(0.3, 120, "abort"), (60.0, 12, "length")])
+def test_shutdown_lets_requests_finish_within_the_grace_then_aborts_them_cleanly(grace_s, max_tokens, reason):
+    """What SIGTERM does (uvicorn's should_exit): a stream in flight ends with its final chunk and [DONE] either
+    way, finishing normally within the grace period and with finish_reason "abort" after it; new requests get 503;
+    the server and its worker stop."""
+    tok = _tokenizer()
+    model = random_decilm(heterogeneous_config(), seed=8)
+    s = Served(SlowEngine(model, 2, 192, tokenizer=tok), tok, shutdown_grace_s=grace_s)
+    stream = s.client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "go on"}], max_tokens=max_tokens, temperature=0, stream=True
+    )
+    chunks = iter(stream)
+    next(chunks)  # the request is in the engine now
+    s.server.should_exit = True  # uvicorn's SIGTERM / SIGINT handler does exactly this
+    rest = list(chunks)  # ends normally: the client saw [DONE], no broken connection
+    assert rest[-1].choices[0].finish_reason == reason
+    assert all(c.choices[0].finish_reason is None for c in rest[:-1])
+    worker = s.app.state.worker
+    with pytest.raises(ApiError) as refused:
+        worker.submit(None, lambda completion: None)
+    assert refused.value.status == 503 and "shutting down" in refused.value.message
+    s.thread.join(timeout=60)
+    assert not s.thread.is_alive() and not worker._thread.is_alive()
+    assert worker.open_requests == 0 and s.engine.running == {}
+
+
+def test_sigterm_drains_the_cli_server(tmp_path):
+    """`open-nemotron serve` in its own process: SIGTERM aborts the stream in flight with a final chunk and
+    [DONE] (grace 0 s), and the process ends without a traceback (uvicorn re-raises the signal once it has shut
+    down, so the exit status is that of SIGTERM)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from models_for_tests import random_llama, tiny_llama_config
+
+    model = random_llama(tiny_llama_config())
+    with torch.no_grad():  # special tokens (0-2, the stop tokens among them) get logit 0: greedy never picks them
+        model.lm_head.weight[:3] = 0
+    model_dir = tmp_path / "tiny"
+    model.save_pretrained(model_dir)
+    chatml_tokenizer().save_pretrained(model_dir)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    command = [sys.executable, "-m", "open_nemotron.cli", "serve", str(model_dir), "--port", str(port)]
+    command += ["--model-name", "tiny", "--shutdown-grace", "0", "--device", "cpu", "--max-length", "4000"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, server.stdout.read()
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.2)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", timeout=120, max_retries=0)
+        stream = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "go"}], max_tokens=3900, temperature=0, stream=True
+        )
+        chunks = iter(stream)
+        next(chunks)
+        server.send_signal(signal.SIGTERM)
+        rest = list(chunks)
+        assert rest and rest[-1].choices[0].finish_reason == "abort"
+        assert server.wait(timeout=60) in (0, -signal.SIGTERM)
+        log = server.stdout.read()
+        assert "Traceback" not in log and "Shutting down" in log, log
+    finally:
+        if server.poll() is None:
+            server.kill()

@@ -14,6 +14,11 @@ One worker thread owns the engine: requests reach it through a bounded queue (fu
 request's asyncio queue. A client that goes away mid-stream cancels its request, which frees its slot. Bad requests
 get an OpenAI-style error body (`{"error": {"message", "type", "param", "code"}}`) and a 4xx; the server keeps
 serving.
+
+Shutdown (SIGTERM or SIGINT, through `DrainingServer`): new requests get 503 at once; requests in flight may finish
+for `shutdown_grace_s` seconds, and whatever is still generating then is cancelled: its reply ends there with
+finish_reason "abort" (vLLM's name), streams with their final chunk and `data: [DONE]`, so no client is left with a
+broken connection; then the worker stops and the process exits.
 """
 
 from __future__ import annotations
@@ -94,6 +99,8 @@ class EngineWorker:
         self._open = 0  # submitted and not yet finished
         self._done: dict[str, Callable[[Completion], None]] = {}
         self._stop = threading.Event()
+        self.draining = False  # shutting down: no new requests
+        self._deadline: float | None = None  # when draining: cancel what is still in flight at this time
         self._thread = threading.Thread(target=self._loop, name="open-nemotron-engine", daemon=True)
         self.cancels_requested = 0  # cancel() calls (a client went away)
         self.cancelled = 0  # requests a cancel actually stopped (the others had already finished)
@@ -107,8 +114,16 @@ class EngineWorker:
         self._inbox.put(None)
         self._thread.join(timeout=30)
 
+    def drain(self, grace_s: float) -> None:
+        """Refuse new requests from now on; cancel those still in flight after `grace_s` seconds."""
+        with self._lock:
+            self.draining = True
+        self._inbox.put(("drain", time.monotonic() + grace_s))
+
     def submit(self, request: Request, on_done: Callable[[Completion], None]) -> None:
         with self._lock:
+            if self.draining:
+                raise ApiError(503, "the server is shutting down")
             if self._open >= self.queue_size:
                 raise ApiError(429, f"the server is busy: {self._open} requests open (queue size {self.queue_size})")
             self._open += 1
@@ -148,6 +163,8 @@ class EngineWorker:
                             self.engine.add_request(payload.request)
                         except EngineError as err:  # the endpoint checks first; never let one request stop the loop
                             self._fail(payload.request, str(err))
+                    elif kind == "drain":
+                        self._deadline = payload
                     else:
                         completion = self.engine.cancel(payload)
                         if completion is not None:
@@ -159,6 +176,8 @@ class EngineWorker:
                     break
             if item is None:
                 break
+            if self._deadline is not None and time.monotonic() >= self._deadline:
+                self._cancel_all()
             if self.engine.has_work():
                 try:
                     finished = self.engine.step()
@@ -169,6 +188,15 @@ class EngineWorker:
                     continue
                 for completion in finished:
                     self._finish(completion)
+
+    def _cancel_all(self) -> None:
+        waiting = [r.request_id for r in self.engine.waiting]
+        running = [state.request.request_id for state in self.engine.running.values()]
+        for request_id in waiting + running:
+            completion = self.engine.cancel(request_id)
+            if completion is not None:
+                self.cancelled += 1
+                self._finish(completion)
 
     def _fail(self, request: Request, message: str) -> None:
         self._finish(Completion(request.request_id, list(request.prompt_ids), [], "error", text=message))
@@ -310,7 +338,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, queue_size: int = 64)
         return ids, queues
 
     def finish_reason(completion: Completion) -> str:
-        return "stop" if completion.finish_reason in ("stop", "cancelled") else "length"
+        # "cancelled" reaches a client only when the server cancelled it (shutting down): vLLM calls that "abort".
+        return {"cancelled": "abort"}.get(completion.finish_reason, completion.finish_reason)
 
     async def respond(body: _Sampling, prompt_ids: list[int], thinking: bool, chat: bool):
         params = [sampling_for(body, len(prompt_ids), thinking, i) for i in range(body.n)]
@@ -435,6 +464,21 @@ def create_app(engine: Engine, tokenizer, model_name: str, queue_size: int = 64)
     return app
 
 
+def draining_server(app, host: str = "127.0.0.1", port: int = 8000, shutdown_grace_s: float = 30.0, **options):
+    """A uvicorn server for `app` (from `create_app`) that drains the engine when told to exit (see the module
+    docstring); `options` go to `uvicorn.Config`."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            app.state.worker.drain(shutdown_grace_s)
+            await super().shutdown(sockets)
+
+    # uvicorn's own backstop, for a response that does not end even when its request is cancelled.
+    config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=shutdown_grace_s + 10, **options)
+    return DrainingServer(config)
+
+
 def serve(
     model_spec: str,
     host: str = "127.0.0.1",
@@ -444,10 +488,9 @@ def serve(
     queue_size: int = 64,
     model_name: str | None = None,
     device: str | None = None,
+    shutdown_grace_s: float = 30.0,
 ) -> None:
-    """Load a model and serve it until interrupted (SIGINT / SIGTERM stop uvicorn; the worker then stops)."""
-    import uvicorn
-
+    """Load a model and serve it until SIGTERM / SIGINT (then drain: see the module docstring)."""
     from open_nemotron.model.chat import ensure_reasoning_template
     from open_nemotron.model.loading import load_model, load_tokenizer
     from open_nemotron.model.modeling import DeciLMForCausalLM
@@ -459,4 +502,4 @@ def serve(
     ensure_reasoning_template(tokenizer)
     engine = Engine(model, max_batch_size=max_batch_size, max_length=max_length, tokenizer=tokenizer)
     app = create_app(engine, tokenizer, model_name or str(model_spec), queue_size)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    draining_server(app, host, port, shutdown_grace_s, log_level="info").run()

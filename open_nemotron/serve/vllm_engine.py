@@ -1,0 +1,95 @@
+"""`open-nemotron serve MODEL --engine vllm`: hand the same command to vLLM's own OpenAI-compatible server.
+
+For users who outgrow one CPU: on a machine with a CUDA GPU and vLLM installed, the serve verb replaces its process
+with `vllm serve` for the same checkpoint and options (so SIGTERM / SIGINT reach vLLM directly). Checked before
+anything starts: vLLM importable, CUDA present, and a checkpoint vLLM can read. vLLM builds a model's config
+through transformers, which has no class for `nemotron-nas`, so today only Llama checkpoints (a parent) pass;
+children need the vLLM export (a later issue) and are refused with that reason rather than failing inside vLLM.
+
+Reasoning: vLLM's parsers (`--reasoning-parser`, e.g. `qwen3`, `deepseek_r1`) look the think tags up as single
+tokens of the vocabulary; SmolLM2's vocabulary spells `<think>` in several tokens, so with such a tokenizer leave
+the parser unset (the think block then stays in `content`). Not checked on a GPU in this project yet.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from open_nemotron.errors import OpenNemotronError
+
+
+class VLLMUnavailableError(OpenNemotronError, RuntimeError):
+    """--engine vllm cannot start here (no vLLM, no CUDA, or a checkpoint vLLM cannot read), with the reason."""
+
+
+def vllm_command(
+    model_dir: str,
+    host: str,
+    port: int,
+    max_batch_size: int,
+    max_length: int,
+    model_name: str,
+    reasoning_parser: str | None = None,
+) -> list[str]:
+    """The `vllm serve` command line for these serve options."""
+    executable = shutil.which("vllm")
+    head = [executable, "serve"] if executable else [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve"]
+    command = head + [
+        model_dir,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--served-model-name",
+        model_name,
+        "--max-model-len",
+        str(max_length),
+        "--max-num-seqs",
+        str(max_batch_size),
+    ]
+    if reasoning_parser:
+        command += ["--reasoning-parser", reasoning_parser]
+    return command
+
+
+def check_vllm_can_serve(model_dir: str) -> None:
+    import torch
+
+    from open_nemotron.model.loading import read_config
+
+    if importlib.util.find_spec("vllm") is None:
+        raise VLLMUnavailableError("--engine vllm: vLLM is not installed here (pip install vllm, on a CUDA machine)")
+    if not torch.cuda.is_available():
+        raise VLLMUnavailableError("--engine vllm: no CUDA device here; vLLM serves on GPUs (use --engine ours)")
+    model_type = read_config(Path(model_dir)).get("model_type")
+    if model_type != "llama":
+        raise VLLMUnavailableError(
+            f"--engine vllm: {model_dir} is a {model_type!r} checkpoint; vLLM reads its config through "
+            "transformers, which has no class for it yet (the vLLM export is a later issue). Serve it with "
+            "--engine ours, or pass a Llama parent"
+        )
+
+
+def exec_vllm(
+    model_spec: str,
+    host: str,
+    port: int,
+    max_batch_size: int,
+    max_length: int,
+    model_name: str | None,
+    reasoning_parser: str | None = None,
+) -> None:
+    """Check, then replace this process with `vllm serve` (never returns)."""
+    from open_nemotron.model.loading import resolve_model_dir
+
+    model_dir = str(resolve_model_dir(model_spec))
+    check_vllm_can_serve(model_dir)
+    command = vllm_command(
+        model_dir, host, port, max_batch_size, max_length, model_name or str(model_spec), reasoning_parser
+    )
+    print("exec:", " ".join(command), file=sys.stderr, flush=True)
+    os.execvp(command[0], command)
