@@ -2,13 +2,15 @@
 seconds. Prints and writes requests/s, output tokens/s, latency and time-to-first-token percentiles, errors, and the
 server's peak RSS.
 
-Starts `open-nemotron serve MODEL` itself (a subprocess, so its memory is its own) unless `--url` points at a
-running server:
+Starts the server itself (a subprocess, so its memory is its own) unless `--url` points at a running one:
+`--server ours` (default) runs `open-nemotron serve MODEL`; `--server transformers` runs `transformers serve MODEL`
+(a Llama checkpoint; add `--continuous-batching` for its paged continuous-batching path), for the side-by-side:
 
     .venv/bin/python bench/serve_load.py runs/demo/converted --clients 16 --seconds 60 --max-tokens 64 \\
         --json runs/serve-load/c16.json
 
-Run it alone on the machine: the clients and the server share the cores.
+Output tokens are counted by tokenizing each reply's streamed text with the model's tokenizer (servers differ in how
+many tokens they put in one chunk). Run it alone on the machine: the clients and the server share the cores.
 """
 
 from __future__ import annotations
@@ -57,13 +59,13 @@ def _percentile(values: list[float], q: float) -> float | None:
 
 
 async def _client(
-    client, model: str, index: int, deadline: float, max_tokens: int, temperature: float, stats: dict
+    client, model: str, index: int, deadline: float, max_tokens: int, temperature: float, stats: dict, count
 ) -> None:
     i = index
     while time.monotonic() < deadline:
         start = time.monotonic()
         first = None
-        tokens = 0
+        pieces: list[str] = []
         try:
             stream = await client.chat.completions.create(
                 model=model,
@@ -78,29 +80,33 @@ async def _client(
                 stream_options={"include_usage": False},
             )
             async for chunk in stream:
-                if chunk.choices and (
-                    chunk.choices[0].delta.content or getattr(chunk.choices[0].delta, "reasoning_content", None)
-                ):
-                    tokens += 1
+                if not chunk.choices:
+                    continue
+                delta = chunk.choices[0].delta
+                text = (delta.content or "") + (getattr(delta, "reasoning_content", None) or "")
+                if text:
+                    pieces.append(text)
                     if first is None:
                         first = time.monotonic() - start
             stats["latency"].append(time.monotonic() - start)
             stats["ttft"].append(first if first is not None else time.monotonic() - start)
-            stats["chunks"] += tokens
+            stats["tokens"] += count("".join(pieces))
             stats["requests"] += 1
         except Exception as err:  # a load test counts failures by kind instead of stopping
             stats["errors"][type(err).__name__] = stats["errors"].get(type(err).__name__, 0) + 1
         i += 1000
 
 
-async def _load(url: str, model: str, clients: int, seconds: float, max_tokens: int, temperature: float) -> dict:
+async def _load(url: str, model: str, clients: int, seconds: float, max_tokens: int, temperature: float, count) -> dict:
     import openai
 
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", timeout=600, max_retries=0)
-    stats: dict = {"latency": [], "ttft": [], "chunks": 0, "requests": 0, "errors": {}}
+    stats: dict = {"latency": [], "ttft": [], "tokens": 0, "requests": 0, "errors": {}}
     start = time.monotonic()
     deadline = start + seconds
-    await asyncio.gather(*(_client(client, model, k, deadline, max_tokens, temperature, stats) for k in range(clients)))
+    await asyncio.gather(
+        *(_client(client, model, k, deadline, max_tokens, temperature, stats, count) for k in range(clients))
+    )
     stats["wall_s"] = time.monotonic() - start
     await client.close()
     return stats
@@ -117,11 +123,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy, as bench-speed measures decode")
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--port", type=int, default=8471)
+    parser.add_argument("--server", choices=["ours", "transformers"], default="ours")
+    parser.add_argument("--continuous-batching", action="store_true", help="--server transformers: its CB path")
+    parser.add_argument("--tokenizer", help="tokenizer to count output tokens with (default: the model's)")
     parser.add_argument("--json", required=True)
     args = parser.parse_args(argv)
+    from open_nemotron.model.loading import load_tokenizer, resolve_model_dir
+
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+
+    def count(text: str) -> int:
+        return len(tokenizer.encode(text, add_special_tokens=False)) if text else 0
+
     server = None
     url = args.url
-    if url is None:
+    if url is None and args.server == "transformers":
+        model_dir = str(resolve_model_dir(args.model))
+        args.model_name = model_dir  # transformers serve answers for the model it preloaded
+        cmd = [str(Path(sys.executable).with_name("transformers")), "serve", model_dir, "--port", str(args.port)]
+        cmd += ["--device", "cpu", "--dtype", "float32", "--log-level", "warning"]
+        if args.continuous_batching:
+            cmd += ["--continuous-batching"]
+    elif url is None:
         cmd = [
             sys.executable,
             "-m",
@@ -139,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             "--queue-size",
             str(max(64, 2 * args.clients)),
         ]
+    if url is None:
         server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         url = f"http://127.0.0.1:{args.port}"
         deadline = time.monotonic() + 300
@@ -157,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             time.sleep(0.5)
     print(f"load: {args.clients} clients x {args.seconds:.0f} s against {url}", file=sys.stderr)
-    stats = asyncio.run(_load(url, args.model_name, args.clients, args.seconds, args.max_tokens, args.temperature))
+    stats = asyncio.run(
+        _load(url, args.model_name, args.clients, args.seconds, args.max_tokens, args.temperature, count)
+    )
     peak = _peak_rss_mib(server.pid) if server is not None else None
     if server is not None:
         server.send_signal(signal.SIGTERM)
@@ -174,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         "requests": stats["requests"],
         "errors": stats["errors"],
         "requests_per_s": stats["requests"] / wall,
-        "output_chunks_per_s": stats["chunks"] / wall,
+        "output_tokens": stats["tokens"],
+        "output_tokens_per_s": stats["tokens"] / wall,
         "latency_s": {q: _percentile(stats["latency"], p) for q, p in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))},
         "ttft_s": {q: _percentile(stats["ttft"], p) for q, p in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))},
         "mean_latency_s": statistics.mean(stats["latency"]) if stats["latency"] else None,
@@ -186,16 +213,18 @@ def main(argv: list[str] | None = None) -> int:
         f"# serve load — {result['date']}",
         "",
         f"{args.clients} concurrent streaming clients × {args.seconds:.0f} s, max_tokens {args.max_tokens}, "
-        f"temperature {args.temperature:g}, {args.max_batch_size} slots.",
+        f"temperature {args.temperature:g}, server {args.server}"
+        + (" (continuous batching)" if args.continuous_batching else "")
+        + (f", {args.max_batch_size} slots." if args.server == "ours" else "."),
         "",
         "| requests | errors | requests/s | output tokens/s | latency p50 / p95 / p99 s | TTFT p50 / p95 / p99 s | server peak RSS |",
         "|---:|---:|---:|---:|---:|---:|---:|",
         f"| {result['requests']} | {sum(stats['errors'].values())} | {result['requests_per_s']:.2f} | "
-        f"{result['output_chunks_per_s']:.1f} | {' / '.join(fmt(v) for v in result['latency_s'].values())} | "
+        f"{result['output_tokens_per_s']:.1f} | {' / '.join(fmt(v) for v in result['latency_s'].values())} | "
         f"{' / '.join(fmt(v) for v in result['ttft_s'].values())} | "
         f"{'-' if peak is None else f'{peak:.0f} MiB'} |",
         "",
-        "Output tokens are counted as streamed content chunks (one per decoded token that adds text).",
+        "Output tokens: each reply's streamed text (reasoning and content) tokenized with the model's tokenizer.",
         "",
     ]
     write_result(args.json, result, "\n".join(lines))

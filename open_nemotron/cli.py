@@ -456,6 +456,9 @@ def eval_command(
     max_new_tokens_off: Annotated[int, typer.Option("--max-new-tokens-off", help="Token budget, reasoning off.")] = 128,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Engine slots: prompts decoding together.")] = 16,
     reasoning_budget: ReasoningBudgetOption = None,
+    padded: Annotated[
+        bool, typer.Option("--padded", help="Left-padded generate batches instead of the engine (to compare).")
+    ] = False,
     seed: SeedOption = 0,
     device: DeviceOption = None,
     json_out: JsonOption = None,
@@ -478,6 +481,7 @@ def eval_command(
         max_new_tokens_off=max_new_tokens_off,
         batch_size=batch_size,
         reasoning_budget=check_reasoning_budget(reasoning_budget),
+        padded=padded,
         seed=seed,
         device=device,
         json_out=str(json_out) if json_out is not None else None,

@@ -185,6 +185,7 @@ def test_eval_against_a_scripted_model(tiny_parent, math_suite, tmp_path, monkey
         thinking = kw["thinking"]
         keys = ("thinking", "max_new_tokens", "do_sample", "temperature", "top_p", "seed", "batch_size")
         calls.append((model.name_or_path, *(kw[k] for k in keys), kw["reasoning_budget"], len(conversations)))
+        assert kw["padded"] is False
         # All K samples of the four prompts in one call: row s * 4 + i is sample s of prompt i.
         questions = [c[0]["content"] for c in conversations]
         assert questions[0].startswith("What is 1 + 2?") and questions == questions[:4] * (len(questions) // 4)

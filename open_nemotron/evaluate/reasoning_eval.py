@@ -43,6 +43,7 @@ class EvalConfig:
     top_p: float = 0.95
     batch_size: int = 16  # engine slots decoding together
     reasoning_budget: int | None = None  # think-block cap for reasoning on (None: only max_new_tokens_on)
+    padded: bool = False  # left-padded generate batches instead of the engine (to compare the two paths)
     seed: int = 0
     bootstrap: int = 2000
     device: str | None = None
@@ -59,6 +60,8 @@ class EvalConfig:
                 raise OpenNemotronError(f"eval: {name} = {getattr(self, name)}: expected a positive integer")
         if self.limit is not None and self.limit < 1:
             raise OpenNemotronError(f"eval: limit = {self.limit}: expected a positive integer or none")
+        if self.padded and self.reasoning_budget is not None:
+            raise OpenNemotronError("eval: reasoning_budget needs the engine: drop padded or the budget")
         if self.reasoning_budget is not None and (
             not isinstance(self.reasoning_budget, int) or self.reasoning_budget < 0
         ):
@@ -123,6 +126,7 @@ def _evaluate_mode(model, tokenizer, items: list, thinking: bool, config: EvalCo
         seed=seed,
         batch_size=config.batch_size,
         reasoning_budget=config.reasoning_budget if thinking else None,
+        padded=config.padded,
     )
     for s in range(samples):
         for i, item in enumerate(items):
