@@ -59,7 +59,15 @@ def _percentile(values: list[float], q: float) -> float | None:
 
 
 async def _client(
-    client, model: str, index: int, deadline: float, max_tokens: int, temperature: float, stats: dict, count
+    client,
+    model: str,
+    index: int,
+    deadline: float,
+    max_tokens: int,
+    temperature: float,
+    stats: dict,
+    count,
+    ignore_eos: bool,
 ) -> None:
     i = index
     while time.monotonic() < deadline:
@@ -78,6 +86,7 @@ async def _client(
                 seed=i,
                 stream=True,
                 stream_options={"include_usage": False},
+                **({"extra_body": {"ignore_eos": True}} if ignore_eos else {}),
             )
             async for chunk in stream:
                 if not chunk.choices:
@@ -97,7 +106,9 @@ async def _client(
         i += 1000
 
 
-async def _load(url: str, model: str, clients: int, seconds: float, max_tokens: int, temperature: float, count) -> dict:
+async def _load(
+    url: str, model: str, clients: int, seconds: float, max_tokens: int, temperature: float, count, ignore_eos: bool
+) -> dict:
     import openai
 
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", timeout=600, max_retries=0)
@@ -105,7 +116,10 @@ async def _load(url: str, model: str, clients: int, seconds: float, max_tokens: 
     start = time.monotonic()
     deadline = start + seconds
     await asyncio.gather(
-        *(_client(client, model, k, deadline, max_tokens, temperature, stats, count) for k in range(clients))
+        *(
+            _client(client, model, k, deadline, max_tokens, temperature, stats, count, ignore_eos)
+            for k in range(clients)
+        )
     )
     stats["wall_s"] = time.monotonic() - start
     await client.close()
@@ -125,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8471)
     parser.add_argument("--server", choices=["ours", "transformers"], default="ours")
     parser.add_argument("--continuous-batching", action="store_true", help="--server transformers: its CB path")
+    parser.add_argument(
+        "--ignore-eos", action="store_true", help="every reply runs to --max-tokens (vLLM's ignore_eos extra field)"
+    )
     parser.add_argument("--tokenizer", help="tokenizer to count output tokens with (default: the model's)")
     parser.add_argument("--json", required=True)
     args = parser.parse_args(argv)
@@ -182,7 +199,16 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(0.5)
     print(f"load: {args.clients} clients x {args.seconds:.0f} s against {url}", file=sys.stderr)
     stats = asyncio.run(
-        _load(url, args.model_name, args.clients, args.seconds, args.max_tokens, args.temperature, count)
+        _load(
+            url,
+            args.model_name,
+            args.clients,
+            args.seconds,
+            args.max_tokens,
+            args.temperature,
+            count,
+            args.ignore_eos,
+        )
     )
     peak = _peak_rss_mib(server.pid) if server is not None else None
     if server is not None:
@@ -213,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         f"# serve load — {result['date']}",
         "",
         f"{args.clients} concurrent streaming clients × {args.seconds:.0f} s, max_tokens {args.max_tokens}, "
-        f"temperature {args.temperature:g}, server {args.server}"
+        f"temperature {args.temperature:g}{', ignore_eos' if args.ignore_eos else ''}, server {args.server}"
         + (" (continuous batching)" if args.continuous_batching else "")
         + (f", {args.max_batch_size} slots." if args.server == "ours" else "."),
         "",

@@ -162,6 +162,17 @@ def test_reasoning_on_goes_to_reasoning_content_and_off_has_none(scripted):
     assert reasoning == "step one, step two" and content == "The answer is 4."
 
 
+def test_ignore_eos_runs_to_max_tokens(scripted):
+    """vLLM's `ignore_eos` extra: the scripted reply's end-of-turn token no longer ends it."""
+    messages = [{"role": "user", "content": "hi"}]
+    ended = scripted.client.chat.completions.create(model="tiny", messages=messages, max_tokens=60)
+    assert ended.choices[0].finish_reason == "stop" and ended.usage.completion_tokens < 60
+    full = scripted.client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=60, extra_body={"ignore_eos": True}
+    )
+    assert full.choices[0].finish_reason == "length" and full.usage.completion_tokens == 60
+
+
 def test_off_mode_reply_has_no_reasoning_field(served):
     reply = served.client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=6)
     assert getattr(reply.choices[0].message, "reasoning_content", None) is None

@@ -7,7 +7,8 @@ The reasoning switch per request, as vLLM takes it: a first system message that 
 `detailed thinking off`, or `chat_template_kwargs: {"enable_thinking": bool}` (our chat template is the one rule).
 The reply's `<think>…</think>` block goes to `reasoning_content` (and `reasoning`, vLLM's newer name), the rest to
 `content`, on messages and on stream deltas. Extra body fields: `top_k`, `max_reasoning_tokens` (the engine's
-think-block budget). Sampling defaults when a request sets none: the paper's (reasoning on: temperature 0.6,
+think-block budget), `ignore_eos` (vLLM's: generate through end-of-turn tokens up to `max_tokens`, for load
+benchmarks). Sampling defaults when a request sets none: the paper's (reasoning on: temperature 0.6,
 top-p 0.95; off: greedy).
 
 One worker thread owns the engine: requests reach it through a bounded queue (full: 429), tokens come back to the
@@ -70,6 +71,7 @@ class _Sampling(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     max_reasoning_tokens: int | None = Field(default=None, ge=0)
+    ignore_eos: bool = False  # vLLM's extra: run to max_tokens through end-of-turn tokens (for benchmarks)
 
 
 class ChatCompletionRequest(_Sampling):
@@ -305,7 +307,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, queue_size: int = 64)
                 temperature=settings.temperature if settings.do_sample else 0.0,
                 top_p=settings.top_p if settings.do_sample and settings.top_p is not None else 1.0,
                 top_k=body.top_k or 0,
-                stop_token_ids=stop_ids,
+                stop_token_ids=() if body.ignore_eos else stop_ids,
                 stop=stop,
                 seed=None if body.seed is None else body.seed + index,
                 max_reasoning_tokens=body.max_reasoning_tokens,
