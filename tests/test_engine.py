@@ -215,3 +215,47 @@ def test_streamed_tokens_and_cancellation_free_the_slot():
     engine.add_request(waiting)
     assert engine.cancel(waiting.request_id).token_ids == [] and not engine.has_work()
     assert engine.cancel("no-such-request") is None
+
+
+def test_a_freed_slot_lends_its_prompt_prefix_and_the_tokens_stay_those_of_generate():
+    """Prefix reuse: a request goes to the free slot whose kept keys/values share the longest prefix with its prompt
+    and prefills only the rest; greedy tokens equal sequential generation and the engine without reuse."""
+    model = random_decilm(heterogeneous_config(), seed=17)
+    gen = torch.Generator().manual_seed(4)
+    shared = torch.randint(3, TINY_VOCAB, (9,), generator=gen).tolist()
+    tails = [torch.randint(3, TINY_VOCAB, (k,), generator=gen).tolist() for k in (3, 5, 2)]
+    prompts = [shared + tails[0], shared + tails[1], shared + tails[0], shared + tails[2], shared[:4]]
+    budgets = [6, 4, 7, 5, 3]
+
+    def run(reuse: bool, slots: int):
+        engine = Engine(model, max_batch_size=slots, max_length=40, prefix_reuse=reuse)
+        requests = [
+            Request(p, SamplingParams(max_tokens=b, temperature=0)) for p, b in zip(prompts, budgets, strict=True)
+        ]
+        return engine, [c.token_ids for c in engine.run(requests)]
+
+    for slots in (1, 2):
+        engine, got = run(True, slots)
+        assert got == run(False, slots)[1]
+        assert got == [_greedy_reference(model, p, b) for p, b in zip(prompts, budgets, strict=True)]
+        assert engine.prompt_tokens == sum(len(p) for p in prompts)
+        assert engine.reused_tokens >= len(shared) * 2  # the later prompts reuse the shared part at least
+    # One slot: request 2 repeats request 0's prompt behind request 1: it reuses the 9 shared tokens only, request
+    # 3 the same; request 4 (a 4-token prefix of them) reuses 3 (a prefill needs one token of its own).
+    engine, _ = run(True, 1)
+    assert engine.reused_tokens == 9 + 9 + 9 + 3
+
+
+def test_prefix_choice_picks_the_slot_with_the_longest_shared_prefix():
+    from open_nemotron.serve.engine import _shared_prefix
+
+    assert _shared_prefix([1, 2, 3, 4], [1, 2, 3, 9]) == 3
+    assert _shared_prefix([1, 2, 3], [1, 2, 3]) == 2  # the prompt's last token is always prefilled
+    assert _shared_prefix([], [5, 6]) == 0 and _shared_prefix([5], [6, 5]) == 0
+    model = random_decilm(heterogeneous_config(), seed=18)
+    engine = Engine(model, max_batch_size=3, max_length=32)
+    first = engine.run([Request(p, SamplingParams(max_tokens=2, temperature=0)) for p in ([5, 6, 7], [8, 9, 10, 11])])
+    assert [c.finish_reason for c in first] == ["length", "length"]
+    assert engine.held[0][:3] == [5, 6, 7] and engine.held[1][:4] == [8, 9, 10, 11]
+    engine.run([Request([8, 9, 10, 12], SamplingParams(max_tokens=1, temperature=0))])
+    assert engine.held[1] == [8, 9, 10, 12] and engine.reused_tokens == 3

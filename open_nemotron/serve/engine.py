@@ -33,6 +33,16 @@ from open_nemotron.errors import OpenNemotronError
 from open_nemotron.model.generation import process_logits
 
 
+def _shared_prefix(held: list[int], prompt: list[int]) -> int:
+    """How many leading tokens of `prompt` a slot holding `held` can reuse: the common prefix, less the prompt's last
+    token (a prefill needs at least one token to produce the next-token logits)."""
+    limit = min(len(held), len(prompt) - 1)
+    n = 0
+    while n < limit and held[n] == prompt[n]:
+        n += 1
+    return n
+
+
 class EngineError(OpenNemotronError, ValueError):
     """A request the engine cannot serve (the field, its value and what was expected)."""
 
@@ -133,22 +143,38 @@ class SlotKVCache:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.window - 1
 
-    def write_prefill(self, slot: int, prefill_cache, row: int, start: int, length: int) -> None:
+    def write_prefill(self, slot: int, prefill_cache, row: int, start: int, length: int, offset: int = 0) -> None:
         """Copy row `row`'s prefilled keys/values (positions start..start+length of a transformers-style cache, e.g. a
-        left-padded batch) into `slot` as its positions 0..length."""
+        left-padded batch) into `slot` as its positions offset..offset+length (offset > 0: after a reused prefix)."""
         for i, keys in enumerate(self.keys):
             if keys is None:
                 continue
             layer = prefill_cache.layers[i]
-            keys[slot, :, :length] = layer.keys[row, :, start : start + length]
-            self.values[i][slot, :, :length] = layer.values[row, :, start : start + length]
-        self.lengths[slot] = length
+            keys[slot, :, offset : offset + length] = layer.keys[row, :, start : start + length]
+            self.values[i][slot, :, offset : offset + length] = layer.values[row, :, start : start + length]
+        self.lengths[slot] = offset + length
+
+    def load_prefix(self, slot: int, length: int, cache) -> None:
+        """Put `slot`'s first `length` positions into an empty transformers-style `cache` (one row), so that a forward
+        pass over the rest of a prompt attends to them."""
+        for i, keys in enumerate(self.keys):
+            if keys is not None:
+                cache.update(
+                    keys[slot : slot + 1, :, :length].clone(), self.values[i][slot : slot + 1, :, :length].clone(), i
+                )
 
 
 class Engine:
     """Continuous batching over `max_batch_size` slots of `max_length` positions (prompt + new tokens) each."""
 
-    def __init__(self, model: nn.Module, max_batch_size: int = 8, max_length: int = 512, tokenizer=None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        max_batch_size: int = 8,
+        max_length: int = 512,
+        tokenizer=None,
+        prefix_reuse: bool = True,
+    ) -> None:
         if max_batch_size < 1:
             raise EngineError(f"max_batch_size = {max_batch_size}: expected a positive integer")
         if max_length < 2:
@@ -165,6 +191,13 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.running: dict[int, _Running] = {}  # slot -> request
         self._ids = itertools.count()
+        # Prefix reuse: a freed slot keeps its keys/values; `held[slot]` are the tokens at its valid positions (the
+        # last request's prompt and every generated token but the last). A new request goes to the free slot that
+        # shares the longest prefix with its prompt and prefills only the rest.
+        self.prefix_reuse = prefix_reuse
+        self.held: list[list[int]] = [[] for _ in range(max_batch_size)]
+        self.prompt_tokens = 0  # prompt tokens admitted
+        self.reused_tokens = 0  # of those, read from a slot's kept keys/values instead of prefilled
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request: Request) -> str:
@@ -221,30 +254,61 @@ class Engine:
         free = [s for s in range(self.max_batch_size) if s not in self.running]
         admitted = []
         while self.waiting and free:
-            admitted.append((self.waiting.popleft(), free.pop(0)))  # lowest slots first: running rows stay in front
+            request = self.waiting.popleft()
+            slot, reuse = free[0], 0  # lowest slots first: running rows stay in front
+            if self.prefix_reuse:
+                prompt = list(request.prompt_ids)
+                for candidate in free:
+                    shared = _shared_prefix(self.held[candidate], prompt)
+                    if shared > reuse:
+                        slot, reuse = candidate, shared
+            free.remove(slot)
+            admitted.append((request, slot, reuse))
         if admitted:
             finished += self._admit(admitted)
         if self.running:
             finished += self._decode()
         return finished
 
-    def _admit(self, admitted: list[tuple[Request, int]]) -> list[Completion]:
-        """Prefill the new requests in one left-padded pass, move each row's keys/values into its slot, and sample
-        each request's first token."""
+    def _admit(self, admitted: list[tuple[Request, int, int]]) -> list[Completion]:
+        """Prefill the new requests, move their keys/values into their slots, and sample each one's first token.
+        Requests with nothing to reuse share one left-padded pass; one that reuses its slot's first `reuse` positions
+        runs its own pass over the rest of its prompt, attending to them."""
         from open_nemotron.model.cache import DeciLMCache
 
-        lengths = [len(request.prompt_ids) for request, _ in admitted]
-        width = max(lengths)
-        ids = torch.zeros(len(admitted), width, dtype=torch.long, device=self.device)
-        mask = torch.zeros(len(admitted), width, dtype=torch.long, device=self.device)
-        for row, ((request, _), length) in enumerate(zip(admitted, lengths, strict=True)):
-            ids[row, width - length :] = torch.tensor(list(request.prompt_ids), device=self.device)
-            mask[row, width - length :] = 1
-        prefill_cache = DeciLMCache(self.model.config)
-        logits = self.model(ids, attention_mask=mask, cache=prefill_cache, use_cache=True, logits_to_keep=1).logits
+        fresh = [(request, slot) for request, slot, reuse in admitted if reuse == 0]
+        last_logits: dict[int, torch.Tensor] = {}
+        if fresh:
+            lengths = [len(request.prompt_ids) for request, _ in fresh]
+            width = max(lengths)
+            ids = torch.zeros(len(fresh), width, dtype=torch.long, device=self.device)
+            mask = torch.zeros(len(fresh), width, dtype=torch.long, device=self.device)
+            for row, ((request, _), length) in enumerate(zip(fresh, lengths, strict=True)):
+                ids[row, width - length :] = torch.tensor(list(request.prompt_ids), device=self.device)
+                mask[row, width - length :] = 1
+            prefill_cache = DeciLMCache(self.model.config)
+            logits = self.model(ids, attention_mask=mask, cache=prefill_cache, use_cache=True, logits_to_keep=1).logits
+            for row, ((_, slot), length) in enumerate(zip(fresh, lengths, strict=True)):
+                self.cache.write_prefill(slot, prefill_cache, row, width - length, length)
+                last_logits[slot] = logits[row, -1]
+        for request, slot, reuse in admitted:
+            if reuse == 0:
+                continue
+            rest = list(request.prompt_ids)[reuse:]
+            prefill_cache = DeciLMCache(self.model.config)
+            self.cache.load_prefix(slot, reuse, prefill_cache)
+            ids = torch.tensor([rest], dtype=torch.long, device=self.device)
+            positions = torch.arange(reuse, reuse + len(rest), device=self.device)[None]
+            logits = self.model(
+                ids, position_ids=positions, cache=prefill_cache, use_cache=True, logits_to_keep=1
+            ).logits
+            self.cache.write_prefill(slot, prefill_cache, 0, reuse, len(rest), offset=reuse)
+            last_logits[slot] = logits[0, -1]
         finished, states = [], []
-        for row, ((request, slot), length) in enumerate(zip(admitted, lengths, strict=True)):
-            self.cache.write_prefill(slot, prefill_cache, row, width - length, length)
+        for request, slot, reuse in admitted:
+            self.prompt_tokens += len(request.prompt_ids)
+            self.reused_tokens += reuse
+            self.held[slot] = list(request.prompt_ids)
             generator = None
             if not request.params.greedy:
                 generator = torch.Generator(device=self.device)
@@ -257,7 +321,8 @@ class Engine:
                 state.forced = self._think_close_ids()
             self.running[slot] = state
             states.append(state)
-        for state, token in zip(states, self._sample(logits[:, -1], states), strict=True):
+        rows = torch.stack([last_logits[state.slot] for state in states])
+        for state, token in zip(states, self._sample(rows, states), strict=True):
             completion = self._append(state, token)
             if completion is not None:
                 finished.append(completion)
@@ -278,6 +343,8 @@ class Engine:
         mask = ((keys <= lengths[:, None]) & active[:, None]).long()
         logits = self.model(tokens, attention_mask=mask, position_ids=positions, cache=self.cache).logits[:, -1]
         self.cache.lengths[:rows] += active.long()
+        for slot, state in self.running.items():
+            self.held[slot].append(state.tokens[-1])  # its key/value now sits at the slot's last position
         finished = []
         slots = list(self.running)
         states = [self.running[slot] for slot in slots]
