@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = str(resolve_model_dir(args.model))
         args.model_name = model_dir  # transformers serve answers for the model it preloaded
         cmd = [str(Path(sys.executable).with_name("transformers")), "serve", model_dir, "--port", str(args.port)]
-        cmd += ["--device", "cpu", "--dtype", "float32", "--log-level", "warning"]
+        cmd += ["--host", "127.0.0.1", "--device", "cpu", "--dtype", "float32", "--log-level", "warning"]
         if args.continuous_batching:
             cmd += ["--continuous-batching"]
     elif url is None:
@@ -197,6 +197,14 @@ def main(argv: list[str] | None = None) -> int:
                 print("error: the server did not start in 300 s", file=sys.stderr)
                 return 2
             time.sleep(0.5)
+    # One short request first, outside the timed load: some servers set up lazily (transformers serve's continuous
+    # batching takes tens of seconds over its first request).
+    warm = httpx.post(
+        url + "/v1/chat/completions",
+        json={"model": args.model_name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+        timeout=600,
+    )
+    warm.raise_for_status()
     print(f"load: {args.clients} clients x {args.seconds:.0f} s against {url}", file=sys.stderr)
     stats = asyncio.run(
         _load(

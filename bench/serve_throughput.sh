@@ -9,6 +9,7 @@
 #   bash bench/serve_throughput.sh [MODEL] [LLAMA_PARENT] [OUT_DIR]
 #   (defaults: runs/demo/converted, smollm2-135m, runs/serve-load; ~10 min on 2 CPU cores)
 set -euo pipefail
+export HF_HUB_OFFLINE=1  # transformers serve: the model is local
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
 MODEL=${1:-runs/demo/converted}
