@@ -254,6 +254,26 @@ def test_a_cancelled_stream_frees_its_slot(gated):
     _good_request(gated)
 
 
+def test_incremental_text_equals_decoding_everything():
+    """Per-token tail decoding gives the full decode of every prefix that ends on a whole character, for random
+    byte tokens (multi-byte UTF-8 split across tokens) and the SmolLM2-like tokenizer's specials."""
+    from open_nemotron.serve.server import IncrementalText
+
+    tok = _tokenizer()
+    text = "Größe 東京 ok <think>x</think> naïve 🙂!"
+    ids = tok.encode(text, add_special_tokens=False) + [2]
+    gen = torch.Generator().manual_seed(0)
+    ids += torch.randint(3, 259, (200,), generator=gen).tolist()
+    inc = IncrementalText(tok)
+    for n, token in enumerate(ids, 1):
+        got = inc.add(token)
+        full = tok.decode(ids[:n], skip_special_tokens=True)
+        assert full.startswith(got)
+        if not full.endswith("\ufffd"):
+            assert got == full
+    assert inc.text.startswith(text)
+
+
 def test_the_streaming_splitter_holds_back_partial_tags():
     splitter = ReasoningSplitter()
     deltas = [splitter.split(t, False) for t in ("<th", "<think>ab", "<think>abc</th", "<think>abc</think>A")]

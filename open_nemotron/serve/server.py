@@ -205,6 +205,29 @@ class EngineWorker:
 
 
 # ----------------------------------------------------------------------------------------------- streaming split
+class IncrementalText:
+    """The text of a growing token list, decoding a short tail per token instead of the whole list (vLLM's and
+    TGI's detokenizer scheme): text is only extended once the tail decodes to something that is not a partial
+    character (U+FFFD), so a multi-byte character split across tokens arrives whole."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.text = ""
+        self.prefix = 0  # tail decoding starts here (context for the tokenizer's spacing rules)
+        self.read = 0  # tokens before this are in `text`
+
+    def add(self, token: int) -> str:
+        self.tokens.append(token)
+        decode = self.tokenizer.decode
+        before = decode(self.tokens[self.prefix : self.read], skip_special_tokens=True)
+        after = decode(self.tokens[self.prefix :], skip_special_tokens=True)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.text += after[len(before) :]
+            self.prefix, self.read = self.read, len(self.tokens)
+        return self.text
+
+
 class ReasoningSplitter:
     """Splits a growing reply text into (reasoning, answer) deltas: a reply that opens with `<think>` has its block
     routed to reasoning. Holds back text that could still turn out to be a tag."""
@@ -409,7 +432,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, queue_size: int = 64)
             for index, (rid, q) in enumerate(zip(ids, queues, strict=True)):
                 if chat:
                     yield chunk(index, {"role": "assistant", "content": ""}, None)
-                tokens: list[int] = []
+                text_so_far = IncrementalText(tokenizer)
                 splitter = ReasoningSplitter()
                 while True:
                     event, value = await q.get()
@@ -418,11 +441,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, queue_size: int = 64)
                         open_ids.discard(rid)
                         yield f"data: {json.dumps(ApiError(500, value.text).body())}\n\n"
                         break
-                    if final:
-                        text = value.text
-                    else:
-                        tokens.append(value)
-                        text = tokenizer.decode(tokens, skip_special_tokens=True)
+                    text = value.text if final else text_so_far.add(value)
                     if chat:
                         reasoning, answer = splitter.split(text, final)
                         delta: dict[str, str] = {}
