@@ -493,6 +493,37 @@ def eval_command(
         typer.echo(f"wrote {json_out}, {markdown_out} and {json_out.with_suffix('.samples.jsonl')}")
 
 
+@app.command("eval-mc")
+@reports_user_errors
+def eval_mc_command(
+    models: ModelSpecs,
+    tasks: Annotated[
+        str, typer.Option("--tasks", help="Comma-separated task files (.jsonl rows: query, choices, gold).")
+    ],
+    limit: Annotated[int | None, typer.Option("--limit", help="First N items of every task.")] = None,
+    device: DeviceOption = None,
+    json_out: JsonOption = None,
+) -> None:
+    """Multiple-choice log-likelihood accuracy (acc, acc_norm; lm-evaluation-harness definitions) and each model's
+    retention of the first model's avg acc_norm."""
+    device = check_device(device)
+    paths = [t.strip() for t in tasks.split(",") if t.strip()]
+    from open_nemotron.evaluate.multiple_choice import MCConfig, render_markdown, run
+
+    config = MCConfig(
+        models=list(models),
+        tasks=paths,
+        limit=limit,
+        device=device,
+        json_out=str(json_out) if json_out is not None else None,
+    )
+    check_model_specs(list(models))
+    result = run(config)
+    typer.echo(render_markdown(result))
+    if json_out is not None:
+        typer.echo(f"wrote {json_out} and {markdown_path_beside(json_out)}")
+
+
 @app.command()
 @reports_user_errors
 def serve(
