@@ -24,7 +24,7 @@ app = typer.Typer(
     help="Llama-Nemotron's pipeline for small Llama models. Verbs: convert (a Llama parent to the "
     "DeciLM format), bench-speed and bench-train (throughput), generate (one answer, reasoning on or off), datagen "
     "(reasoning on/off training data), sft (fine-tuning with the toggle), eval (accuracy with reasoning on and off), "
-    "serve (an OpenAI-compatible server with the reasoning toggle), "
+    "eval-mc (multiple-choice accuracy and retention), serve (an OpenAI-compatible server with the reasoning toggle), "
     "puzzle (Puzzle NAS: run, or one stage: calibration, build-library, score, costs, search, assemble, report).",
     epilog="Run `open-nemotron VERB --help` for a verb's options; README.md has a section and an example per verb.",
     no_args_is_help=True,
