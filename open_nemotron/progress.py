@@ -12,11 +12,16 @@ class StageProgress:
     """`with StageProgress("bench-speed", total=12) as p: ... p.advance("batch 16, model 2")`.
 
     On a terminal: a rich bar with the step count, elapsed and remaining time and the last note. Elsewhere: a line
-    `bench-speed 3/12 (25%) 41 s: batch 16, model 2` per step. `enabled=False` prints nothing (tests, callers
-    with their own display)."""
+    `bench-speed 3/12 (25%) 41 s: batch 16, model 2` per step, or at most one every `min_interval_s` seconds (and
+    the last) for stages with many small steps. `enabled=False` prints nothing (tests, callers with their own
+    display)."""
 
-    def __init__(self, description: str, total: int, enabled: bool = True, completed: int = 0) -> None:
+    def __init__(
+        self, description: str, total: int, enabled: bool = True, completed: int = 0, min_interval_s: float = 0.0
+    ) -> None:
         self.description = description
+        self.min_interval_s = min_interval_s
+        self._last_line = float("-inf")
         self.total = max(int(total), 0)
         self.enabled = enabled
         self.done = completed  # a resumed stage starts part-way
@@ -57,8 +62,12 @@ class StageProgress:
         if self._bar is not None:
             self._bar.update(self._task, advance=steps, note=note)
             return
+        now = time.perf_counter()
+        if now - self._last_line < self.min_interval_s and self.done != self.total:
+            return
+        self._last_line = now
         share = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
-        elapsed = time.perf_counter() - self._start
+        elapsed = now - self._start
         line = f"{self.description} {self.done}/{self.total or '?'}{share} {elapsed:.0f} s"
         print(f"{line}: {note}" if note else line, file=sys.stderr, flush=True)
 

@@ -174,6 +174,22 @@ def test_greedy_on_the_engine_equals_the_padded_path_and_transformers(reasoning_
     assert len(set(on_engine)) > 1
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_on_reply_sees_every_conversation_once(reasoning_chatml, padded) -> None:
+    seen: list[int] = []
+    replies = generate_chat(
+        tiny_model("ours"),
+        reasoning_chatml,
+        MORE_CONVERSATIONS,
+        thinking=False,
+        max_new_tokens=4,
+        batch_size=2,
+        padded=padded,
+        on_reply=seen.append,
+    )
+    assert sorted(seen) == list(range(len(MORE_CONVERSATIONS))) and len(replies) == len(seen)
+
+
 def test_engine_samples_depend_on_the_seed_and_index_not_on_the_batching(reasoning_chatml) -> None:
     model = tiny_model("ours")
 
@@ -204,8 +220,8 @@ def test_reasoning_budget_caps_the_think_block(reasoning_chatml, monkeypatch) ->
     completions = []
     real_run = Engine.run
 
-    def spy_run(self, requests):
-        completions.extend(real_run(self, requests))
+    def spy_run(self, requests, on_finish=None):
+        completions.extend(real_run(self, requests, on_finish))
         return completions[-len(CONVERSATIONS) :]
 
     free = generate_chat(model, reasoning_chatml, CONVERSATIONS, **kwargs)

@@ -241,9 +241,15 @@ def test_a_freed_slot_lends_its_prompt_prefix_and_the_tokens_stay_those_of_gener
         assert engine.prompt_tokens == sum(len(p) for p in prompts)
         assert engine.reused_tokens >= len(shared) * 2  # the later prompts reuse the shared part at least
     # One slot: request 2 repeats request 0's prompt behind request 1: it reuses the 9 shared tokens only, request
-    # 3 the same; request 4 (a 4-token prefix of them) reuses 3 (a prefill needs one token of its own).
+    # 3 the same; request 4 (a 4-token prefix of them) could reuse 3 (a prefill needs one token of its own), fewer
+    # than MIN_REUSE, so it is prefilled whole.
     engine, _ = run(True, 1)
-    assert engine.reused_tokens == 9 + 9 + 9 + 3
+    assert engine.reused_tokens == 9 + 9 + 9
+    # Two slots: request 1 is admitted with request 0 and reads the shared part of request 0's slot (copied over);
+    # request 2 repeats request 0's prompt, finds slot 0 free and reuses all of it but the last token; request 3 the
+    # shared part; request 4 too little.
+    engine, _ = run(True, 2)
+    assert engine.reused_tokens == 9 + (len(prompts[0]) - 1) + 9
 
 
 def test_prefix_choice_picks_the_slot_with_the_longest_shared_prefix():
@@ -254,8 +260,10 @@ def test_prefix_choice_picks_the_slot_with_the_longest_shared_prefix():
     assert _shared_prefix([], [5, 6]) == 0 and _shared_prefix([5], [6, 5]) == 0
     model = random_decilm(heterogeneous_config(), seed=18)
     engine = Engine(model, max_batch_size=3, max_length=32)
-    first = engine.run([Request(p, SamplingParams(max_tokens=2, temperature=0)) for p in ([5, 6, 7], [8, 9, 10, 11])])
+    a, b = [5, 6, 7, 8, 9, 10], [20, 21, 22, 23, 24, 25, 26]
+    first = engine.run([Request(p, SamplingParams(max_tokens=2, temperature=0)) for p in (a, b)])
     assert [c.finish_reason for c in first] == ["length", "length"]
-    assert engine.held[0][:3] == [5, 6, 7] and engine.held[1][:4] == [8, 9, 10, 11]
-    engine.run([Request([8, 9, 10, 12], SamplingParams(max_tokens=1, temperature=0))])
-    assert engine.held[1] == [8, 9, 10, 12] and engine.reused_tokens == 3
+    assert engine.held[0][: len(a)] == a and engine.held[1][: len(b)] == b
+    # The free slot 1 shares 5 tokens: the request takes slot 1 itself (slot 0 and 2 are free too).
+    engine.run([Request([20, 21, 22, 23, 24, 99], SamplingParams(max_tokens=1, temperature=0))])
+    assert engine.held[1] == [20, 21, 22, 23, 24, 99] and engine.reused_tokens == 5

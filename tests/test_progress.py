@@ -24,3 +24,11 @@ def test_disabled_progress_prints_nothing_and_still_counts(capsys):
         bar.advance("x")
     assert bar.done == 1
     assert capsys.readouterr().err == ""
+
+
+def test_many_small_steps_print_at_most_one_line_per_interval_and_the_last(capsys):
+    with StageProgress("eval", total=50, min_interval_s=3600) as bar:
+        for _ in range(50):
+            bar.advance("reply")
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(" ")[1] for line in lines] == ["1/50", "50/50"]

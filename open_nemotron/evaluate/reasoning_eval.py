@@ -102,7 +102,9 @@ def bootstrap_interval(values: np.ndarray, resamples: int, seed: int) -> tuple[f
     return (float(low), float(high))
 
 
-def _evaluate_mode(model, tokenizer, items: list, thinking: bool, config: EvalConfig, seed: int) -> dict[str, Any]:
+def _evaluate_mode(
+    model, tokenizer, items: list, thinking: bool, config: EvalConfig, seed: int, on_reply=None
+) -> dict[str, Any]:
     from open_nemotron.data.tasks import score_answer
     from open_nemotron.model.chat import generate_chat
     from open_nemotron.rewards.format import is_toggle_compliant
@@ -127,6 +129,7 @@ def _evaluate_mode(model, tokenizer, items: list, thinking: bool, config: EvalCo
         batch_size=config.batch_size,
         reasoning_budget=config.reasoning_budget if thinking else None,
         padded=config.padded,
+        on_reply=on_reply,
     )
     for s in range(samples):
         for i, item in enumerate(items):
@@ -168,7 +171,9 @@ def run(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
     items = load_suite(config.suite, config.limit)
     results: dict[str, Any] = {}
     all_records = []
-    with StageProgress("eval", len(config.models) * len(config.reasoning), enabled=progress) as bar:
+    # One step per generated reply (reasoning on: K per prompt), a line at most every 15 s without a terminal.
+    replies = len(items) * sum(config.samples if mode == "on" else 1 for mode in config.reasoning)
+    with StageProgress("eval", len(config.models) * replies, enabled=progress, min_interval_s=15) as bar:
         for spec in config.models:
             # A Llama checkpoint goes into our class (same weights and logits) so that it runs on the engine.
             model = load_model(spec, device=config.device, implementation="ours")
@@ -176,9 +181,11 @@ def run(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
             ensure_reasoning_template(tokenizer)  # a raw parent gets the same switch as our models
             per_mode = {}
             for mode in config.reasoning:
-                per_mode[mode] = _evaluate_mode(model, tokenizer, items, mode == "on", config, config.seed)
+                note = f"{spec} reasoning {mode}"
+                per_mode[mode] = _evaluate_mode(
+                    model, tokenizer, items, mode == "on", config, config.seed, lambda _i, n=note: bar.advance(n)
+                )
                 all_records += [{"model": spec, **r} for r in per_mode[mode].pop("_records")]
-                bar.advance(f"{spec} reasoning {mode}: {len(items)} prompts")
             if {"on", "off"} <= set(per_mode):
                 diff = per_mode["on"]["_per_prompt"] - per_mode["off"]["_per_prompt"]
                 per_mode["on_minus_off"] = {

@@ -16,6 +16,7 @@ parent and a converted model see exactly the same prompt.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -190,6 +191,7 @@ def generate_chat(
     batch_size: int = 16,
     reasoning_budget: int | None = None,
     padded: bool = False,
+    on_reply: Callable[[int], None] | None = None,
 ) -> list[str]:
     """Generate one reply per conversation (new text only, special tokens removed), in input order.
 
@@ -200,7 +202,7 @@ def generate_chat(
     (the engine writes `</think>` at that many reasoning tokens and the model goes on to its answer).
     `padded=True`, or a model of another class, runs left-padded `generate` batches instead (`seed` then seeds
     torch's global generator first; `reasoning_budget` is refused there). Greedy replies are the same on both
-    paths.
+    paths. `on_reply(i)` is called as conversation i's reply is ready (progress).
     """
     if max_new_tokens < 1:
         raise ChatGenerationError(f"max_new_tokens = {max_new_tokens}: expected a positive integer")
@@ -225,9 +227,9 @@ def generate_chat(
     stop_ids = stop_token_ids(tokenizer)
     if on_engine:
         return _generate_on_engine(
-            model, tokenizer, prompts, sampling, max_new_tokens, seed, batch_size, reasoning_budget, stop_ids
+            model, tokenizer, prompts, sampling, max_new_tokens, seed, batch_size, reasoning_budget, stop_ids, on_reply
         )
-    return _generate_padded(model, tokenizer, prompts, sampling, max_new_tokens, seed, batch_size, stop_ids)
+    return _generate_padded(model, tokenizer, prompts, sampling, max_new_tokens, seed, batch_size, stop_ids, on_reply)
 
 
 def _generate_on_engine(
@@ -240,11 +242,13 @@ def _generate_on_engine(
     batch_size: int,
     reasoning_budget: int | None,
     stop_ids: list[int],
+    on_reply: Callable[[int], None] | None,
 ) -> list[str]:
     from open_nemotron.serve.engine import Engine, Request, SamplingParams
 
-    # Longest prompts first: they cost the most, and the short ones fill the slots freed at the end.
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    # Longest prompts first: they cost the most, and the short ones fill the slots freed at the end. Equal prompts
+    # (the K samples of one eval prompt) next to each other: the engine then prefills the prompt once.
+    order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), prompts[i], i))
     engine = Engine(
         model,
         max_batch_size=min(batch_size, len(prompts)),
@@ -264,7 +268,8 @@ def _generate_on_engine(
         )
         requests.append(Request(prompts[i], params, request_id=str(i)))
     replies = [""] * len(prompts)
-    for completion in engine.run(requests):
+    finished = None if on_reply is None else (lambda completion: on_reply(int(completion.request_id)))
+    for completion in engine.run(requests, on_finish=finished):
         tokens = _cut_at_stop(completion.token_ids, stop_ids)
         replies[int(completion.request_id)] = tokenizer.decode(tokens, skip_special_tokens=True)
     return replies
@@ -279,6 +284,7 @@ def _generate_padded(
     seed: int | None,
     batch_size: int,
     stop_ids: list[int],
+    on_reply: Callable[[int], None] | None,
 ) -> list[str]:
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     device = next(model.parameters()).device
@@ -306,4 +312,6 @@ def _generate_padded(
             new_tokens = output[:, input_ids.shape[1] :].tolist()
             for row, tokens in zip(rows, new_tokens, strict=True):
                 replies[row] = tokenizer.decode(_cut_at_stop(tokens, stop_ids), skip_special_tokens=True)
+                if on_reply is not None:
+                    on_reply(row)
     return replies

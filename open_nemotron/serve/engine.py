@@ -32,6 +32,9 @@ from torch import nn
 from open_nemotron.errors import OpenNemotronError
 from open_nemotron.model.generation import process_logits
 
+# Shorter shared prefixes are prefilled with the rest of the batch rather than in a pass of their own.
+MIN_REUSE = 4
+
 
 def _shared_prefix(held: list[int], prompt: list[int]) -> int:
     """How many leading tokens of `prompt` a slot holding `held` can reuse: the common prefix, less the prompt's last
@@ -154,6 +157,13 @@ class SlotKVCache:
             self.values[i][slot, :, offset : offset + length] = layer.values[row, :, start : start + length]
         self.lengths[slot] = offset + length
 
+    def copy_positions(self, source: int, target: int, length: int) -> None:
+        """Copy slot `source`'s first `length` positions to slot `target` (a prefix another request reuses)."""
+        for i, keys in enumerate(self.keys):
+            if keys is not None:
+                keys[target, :, :length] = keys[source, :, :length]
+                self.values[i][target, :, :length] = self.values[i][source, :, :length]
+
     def load_prefix(self, slot: int, length: int, cache) -> None:
         """Put `slot`'s first `length` positions into an empty transformers-style `cache` (one row), so that a forward
         pass over the rest of a prompt attends to them."""
@@ -191,9 +201,10 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.running: dict[int, _Running] = {}  # slot -> request
         self._ids = itertools.count()
-        # Prefix reuse: a freed slot keeps its keys/values; `held[slot]` are the tokens at its valid positions (the
-        # last request's prompt and every generated token but the last). A new request goes to the free slot that
-        # shares the longest prefix with its prompt and prefills only the rest.
+        # Prefix reuse: every slot's keys/values stay valid while it runs and after it is freed; `held[slot]` are the
+        # tokens at its valid positions (the request's prompt and every generated token but the last). A new request
+        # reads the longest prefix any slot shares with its prompt (a free source becomes its slot; else the prefix
+        # is copied into a free slot) and prefills only the rest.
         self.prefix_reuse = prefix_reuse
         self.held: list[list[int]] = [[] for _ in range(max_batch_size)]
         self.prompt_tokens = 0  # prompt tokens admitted
@@ -236,13 +247,18 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def run(self, requests: Iterable[Request]) -> list[Completion]:
-        """Serve `requests` to the end; completions in the order the requests were given."""
+    def run(
+        self, requests: Iterable[Request], on_finish: Callable[[Completion], None] | None = None
+    ) -> list[Completion]:
+        """Serve `requests` to the end; completions in the order the requests were given (`on_finish` sees each as
+        it finishes, e.g. for progress)."""
         order = [self.add_request(r) for r in requests]
         done: dict[str, Completion] = {}
         while self.has_work():
             for completion in self.step():
                 done[completion.request_id] = completion
+                if on_finish is not None:
+                    on_finish(completion)
         return [done[i] for i in order]
 
     # ------------------------------------------------------------------ one step
@@ -255,28 +271,35 @@ class Engine:
         admitted = []
         while self.waiting and free:
             request = self.waiting.popleft()
-            slot, reuse = free[0], 0  # lowest slots first: running rows stay in front
-            if self.prefix_reuse:
-                prompt = list(request.prompt_ids)
-                for candidate in free:
+            prompt = list(request.prompt_ids)
+            source, reuse = None, 0
+            if self.prefix_reuse:  # any slot's kept positions: free, running, or admitted earlier in this step
+                for candidate in range(self.max_batch_size):
                     shared = _shared_prefix(self.held[candidate], prompt)
-                    if shared > reuse:
-                        slot, reuse = candidate, shared
+                    if shared > reuse or (shared == reuse > 0 and candidate in free and source not in free):
+                        source, reuse = candidate, shared
+                if reuse < MIN_REUSE:
+                    source, reuse = None, 0
+            # A free source is taken itself (nothing to copy); else the lowest free slot, running rows in front.
+            slot = source if source in free else free[0]
             free.remove(slot)
-            admitted.append((request, slot, reuse))
+            self.held[slot] = prompt  # from here on, later admissions of this step may reuse it
+            admitted.append((request, slot, source, reuse))
         if admitted:
             finished += self._admit(admitted)
         if self.running:
             finished += self._decode()
         return finished
 
-    def _admit(self, admitted: list[tuple[Request, int, int]]) -> list[Completion]:
+    def _admit(self, admitted: list[tuple[Request, int, int | None, int]]) -> list[Completion]:
         """Prefill the new requests, move their keys/values into their slots, and sample each one's first token.
-        Requests with nothing to reuse share one left-padded pass; one that reuses its slot's first `reuse` positions
-        runs its own pass over the rest of its prompt, attending to them."""
+        Requests with nothing to reuse share one left-padded pass. One that reuses the first `reuse` positions of a
+        source slot (copied over first when the source is another slot) then runs its own pass over the rest of its
+        prompt, attending to them; these go in admission order, after the shared pass, so a source admitted earlier
+        in this step is already written."""
         from open_nemotron.model.cache import DeciLMCache
 
-        fresh = [(request, slot) for request, slot, reuse in admitted if reuse == 0]
+        fresh = [(request, slot) for request, slot, _, reuse in admitted if reuse == 0]
         last_logits: dict[int, torch.Tensor] = {}
         if fresh:
             lengths = [len(request.prompt_ids) for request, _ in fresh]
@@ -291,9 +314,11 @@ class Engine:
             for row, ((_, slot), length) in enumerate(zip(fresh, lengths, strict=True)):
                 self.cache.write_prefill(slot, prefill_cache, row, width - length, length)
                 last_logits[slot] = logits[row, -1]
-        for request, slot, reuse in admitted:
+        for request, slot, source, reuse in admitted:
             if reuse == 0:
                 continue
+            if source != slot:
+                self.cache.copy_positions(source, slot, reuse)
             rest = list(request.prompt_ids)[reuse:]
             prefill_cache = DeciLMCache(self.model.config)
             self.cache.load_prefix(slot, reuse, prefill_cache)
@@ -305,10 +330,9 @@ class Engine:
             self.cache.write_prefill(slot, prefill_cache, 0, reuse, len(rest), offset=reuse)
             last_logits[slot] = logits[0, -1]
         finished, states = [], []
-        for request, slot, reuse in admitted:
+        for request, slot, _, reuse in admitted:
             self.prompt_tokens += len(request.prompt_ids)
             self.reused_tokens += reuse
-            self.held[slot] = list(request.prompt_ids)
             generator = None
             if not request.params.greedy:
                 generator = torch.Generator(device=self.device)
