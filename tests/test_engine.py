@@ -7,7 +7,15 @@ import torch
 from models_for_tests import TINY_VOCAB, heterogeneous_config, random_decilm
 
 from open_nemotron.model.generation import process_logits
-from open_nemotron.serve.engine import Engine, EngineError, Request, SamplingParams
+from open_nemotron.serve.engine import (
+    CANDIDATES,
+    Engine,
+    EngineError,
+    Request,
+    SamplingParams,
+    candidate_distribution,
+    draw,
+)
 
 
 def _prompts(n: int, seed: int = 0) -> list[list[int]]:
@@ -74,20 +82,53 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_batch():
 
 
 def test_seeded_sampling_follows_the_sampling_formula():
-    """One request, its own generator: each token is a draw from process_logits(...).softmax() of the model's
-    next-token logits, in order (recomputed here with the full model, no cache)."""
+    """One request, its own generator: each token is the exponential-race draw over the distribution that
+    transformers' warpers give (process_logits: temperature, top-k, top-p) for the model's next-token logits,
+    recomputed here with the full model and no cache."""
     model = random_decilm(heterogeneous_config(), seed=8)
     prompt = _prompts(1, seed=4)[0]
-    params = SamplingParams(max_tokens=6, temperature=0.7, top_k=15, top_p=0.8, seed=99)
-    got = Engine(model, max_batch_size=2, max_length=32).run([Request(prompt, params)])[0].token_ids
-    generator = torch.Generator().manual_seed(99)
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(6):
-            logits = model(torch.tensor([ids])).logits[0, -1]
-            probs = process_logits(logits.float()[None], 0.7, 15, 0.8).softmax(-1)
-            ids.append(int(torch.multinomial(probs, 1, generator=generator)))
-    assert got == ids[len(prompt) :]
+    for top_k, top_p in ((15, 0.8), (0, 0.9), (0, 1.0)):
+        params = SamplingParams(max_tokens=6, temperature=0.7, top_k=top_k, top_p=top_p, seed=99)
+        got = Engine(model, max_batch_size=2, max_length=32).run([Request(prompt, params)])[0].token_ids
+        generator = torch.Generator().manual_seed(99)
+        ids = list(prompt)
+        with torch.no_grad():
+            for _ in range(6):
+                logits = model(torch.tensor([ids])).logits[0, -1].float()
+                probs = process_logits(logits[None], 0.7, top_k, top_p).softmax(-1)[0]
+                # The engine lists candidates by descending logit (the whole vocabulary in token order when
+                # nothing is cut) and races one exponential per candidate.
+                order = torch.arange(len(probs)) if (top_k, top_p) == (0, 1.0) else logits.argsort(descending=True)
+                width = len(order) if (top_k, top_p) == (0, 1.0) else (top_k or CANDIDATES)
+                candidates = order[:width]
+                race = torch.empty(width).exponential_(1.0, generator=generator)
+                ids.append(int(candidates[(probs[candidates] / race).argmax()]))
+        assert got == ids[len(prompt) :], (top_k, top_p)
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.6, 0, 0.95), (1.0, 0, 0.5), (1.3, 40, 0.9), (0.7, 7, 1.0)])
+def test_candidate_distribution_is_transformers_warpers(temperature, top_k, top_p):
+    """Same kept tokens and probabilities as process_logits (transformers' warpers, full sort), for rows whose
+    nucleus fits in the candidates and rows (flat logits) where it does not and the whole vocabulary is sorted."""
+    gen = torch.Generator().manual_seed(0)
+    vocab = 2000
+    sharp = torch.randn(6, vocab, generator=gen) * 4
+    flat = torch.randn(3, vocab, generator=gen) * 0.01  # top-p mass spread over far more than CANDIDATES tokens
+    logits = torch.cat([sharp, flat])
+    probs, ids = candidate_distribution(logits, temperature, top_k, top_p)
+    want = process_logits(logits, temperature, top_k, top_p).softmax(-1)
+    got = torch.zeros_like(want).scatter_add_(1, ids, probs)
+    assert torch.allclose(got, want, atol=1e-6)
+    assert torch.equal(got > 0, want > 0)
+    assert torch.allclose(probs.sum(-1), torch.ones(len(logits)))
+
+
+def test_draw_follows_the_probabilities():
+    generator = torch.Generator().manual_seed(3)
+    probs = torch.tensor([0.5, 0.3, 0.2, 0.0])
+    counts = torch.bincount(torch.tensor([draw(probs, generator) for _ in range(4000)]), minlength=4)
+    assert counts[3] == 0
+    assert torch.allclose(counts.float() / 4000, probs, atol=0.03)
 
 
 def test_max_length_ends_a_request_before_the_cache_overflows():

@@ -30,7 +30,6 @@ import torch
 from torch import nn
 
 from open_nemotron.errors import OpenNemotronError
-from open_nemotron.model.generation import process_logits
 
 # Shorter shared prefixes are prefilled with the rest of the batch rather than in a pass of their own.
 MIN_REUSE = 4
@@ -44,6 +43,51 @@ def _shared_prefix(held: list[int], prompt: list[int]) -> int:
     while n < limit and held[n] == prompt[n]:
         n += 1
     return n
+
+
+# Sampling reads the highest CANDIDATES logits of a row (one top-k instead of a sort of the vocabulary) when they
+# already hold the top-p mass, which at the usual settings (temperature 0.6-1, top-p 0.9-0.95) they almost always do.
+CANDIDATES = 256
+
+
+def candidate_distribution(
+    logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probs [rows, C], token ids [rows, C]): what each row of `logits` [rows, vocab] draws from, after
+    transformers' warpers in their order: temperature, top-k (the k highest logits), top-p (the smallest set of top
+    tokens whose mass reaches top_p, at least one); probabilities of tokens outside the set are 0. In descending
+    logit order, except with neither top-k nor top-p (then the whole vocabulary in token order).
+
+    Exact, and cheap: the nucleus is a prefix of the descending order, so when the C highest logits (C = top_k, or
+    CANDIDATES) hold the top-p mass the answer lies among them; a row where they do not is recomputed over the
+    whole vocabulary."""
+    logits = logits / temperature if temperature != 1.0 else logits
+    rows, vocab = logits.shape
+    if not top_k and top_p >= 1.0:  # the whole vocabulary, in token order
+        return logits.softmax(-1), torch.arange(vocab, device=logits.device).expand(rows, -1)
+    width = min(vocab, top_k or CANDIDATES)
+    values, ids = torch.topk(logits, width, dim=-1)  # sorted, descending
+    # With top-k the distribution is a softmax over the kept logits; else each candidate's share of the whole.
+    probs = values.softmax(-1) if top_k else (values - torch.logsumexp(logits, -1, keepdim=True)).exp()
+    if top_p < 1.0:
+        short = probs.sum(-1) < top_p  # rows whose nucleus reaches past the candidates
+        if bool(short.any()) and width < vocab:
+            values_all, ids_all = torch.sort(logits[short], descending=True, dim=-1)
+            probs_all = values_all.softmax(-1)
+            probs = torch.cat([probs, probs.new_zeros(len(probs), vocab - width)], -1)
+            ids = torch.cat([ids, ids.new_zeros(len(ids), vocab - width)], -1)
+            probs[short], ids[short] = probs_all, ids_all
+        before = probs.cumsum(-1) - probs  # mass of the tokens ranked above each one
+        probs = probs.masked_fill(before >= top_p, 0.0)
+        probs[..., 0] = probs[..., 0].clamp_min(torch.finfo(probs.dtype).tiny)  # at least one token
+    return probs / probs.sum(-1, keepdim=True), ids
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+    """One index drawn with probability `probs[i]` (a 1-D vector summing to 1), by the exponential race: the argmax
+    of probs / E with E ~ Exp(1) i.i.d. from `generator`, so a request's draws depend on its generator only."""
+    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return int((probs / race).argmax())
 
 
 class EngineError(OpenNemotronError, ValueError):
@@ -380,8 +424,8 @@ class Engine:
 
     def _sample(self, logits: torch.Tensor, states: list[_Running]) -> list[int]:
         """The next token of each state from its row of `logits` [len(states), vocab]: forced tokens first, greedy
-        rows by one argmax, sampled rows with the same settings through one `process_logits` (the warpers cost a
-        vocabulary sort per row), then one draw per row from the request's own generator."""
+        rows by one argmax, sampled rows with the same settings through one `candidate_distribution`, then one
+        draw per row from the request's own generator (`draw`)."""
         chosen: list[int | None] = [None] * len(states)
         greedy = [i for i, st in enumerate(states) if not st.forced and st.request.params.greedy]
         if greedy:
@@ -395,9 +439,9 @@ class Engine:
             elif not p.greedy:
                 groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(i)
         for (temperature, top_k, top_p), rows in groups.items():
-            probs = process_logits(logits[rows].float(), temperature, top_k, top_p).softmax(-1)
+            probs, ids = candidate_distribution(logits[rows].float(), temperature, top_k, top_p)
             for row, i in enumerate(rows):
-                chosen[i] = int(torch.multinomial(probs[row : row + 1], 1, generator=states[i].generator))
+                chosen[i] = int(ids[row, draw(probs[row], states[i].generator)])
         return chosen  # type: ignore[return-value]
 
     def _prompt_opens_think(self, request: Request) -> bool:
