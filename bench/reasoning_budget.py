@@ -60,7 +60,7 @@ def plot(result: dict, path: Path) -> None:
     twin.set_ylim(bottom=0)
     lines = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
     ax.legend(lines, [line.get_label() for line in lines], loc="lower right", fontsize=8)
-    ax.set_title(Path(result["model"]).name, fontsize=9)
+    ax.set_title(result["model"], fontsize=9)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120)

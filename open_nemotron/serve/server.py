@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import json
 import queue
+import signal
 import threading
 import time
 import uuid
@@ -104,17 +105,25 @@ class EngineWorker:
         self.draining = False  # shutting down: no new requests
         self._deadline: float | None = None  # when draining: cancel what is still in flight at this time
         self._thread = threading.Thread(target=self._loop, name="open-nemotron-engine", daemon=True)
+        self.after_step: Callable[[], None] = lambda: None  # once per loop turn (the server flushes its events)
         self.cancels_requested = 0  # cancel() calls (a client went away)
         self.cancelled = 0  # requests a cancel actually stopped (the others had already finished)
 
     def start(self) -> EngineWorker:
+        """Run the engine on a thread of its own."""
         self._thread.start()
         return self
+
+    def run_here(self) -> None:
+        """Run the engine on the calling thread until `stop` (what `serve` does on the main thread: torch then keeps
+        the OpenMP threads of the thread that loaded the model, measured faster than a second thread's)."""
+        self._loop()
 
     def stop(self) -> None:
         self._stop.set()
         self._inbox.put(None)
-        self._thread.join(timeout=30)
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
 
     def drain(self, grace_s: float) -> None:
         """Refuse new requests from now on; cancel those still in flight after `grace_s` seconds."""
@@ -155,7 +164,10 @@ class EngineWorker:
                 except queue.Empty:
                     item = ()
             else:
-                item = self._inbox.get()  # idle: sleep until something arrives
+                try:  # idle: sleep until something arrives (waking now and then, so signals are handled)
+                    item = self._inbox.get(timeout=0.5)
+                except queue.Empty:
+                    continue
             while item is not None:
                 if item:
                     kind, payload = item
@@ -184,12 +196,13 @@ class EngineWorker:
                 try:
                     finished = self.engine.step()
                 except Exception as err:  # a bug must fail the running requests, not the server
+                    finished = []
                     for state in list(self.engine.running.values()):
                         self.engine.cancel(state.request.request_id)
                         self._fail(state.request, f"the engine failed: {type(err).__name__}: {err}")
-                    continue
                 for completion in finished:
                     self._finish(completion)
+            self.after_step()
 
     def _cancel_all(self) -> None:
         waiting = [r.request_id for r in self.engine.waiting]
@@ -258,8 +271,37 @@ class ReasoningSplitter:
 
 
 # ----------------------------------------------------------------------------------------------- the app
-def create_app(engine: Engine, tokenizer, model_name: str, queue_size: int = 64):
-    """The FastAPI app serving `engine` (which must have `tokenizer`) as model `model_name`."""
+class EventRelay:
+    """Hands the engine thread's events (tokens, completions) to the event loop in one batch per engine step: one
+    wake-up of the loop per step instead of one per token and stream, which kept taking the GIL from the engine."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._events: list[tuple[Any, asyncio.AbstractEventLoop, Any]] = []
+
+    def put(self, loop: asyncio.AbstractEventLoop, target: asyncio.Queue, event: Any) -> None:
+        with self._lock:
+            self._events.append((target, loop, event))
+
+    def flush(self) -> None:
+        with self._lock:
+            events, self._events = self._events, []
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for target, loop, event in events:
+            by_loop.setdefault(loop, []).append((target, event))
+        for loop, batch in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # the loop has closed (shutting down): nobody is listening
+                loop.call_soon_threadsafe(_deliver, batch)
+
+
+def _deliver(batch: list) -> None:
+    for target, event in batch:
+        target.put_nowait(event)
+
+
+def create_app(engine: Engine, tokenizer, model_name: str, queue_size: int = 64, worker_thread: bool = True):
+    """The FastAPI app serving `engine` (which must have `tokenizer`) as model `model_name`. `worker_thread`: the
+    app starts the engine's thread itself; False leaves running `app.state.worker.run_here()` to the caller."""
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
@@ -267,11 +309,14 @@ def create_app(engine: Engine, tokenizer, model_name: str, queue_size: int = 64)
     from open_nemotron.model.chat import resolve_sampling, stop_token_ids
 
     worker = EngineWorker(engine, queue_size)
+    relay = EventRelay()
+    worker.after_step = relay.flush
     stop_ids = tuple(stop_token_ids(tokenizer))
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
-        worker.start()
+        if worker_thread:
+            worker.start()
         try:
             yield
         finally:
@@ -347,10 +392,10 @@ def create_app(engine: Engine, tokenizer, model_name: str, queue_size: int = 64)
             rid = f"req-{uuid.uuid4().hex[:12]}"
 
             def on_token(token: int, q=q) -> None:
-                loop.call_soon_threadsafe(q.put_nowait, ("token", token))
+                relay.put(loop, q, ("token", token))
 
             def on_done(completion: Completion, q=q) -> None:
-                loop.call_soon_threadsafe(q.put_nowait, ("done", completion))
+                relay.put(loop, q, ("done", completion))
 
             request = Request(prompt_ids, p, request_id=rid, on_token=on_token if stream else None)
             try:
@@ -522,5 +567,18 @@ def serve(
     tokenizer = load_tokenizer(model_spec)
     ensure_reasoning_template(tokenizer)
     engine = Engine(model, max_batch_size=max_batch_size, max_length=max_length, tokenizer=tokenizer)
-    app = create_app(engine, tokenizer, model_name or str(model_spec), queue_size)
-    draining_server(app, host, port, shutdown_grace_s, log_level="info").run()
+    app = create_app(engine, tokenizer, model_name or str(model_spec), queue_size, worker_thread=False)
+    server = draining_server(app, host, port, shutdown_grace_s, log_level="info")
+    # The engine runs on this (main) thread, uvicorn's event loop on another; uvicorn installs no signal handlers
+    # off the main thread, so ours do what its own would (a second signal forces the exit).
+    http = threading.Thread(target=server.run, name="open-nemotron-http", daemon=True)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, server.handle_exit)
+    http.start()
+    worker = app.state.worker
+    watcher = threading.Thread(target=lambda: (http.join(), worker.stop()), daemon=True)
+    watcher.start()  # uvicorn ending for any reason (a failed start too) stops the engine loop
+    worker.run_here()
+    http.join(timeout=60)
+    if not server.started:
+        raise EngineError(f"the HTTP server did not start on {host}:{port} (see the log above)")
