@@ -11,8 +11,9 @@ think-block budget), `ignore_eos` (vLLM's: generate through end-of-turn tokens u
 benchmarks). Sampling defaults when a request sets none: the paper's (reasoning on: temperature 0.6,
 top-p 0.95; off: greedy).
 
-One worker thread owns the engine: requests reach it through a bounded queue (full: 429), tokens come back to the
-request's asyncio queue. A client that goes away mid-stream cancels its request, which frees its slot. Bad requests
+One loop owns the engine (`EngineWorker`; on the main thread under `serve`, else a thread of its own): requests
+reach it through a bounded queue (full: 429), tokens come back to the request's asyncio queue in one batch per
+engine step (`EventRelay`). A client that goes away mid-stream cancels its request, which frees its slot. Bad requests
 get an OpenAI-style error body (`{"error": {"message", "type", "param", "code"}}`) and a 4xx; the server keeps
 serving.
 
