@@ -37,7 +37,8 @@ from open_nemotron.puzzle.config import CalibrationConfig
 from open_nemotron.puzzle.progress import step_printer
 from open_nemotron.utils import atomic_write_text
 
-CALIBRATION_VERSION = 1
+# 2: parent text sampled on the engine (per-conversation seeded generators), not padded generate batches.
+CALIBRATION_VERSION = 2
 
 # Fixed, deliberately varied prompts: the parent's answers cover prose, lists, code, numbers and dialogue.
 PROMPTS: tuple[str, ...] = (
