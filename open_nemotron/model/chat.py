@@ -253,7 +253,8 @@ def _generate_on_engine(
         model,
         max_batch_size=min(batch_size, len(prompts)),
         max_length=max(len(p) for p in prompts) + max_new_tokens,
-        tokenizer=tokenizer,
+        # Only a budget needs the engine's tokenizer; without one it would decode every reply a second time.
+        tokenizer=tokenizer if reasoning_budget is not None else None,
     )
     requests = []
     for i in order:

@@ -1,4 +1,4 @@
-"""A continuous-batching generation engine over a slot KV cache (first part of the engine/server issue).
+"""A continuous-batching generation engine over a slot KV cache.
 
 Requests (prompt token ids + sampling settings + stop conditions) wait in a queue. Each engine step first
 prefills waiting requests into free slots of a preallocated KV cache (one slot = one row of every GQA layer's
@@ -7,8 +7,9 @@ have none), then decodes one token for every running request in one batched forw
 frees its slot at once and the next waiting request takes it, so a long generation never holds short ones back.
 
 The decode pass runs our model's ordinary `forward`: `SlotKVCache.update` writes each row's new key/value at that
-row's own length and returns the whole buffers, and the 2-D attention mask marks each row's valid keys, so rows of
-any length share one pass (rows past the highest running slot are not computed at all).
+row's own length and returns the buffers up to the longest running row, and the 2-D attention mask marks each row's
+valid keys, so rows of any length share one pass (rows past the highest running slot are not computed at all). A
+new request reuses the longest prompt prefix any slot holds and prefills only the rest.
 
 Per request: temperature (0 = greedy), top-k, top-p, max new tokens, stop token ids and strings, a seed and a
 reasoning budget; a seeded request draws from its own generator, so it gives the same tokens whatever else is in
@@ -16,7 +17,8 @@ the batch.
 
 With the engine's tokenizer: stop strings (the text ends before the first one) and a per-request reasoning budget
 (`max_reasoning_tokens`: when a think block reaches it, the engine writes `</think>` itself and the model goes on
-to its answer). Not here yet (see the issue): the server, and eval / teacher / chat on top.
+to its answer). Users: `open_nemotron.model.chat.generate_chat` (eval, the HF-model teacher, `generate`) and the
+server (`server.py`).
 """
 
 from __future__ import annotations
@@ -211,11 +213,10 @@ class SlotKVCache:
     def load_prefix(self, slot: int, length: int, cache) -> None:
         """Put `slot`'s first `length` positions into an empty transformers-style `cache` (one row), so that a forward
         pass over the rest of a prompt attends to them."""
+        # Views, not copies: the forward pass concatenates the rest onto them into new tensors.
         for i, keys in enumerate(self.keys):
             if keys is not None:
-                cache.update(
-                    keys[slot : slot + 1, :, :length].clone(), self.values[i][slot : slot + 1, :, :length].clone(), i
-                )
+                cache.update(keys[slot : slot + 1, :, :length], self.values[i][slot : slot + 1, :, :length], i)
 
 
 class Engine:

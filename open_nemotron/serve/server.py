@@ -572,13 +572,18 @@ def serve(
     server = draining_server(app, host, port, shutdown_grace_s, log_level="info")
     # The engine runs on this (main) thread, uvicorn's event loop on another; uvicorn installs no signal handlers
     # off the main thread, so ours do what its own would (a second signal forces the exit).
-    http = threading.Thread(target=server.run, name="open-nemotron-http", daemon=True)
+    worker = app.state.worker
+
+    def run_http() -> None:
+        try:
+            server.run()
+        finally:
+            worker.stop()  # uvicorn ending for any reason (a failed start too) ends the engine loop
+
+    http = threading.Thread(target=run_http, name="open-nemotron-http", daemon=True)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, server.handle_exit)
     http.start()
-    worker = app.state.worker
-    watcher = threading.Thread(target=lambda: (http.join(), worker.stop()), daemon=True)
-    watcher.start()  # uvicorn ending for any reason (a failed start too) stops the engine loop
     worker.run_here()
     http.join(timeout=60)
     if not server.started:
