@@ -41,6 +41,27 @@ PROMPTS = [
 ]
 
 
+def conversation(i: int) -> list[dict]:
+    """Client request i's messages."""
+    return [
+        {"role": "system", "content": "detailed thinking off"},
+        {"role": "user", "content": PROMPTS[i % len(PROMPTS)]},
+    ]
+
+
+def mean_prompt_tokens(tokenizer) -> int:
+    """The mean templated prompt length of the load's requests (bench-speed's --prompt-len for the same work)."""
+    lengths = [
+        len(
+            tokenizer.apply_chat_template(conversation(i), add_generation_prompt=True, tokenize=True, return_dict=True)[
+                "input_ids"
+            ]
+        )
+        for i in range(len(PROMPTS))
+    ]
+    return round(sum(lengths) / len(lengths))
+
+
 def _peak_rss_mib(pid: int) -> float | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -77,10 +98,7 @@ async def _client(
         try:
             stream = await client.chat.completions.create(
                 model=model,
-                messages=[
-                    {"role": "system", "content": "detailed thinking off"},
-                    {"role": "user", "content": PROMPTS[i % len(PROMPTS)]},
-                ],
+                messages=conversation(i),
                 max_tokens=max_tokens,
                 temperature=temperature,
                 seed=i,
@@ -143,11 +161,19 @@ def main(argv: list[str] | None = None) -> int:
         "--ignore-eos", action="store_true", help="every reply runs to --max-tokens (vLLM's ignore_eos extra field)"
     )
     parser.add_argument("--tokenizer", help="tokenizer to count output tokens with (default: the model's)")
-    parser.add_argument("--json", required=True)
+    parser.add_argument("--json", help="where to write the result (required unless --print-prompt-tokens)")
+    parser.add_argument(
+        "--print-prompt-tokens", action="store_true", help="print the mean templated prompt length and exit"
+    )
     args = parser.parse_args(argv)
     from open_nemotron.model.loading import load_tokenizer, resolve_model_dir
 
     tokenizer = load_tokenizer(args.tokenizer or args.model)
+    if args.print_prompt_tokens:
+        print(mean_prompt_tokens(tokenizer))
+        return 0
+    if not args.json:
+        parser.error("--json is required")
 
     def count(text: str) -> int:
         return len(tokenizer.encode(text, add_special_tokens=False)) if text else 0

@@ -1,4 +1,5 @@
-"""The `open-nemotron` command line: convert, bench-speed, bench-train, generate, datagen, sft, eval, puzzle.
+"""The `open-nemotron` command line: convert, bench-speed, bench-train, generate, datagen, sft, eval, eval-mc,
+distill, serve, puzzle.
 
 Heavy modules (torch, transformers, the model code) are imported inside each command, so that `--help` and bad
 arguments answer without loading them. Bad input ends with one line, ``error: <message>``, on stderr and exit
@@ -24,7 +25,8 @@ app = typer.Typer(
     help="Llama-Nemotron's pipeline for small Llama models. Verbs: convert (a Llama parent to the "
     "DeciLM format), bench-speed and bench-train (throughput), generate (one answer, reasoning on or off), datagen "
     "(reasoning on/off training data), sft (fine-tuning with the toggle), eval (accuracy with reasoning on and off), "
-    "eval-mc (multiple-choice accuracy and retention), serve (an OpenAI-compatible server with the reasoning toggle), "
+    "eval-mc (multiple-choice accuracy and retention), distill (knowledge distillation / continued pretraining of a "
+    "child), serve (an OpenAI-compatible server with the reasoning toggle), "
     "puzzle (Puzzle NAS: run, or one stage: calibration, build-library, score, costs, search, assemble, report).",
     epilog="Run `open-nemotron VERB --help` for a verb's options; README.md has a section and an example per verb.",
     no_args_is_help=True,
@@ -442,6 +444,103 @@ def sft(
         f"trained {summary['steps']} steps, loss {summary['first_loss']} -> {summary['last_loss']}; "
         f"model in {summary['final_model']}, report in {out / 'sft_report.md'}"
     )
+
+
+@app.command()
+@reports_user_errors
+def distill(
+    student: Annotated[
+        str, typer.Option("--student", help="The model to train (a Puzzle or fused child, any model spec).")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Run directory (checkpoints, final/, reports).", file_okay=False)],
+    teacher: Annotated[
+        str | None, typer.Option("--teacher", help="The model to match (the parent); needed for --loss kd.")
+    ] = None,
+    loss: Annotated[
+        str, typer.Option("--loss", help="kd: cosine over layers + KL to the teacher; lm: continued pretraining.")
+    ] = "kd",
+    data: Annotated[
+        str,
+        typer.Option(
+            "--data",
+            help="parent (the teacher's own answers, cached), a calibration directory (e.g. a Puzzle run's "
+            "calibration/), a .jsonl/.parquet/.txt file or a cached hub dataset id.",
+        ),
+    ] = "parent",
+    text_field: Annotated[str, typer.Option("--text-field", help="jsonl/parquet/hub: the text column.")] = "text",
+    cosine_weight: Annotated[float, typer.Option("--cosine-weight", help="Weight of the layer cosine loss.")] = 1.0,
+    kl_weight: Annotated[float, typer.Option("--kl-weight", help="Weight of KL(teacher || student).")] = 1.0,
+    lm_weight: Annotated[float, typer.Option("--lm-weight", help="Weight of the LM loss (the paper: 0).")] = 0.0,
+    temperature: Annotated[float, typer.Option("--temperature", help="Softmax temperature of the KL.")] = 1.0,
+    train_tokens: Annotated[int, typer.Option("--train-tokens", help="Token budget (sets the step count).")] = 200_000,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per device step.")] = 4,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", help="Gradient accumulation steps.")] = 1,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per window (data not a calibration dir).")] = 128,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (linear warm-up, then cosine).")] = 1e-4,
+    warmup_ratio: Annotated[float, typer.Option("--warmup-ratio", help="Share of steps spent warming up.")] = 0.05,
+    train_embeddings: Annotated[
+        bool, typer.Option("--train-embeddings/--freeze-embeddings", help="Train the embeddings / LM head too.")
+    ] = False,
+    train_sequences: Annotated[
+        int, typer.Option("--train-sequences", help="Training windows to build (data not a calibration dir).")
+    ] = 192,
+    reporting_sequences: Annotated[
+        int, typer.Option("--reporting-sequences", help="Held-out reporting windows to build.")
+    ] = 8,
+    generate_prompts: Annotated[
+        int, typer.Option("--generate-prompts", help="--data parent: prompts the teacher answers.")
+    ] = 80,
+    generate_tokens: Annotated[
+        int, typer.Option("--generate-tokens", help="--data parent: new tokens per answer.")
+    ] = 160,
+    report_every: Annotated[
+        int, typer.Option("--report-every", help="Steps between reporting-set KL / top-1 measurements.")
+    ] = 10,
+    save_steps: Annotated[int, typer.Option("--save-steps", help="Checkpoint every N steps.")] = 20,
+    report_to: Annotated[
+        str, typer.Option("--report-to", help="transformers' report_to: none, tensorboard, wandb, ...")
+    ] = "none",
+    seed: Annotated[int, typer.Option("--seed", help="Seed for data order and generation.")] = 0,
+    device: DeviceOption = None,
+) -> None:
+    """Global knowledge distillation (Puzzle's cosine + KL) or continued pretraining; resumes a killed run."""
+    device = check_device(device)
+    from open_nemotron.distill import DistillConfig, run
+
+    config = DistillConfig(
+        student=student,
+        output_dir=str(out),
+        teacher=teacher,
+        loss=loss,
+        data=data,
+        text_field=text_field,
+        cosine_weight=cosine_weight,
+        kl_weight=kl_weight,
+        lm_weight=lm_weight,
+        temperature=temperature,
+        train_tokens=train_tokens,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        seq_len=seq_len,
+        learning_rate=lr,
+        warmup_ratio=warmup_ratio,
+        train_embeddings=train_embeddings,
+        train_sequences=train_sequences,
+        reporting_sequences=reporting_sequences,
+        generate_prompts=generate_prompts,
+        generate_tokens=generate_tokens,
+        report_every=report_every,
+        save_steps=save_steps,
+        report_to=report_to,
+        seed=seed,
+        device=device,
+    )
+    result = run(config)
+    line = f"trained {result['steps']} steps ({result['train_tokens']:,} tokens) in {result['train_seconds']:.0f} s"
+    if result["before"] and result["after"]:
+        b, a = result["before"], result["after"]
+        line += f"; reporting KL {b['kl']:.3f} -> {a['kl']:.3f}, top-1 {b['top1']:.3f} -> {a['top1']:.3f}"
+    typer.echo(f"{line}; model in {result['final_model']}, report in {out / 'distill_report.md'}")
 
 
 @app.command("eval")

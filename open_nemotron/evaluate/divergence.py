@@ -1,9 +1,12 @@
 """How far a child model's next-token distributions are from a reference's: the one KL / top-1 computation.
 
-Puzzle's replace-1-block scores and its assembled children's held-out quality both use `kl_and_top1`.
+Puzzle's replace-1-block scores, its assembled children's held-out quality and distillation's reporting curve all
+use `kl_and_top1`.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,3 +26,24 @@ def kl_and_top1(reference_logp: torch.Tensor, logp: torch.Tensor) -> tuple[torch
     kl = (reference_logp.exp() * (reference_logp - logp)).sum(-1)
     top1 = (reference_logp.argmax(-1) == logp.argmax(-1)).float()
     return kl, top1
+
+
+@torch.no_grad()
+def heldout_agreement(parent_model, child_model, heldout: torch.Tensor, batch_size: int = 4) -> dict[str, Any]:
+    """Mean KL(parent || child) per next-token position and top-1 agreement, over the held-out tokens [N, seq]
+    (each model on its own device; a child in training mode is measured in eval mode and handed back as it was)."""
+    parent_device = next(parent_model.parameters()).device
+    child_device = next(child_model.parameters()).device
+    was_training = child_model.training
+    child_model.eval()
+    kl_sum, agree, n = 0.0, 0.0, 0
+    for start in range(0, heldout.shape[0], batch_size):
+        ids = heldout[start : start + batch_size]
+        parent_logp = log_probs(parent_model(ids.to(parent_device)).logits[:, :-1])
+        child_logp = log_probs(child_model(ids.to(child_device)).logits[:, :-1]).to(parent_logp.device)
+        kl, top1 = kl_and_top1(parent_logp, child_logp)
+        kl_sum += kl.sum().item()
+        agree += top1.sum().item()
+        n += kl.numel()
+    child_model.train(was_training)
+    return {"heldout_kl": kl_sum / n, "top1_agreement": agree / n, "tokens": n}

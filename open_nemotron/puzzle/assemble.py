@@ -10,11 +10,10 @@ top-1 agreement.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from open_nemotron.evaluate.divergence import kl_and_top1, log_probs
+from open_nemotron.evaluate.divergence import heldout_agreement  # noqa: F401  (the pipeline's import)
 from open_nemotron.puzzle.scoring import library_layer
 from open_nemotron.puzzle.search_space import SearchSpace, Variant, child_block_configs, config_with_blocks
 
@@ -57,17 +56,3 @@ def save_child(child, tokenizer, out_dir: Path) -> Path:
     tokenizer.save_pretrained(tmp)
     publish_directory(tmp, out_dir)
     return out_dir
-
-
-@torch.no_grad()
-def heldout_agreement(parent_model, child_model, heldout: torch.Tensor, batch_size: int = 4) -> dict[str, Any]:
-    """Mean KL(parent || child) per next-token position and top-1 agreement, over the held-out tokens."""
-    device = parent_model.model.embed_tokens.weight.device
-    kl_sum, agree, n = 0.0, 0.0, 0
-    for start in range(0, heldout.shape[0], batch_size):
-        ids = heldout[start : start + batch_size].to(device)
-        kl, top1 = kl_and_top1(log_probs(parent_model(ids).logits[:, :-1]), log_probs(child_model(ids).logits[:, :-1]))
-        kl_sum += kl.sum().item()
-        agree += top1.sum().item()
-        n += kl.numel()
-    return {"heldout_kl": kl_sum / n, "top1_agreement": agree / n, "tokens": n}
