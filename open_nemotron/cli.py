@@ -1,5 +1,5 @@
 """The `open-nemotron` command line: convert, bench-speed, bench-train, generate, datagen, sft, eval, eval-mc,
-distill, serve, puzzle.
+distill, fusion, serve, puzzle.
 
 Heavy modules (torch, transformers, the model code) are imported inside each command, so that `--help` and bad
 arguments answer without loading them. Bad input ends with one line, ``error: <message>``, on stderr and exit
@@ -26,7 +26,7 @@ app = typer.Typer(
     "DeciLM format), bench-speed and bench-train (throughput), generate (one answer, reasoning on or off), datagen "
     "(reasoning on/off training data), sft (fine-tuning with the toggle), eval (accuracy with reasoning on and off), "
     "eval-mc (multiple-choice accuracy and retention), distill (knowledge distillation / continued pretraining of a "
-    "child), serve (an OpenAI-compatible server with the reasoning toggle), "
+    "child), fusion (FFN Fusion: analyze, fuse), serve (an OpenAI-compatible server with the reasoning toggle), "
     "puzzle (Puzzle NAS: run, or one stage: calibration, build-library, score, costs, search, assemble, report).",
     epilog="Run `open-nemotron VERB --help` for a verb's options; README.md has a section and an example per verb.",
     no_args_is_help=True,
@@ -671,6 +671,89 @@ def serve(
     from open_nemotron.serve.server import serve as run_server
 
     run_server(model, host, port, max_batch_size, max_length, queue_size, model_name, device, shutdown_grace)
+
+
+fusion_app = typer.Typer(
+    help="FFN Fusion: block-dependency analysis of a model, and fusing runs of attention-free layers into one "
+    "wider SwiGLU each (docs/fusion.md).",
+    no_args_is_help=True,
+)
+app.add_typer(fusion_app, name="fusion")
+
+
+@fusion_app.command("analyze")
+@reports_user_errors
+def fusion_analyze(
+    model_spec: Annotated[str, typer.Argument(metavar="MODEL", help="Model to analyse.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="Directory for dependency.json/.png/.md.", file_okay=False)],
+    data: Annotated[
+        str,
+        typer.Option(
+            "--data",
+            help="Calibration text: parent (the model's own answers), a calibration directory, a "
+            "file or a cached hub id.",
+        ),
+    ] = "parent",
+    sequences: Annotated[int, typer.Option("--sequences", help="Calibration windows to average over.")] = 8,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per window.")] = 128,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.")] = 4,
+    device: DeviceOption = None,
+) -> None:
+    """The block-dependency matrix M[i, j] (cosine distance of layer j's contribution without layer i), heatmap."""
+    device = check_device(device)
+    from open_nemotron.fusion.stage import AnalyzeConfig, analyze
+
+    result = analyze(
+        AnalyzeConfig(
+            model=model_spec,
+            out_dir=str(out),
+            data=data,
+            seq_len=seq_len,
+            sequences=sequences,
+            batch_size=batch_size,
+            device=device,
+        )
+    )
+    runs = ", ".join(f"{r[0]}-{r[-1]}" for r in result["attention_free_runs"]) or "none"
+    typer.echo(
+        f"{result['layers']} layers, {result['tokens']} tokens; attention-free runs: {runs}; "
+        f"{out / 'dependency.png'}, {out / 'dependency.md'}"
+    )
+
+
+@fusion_app.command("fuse")
+@reports_user_errors
+def fusion_fuse(
+    model_spec: Annotated[str, typer.Argument(metavar="MODEL", help="Model to fuse.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="Directory for the fused model.", file_okay=False)],
+    runs: Annotated[
+        str | None, typer.Option("--runs", help="Layer runs FIRST-LAST[,...] (default: every attention-free run).")
+    ] = None,
+    max_width: Annotated[
+        int | None, typer.Option("--max-width", help="Largest fused FFN width (longer runs are split).")
+    ] = None,
+    exclude_last: Annotated[
+        bool,
+        typer.Option("--exclude-last/--include-last", help="Leave each run's last FFN unfused (the paper's choice)."),
+    ] = False,
+    device: DeviceOption = None,
+) -> None:
+    """Fuse runs of consecutive attention-free layers into one wider SwiGLU each (exact: X + sum_k FFN_k(norm_k(X)))."""
+    device = check_device(device)
+    from open_nemotron.fusion.stage import FuseConfig, fuse_stage, parse_runs
+
+    summary = fuse_stage(
+        FuseConfig(
+            model=model_spec,
+            out_dir=str(out),
+            runs=parse_runs(runs) if runs else None,
+            max_width=max_width,
+            exclude_last=exclude_last,
+            device=device,
+        )
+    )
+    groups = ", ".join(f"{g['layers'][0]}-{g['layers'][-1]} (width {g['width']})" for g in summary["groups"])
+    typer.echo(f"fused {groups}: {summary['layers_before']} -> {summary['layers_after']} layers; model in {out}")
 
 
 puzzle_app = typer.Typer(

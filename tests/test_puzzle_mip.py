@@ -559,3 +559,44 @@ def test_a_negative_fixed_residual_excludes_choices_predicted_at_or_below_zero_s
     degenerate = FixedCosts({1: -1.0}, 0, 0)  # even the slowest choice is predicted below 0 s
     with pytest.raises(SearchError, match=r"every architecture's predicted decode step is at most"):
         solve_mip(layers, degenerate, Budget(), 1, SEQ)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_attention_free_window_is_the_best_architecture_with_such_a_run(seed):
+    """Against enumeration: the best feasible choice among those with `length` consecutive layers (from layer 1 on)
+    whose attention is a no-op and whose FFN is not linear."""
+    from open_nemotron.puzzle.search import attention_free_window
+
+    rng = np.random.default_rng(seed)
+    layers, fixed = random_problem(seed, num_layers=5, k_range=(3, 4))
+    # Relabel: some candidates of every layer lose their attention (and one of those gets a linear FFN).
+    layers = [
+        [
+            Candidate("attn:no_op" if j % 2 else f"attn:{i}_{j}", "ffn:linear" if j == 3 else c.ffn, *list(vars(c).values())[2:])
+            for j, c in enumerate(layer)
+        ]
+        for i, layer in enumerate(layers)
+    ]
+    b = 4
+    budget = random_budget(layers, fixed, b, rng)
+    length = 2
+
+    def has_run(choice) -> bool:
+        ok = [layers[i][j].attention == "attn:no_op" and layers[i][j].ffn != "ffn:linear" for i, j in enumerate(choice)]
+        return any(all(ok[s : s + length]) for s in range(1, len(ok) - length + 1))
+
+    best = None
+    for choice in itertools.product(*(range(len(layer)) for layer in layers)):
+        if has_run(choice) and feasible(layers, fixed, budget, choice, b):
+            s = score_of(layers, choice)
+            if best is None or s < best:
+                best = s
+    if best is None:
+        with pytest.raises(SearchError, match="no window of 2 consecutive attention-free layers"):
+            attention_free_window(layers, fixed, budget, b, SEQ, length, 10.0)
+        return
+    restricted, window = attention_free_window(layers, fixed, budget, b, SEQ, length, 10.0)
+    assert len(window) == length and window[0] >= 1
+    sol = solve_mip(restricted, fixed, budget, b, SEQ)
+    assert sol.score == pytest.approx(best, abs=1e-9)
+    assert all(restricted[i][j].attention == "attn:no_op" for i, j in enumerate(sol.choice) if i in window)

@@ -203,36 +203,24 @@ def reporting_callback_class():
 
 def load_data(config: DistillConfig, tokenizer, out: Path, teacher_model=None) -> tuple[dict[str, torch.Tensor], Any]:
     """(token windows {"train", "reporting"}, calibration metadata) for `config.data`."""
-    from open_nemotron.puzzle import calibration
-    from open_nemotron.puzzle.config import CalibrationConfig
+    from open_nemotron.puzzle.calibration import prepare
 
-    source = Path(config.data)
-    if source.is_dir():
-        tokens = calibration.load_tokens(source)
-        meta_path = source / "calibration.json"
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
-    else:
-        if config.data == "parent" and not config.teacher:
-            raise DistillError("distill: data 'parent' is the teacher's own text: expected --teacher, or other data")
-        cal = CalibrationConfig(
-            source=config.data,
-            text_field=config.text_field,
-            seq_len=config.seq_len,
-            train_sequences=config.train_sequences,
-            reporting_sequences=config.reporting_sequences,
-            generate_prompts=config.generate_prompts,
-            generate_tokens=config.generate_tokens,
-            seed=config.seed,
-        )
-        meta = calibration.build(
-            config.teacher or config.student,
-            cal,
-            out / "calibration",
-            model=teacher_model,
-            tokenizer=tokenizer,
-            progress=True,
-        )
-        tokens = calibration.load_tokens(out / "calibration")
+    if config.data == "parent" and not config.teacher:
+        raise DistillError("distill: data 'parent' is the teacher's own text: expected --teacher, or other data")
+    tokens, meta = prepare(
+        config.data,
+        config.teacher or config.student,
+        out / "calibration",
+        text_field=config.text_field,
+        seq_len=config.seq_len,
+        train_sequences=config.train_sequences,
+        reporting_sequences=config.reporting_sequences,
+        generate_prompts=config.generate_prompts,
+        generate_tokens=config.generate_tokens,
+        seed=config.seed,
+        model=teacher_model,
+        tokenizer=tokenizer,
+    )
     return {"train": tokens["train"], "reporting": tokens["reporting"]}, meta
 
 

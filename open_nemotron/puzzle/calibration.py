@@ -336,3 +336,41 @@ def _cache_dir() -> Path:
     from platformdirs import user_cache_dir
 
     return Path(user_cache_dir("open-nemotron")) / "calibration"
+
+
+def prepare(
+    source: str,
+    model_spec: str,
+    out_dir: Path,
+    *,
+    text_field: str = "text",
+    seq_len: int = 128,
+    train_sequences: int = 192,
+    reporting_sequences: int = 8,
+    generate_prompts: int = 64,
+    generate_tokens: int = 128,
+    seed: int = 0,
+    model=None,
+    tokenizer=None,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """Token windows for a stage after Puzzle (distillation, fusion analysis): (`load_tokens`' sets, metadata).
+
+    `source` a calibration directory already built (e.g. a Puzzle run's `calibration/`) is read as it is; anything
+    else (`parent` = `model_spec`'s own answers, a local file, a hub id) is built into `out_dir` with these
+    settings (the selection set keeps Puzzle's default size, so equal settings give Puzzle's very splits)."""
+    path = Path(source)
+    if path.is_dir():
+        meta_path = path / "calibration.json"
+        return load_tokens(path), json.loads(meta_path.read_text()) if meta_path.is_file() else None
+    config = CalibrationConfig(
+        source=source,
+        text_field=text_field,
+        seq_len=seq_len,
+        train_sequences=train_sequences,
+        reporting_sequences=reporting_sequences,
+        generate_prompts=generate_prompts,
+        generate_tokens=generate_tokens,
+        seed=seed,
+    )
+    meta = build(model_spec, config, out_dir, model=model, tokenizer=tokenizer, progress=True)
+    return load_tokens(out_dir), meta

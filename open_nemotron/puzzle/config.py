@@ -78,11 +78,18 @@ class TargetConfig:
     max_step_latency_ms: float | None = None
     max_memory_gib: float | None = None
     max_params: int | None = None
+    # A modifier, not a kind: the child must have this many consecutive layers without attention (from layer 1 on,
+    # each with a SwiGLU or no FFN), i.e. a run FFN Fusion can fuse; 0 = no such requirement.
+    min_attention_free_run: int = 0
 
     @property
     def name(self) -> str:
-        """``decode_speedup_1.5``: the target's kind and value (the child's directory name)."""
-        return next((f"{k}_{v:g}" for k, v in asdict(self).items() if v is not None), "target")
+        """``decode_speedup_1.5`` (``..._attnfree3`` with a run requirement): the child's directory name."""
+        kind = next((f"{k}_{v:g}" for k, v in self.kinds().items() if v is not None), "target")
+        return kind + (f"_attnfree{self.min_attention_free_run}" if self.min_attention_free_run else "")
+
+    def kinds(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k != "min_attention_free_run"}
 
 
 @dataclass
@@ -250,9 +257,13 @@ def validate(config: PuzzleConfig) -> PuzzleConfig:
     if not s.targets:
         raise PuzzleConfigError("search.targets = []: expected at least one target")
     for i, t in enumerate(s.targets):
-        given = [k for k, v in asdict(t).items() if v is not None]
+        given = [k for k, v in t.kinds().items() if v is not None]
         if not given:
-            raise PuzzleConfigError(f"search.targets[{i}]: empty; expected one of {', '.join(asdict(t))}")
+            raise PuzzleConfigError(f"search.targets[{i}]: empty; expected one of {', '.join(t.kinds())}")
+        if not isinstance(t.min_attention_free_run, int) or t.min_attention_free_run < 0:
+            raise PuzzleConfigError(
+                f"search.targets[{i}].min_attention_free_run = {t.min_attention_free_run!r}: expected an integer >= 0"
+            )
         for k in given:
             if getattr(t, k) <= 0:
                 raise PuzzleConfigError(f"search.targets[{i}].{k} = {getattr(t, k)}: expected a positive number")

@@ -166,11 +166,18 @@ def run_search(
             )
     parent_throughput = b0 / parent_runtime[b0]
     targets = []
+    all_layers = layers
     for target in config.targets:
         name = target.name
         budget = to_budget(target, parent_throughput)
         entry: dict[str, Any] = {"name": name, "target": vars(target), "budget": vars(budget)}
+        layers = all_layers
         try:
+            if target.min_attention_free_run:
+                layers, window = attention_free_window(
+                    all_layers, fixed, budget, b0, seq_len, target.min_attention_free_run, config.time_limit_s
+                )
+                entry["attention_free_run"] = window
             best, log = sweep_batch_sizes(layers, fixed, budget, config.batch_sizes, seq_len)
             entry["sweep"] = log
             solutions = solve_diverse(
@@ -189,6 +196,7 @@ def run_search(
         except SearchError as err:
             entry["greedy"] = {"error": str(err)}
         targets.append(entry)
+    layers = all_layers
     batch = next((t["solution"]["batch_size"] for t in targets if t.get("solution")), b0)
     return {
         "batch_size": batch,
@@ -201,6 +209,48 @@ def run_search(
         "targets": targets,
         "front": front(layers, fixed, batch, seq_len, parent_runtime[batch], config),
     }
+
+
+def attention_free_window(
+    layers: list[list[Candidate]],
+    fixed: FixedCosts,
+    budget: Budget,
+    batch: int,
+    seq_len: int,
+    length: int,
+    time_limit_s: float,
+) -> tuple[list[list[Candidate]], list[int]]:
+    """The candidates with one window of `length` consecutive layers restricted to no attention (and a SwiGLU or no
+    FFN, so that FFN Fusion can fuse it), for the window whose best architecture under `budget` scores best; and
+    that window. Layer 0 keeps its attention (vLLM and llama.cpp need it there). One MIP per window: the best over
+    windows is the exact optimum under "some run of `length` attention-free layers"."""
+    if length > len(layers) - 1:
+        raise SearchError(
+            f"min_attention_free_run = {length}: expected at most {len(layers) - 1} (the model has {len(layers)} "
+            "layers and layer 0 keeps its attention)"
+        )
+
+    def fusable(c: Candidate) -> bool:
+        return c.attention == "attn:no_op" and c.ffn != "ffn:linear"
+
+    best: tuple[float, list[list[Candidate]], list[int]] | None = None
+    for start in range(1, len(layers) - length + 1):
+        window = list(range(start, start + length))
+        restricted = [[c for c in layer if fusable(c)] if i in window else layer for i, layer in enumerate(layers)]
+        if any(not layer for layer in restricted):
+            continue  # a layer of the window has no attention-free candidate in the search space
+        try:
+            solution = solve_mip(restricted, fixed, budget, batch, seq_len, time_limit_s=time_limit_s)
+        except SearchError:
+            continue
+        if best is None or solution.score < best[0]:
+            best = (solution.score, restricted, window)
+    if best is None:
+        raise SearchError(
+            f"no window of {length} consecutive attention-free layers meets the budget ({', '.join(f'{k}={v:g}' for k, v in vars(budget).items() if v is not None)}) at batch size {batch}"
+            " (is attn:no_op in the search space?)"
+        )
+    return best[1], best[2]
 
 
 def front(layers, fixed: FixedCosts, batch: int, seq_len: int, parent_runtime: float, config: SearchConfig) -> list:
