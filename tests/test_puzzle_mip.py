@@ -572,7 +572,11 @@ def test_attention_free_window_is_the_best_architecture_with_such_a_run(seed):
     # Relabel: some candidates of every layer lose their attention (and one of those gets a linear FFN).
     layers = [
         [
-            Candidate("attn:no_op" if j % 2 else f"attn:{i}_{j}", "ffn:linear" if j == 3 else c.ffn, *list(vars(c).values())[2:])
+            Candidate(
+                "attn:no_op" if j % 2 else f"attn:{i}_{j}",
+                "ffn:linear" if j == 3 else c.ffn,
+                *list(vars(c).values())[2:],
+            )
             for j, c in enumerate(layer)
         ]
         for i, layer in enumerate(layers)

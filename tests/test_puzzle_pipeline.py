@@ -710,3 +710,46 @@ def test_long_stages_print_step_lines_unless_quiet(tmp_path, parent, space, libr
     assert "scores: " in err and "selection sequences" in err
     score_library(parent, space, library, tokens["selection"], tmp_path / "b.json", batch_size=3, progress=False)
     assert capsys.readouterr().err == ""
+
+
+def test_coupled_bld_trains_only_changed_layers_and_keeps_only_improvements(parent, space, library, tokens):
+    """Layer 0 pruned FFN + fewer KV heads, layer 1 the parent's, layer 2 no-op attention: layers 0 and 2 train as
+    whole blocks; the parent is untouched; a kept layer's selection loss went down, the others are restored."""
+    import copy
+
+    from open_nemotron.puzzle.coupled import coupled_bld, layers_to_couple
+
+    attention = [
+        space.attention[0][-2],
+        space.attention[1][0],
+        next(v for v in space.attention[2] if v.kind == "no_op"),
+    ]
+    ffn = [space.ffn[0][1], space.ffn[1][0], space.ffn[2][0]]
+    child = assemble_child(parent, space, library, attention, ffn)
+    assert layers_to_couple(child, space) == [0, 2]
+    parent_before = copy.deepcopy(parent.state_dict())
+    child_before = copy.deepcopy(child.state_dict())
+    result = coupled_bld(parent, child, space, tokens["train"], tokens["selection"], 3.0, 3e-3, progress=False)
+    assert result["layers"] == [0, 2] and result["steps"] == 9  # 12 windows / 4 per step x 3 epochs
+    assert all(torch.equal(v, parent.state_dict()[k]) for k, v in parent_before.items())
+    after = child.state_dict()
+    for key, value in child_before.items():
+        layer = int(key.split(".")[2]) if key.startswith("model.layers.") else None
+        if layer in result["kept_trained"]:
+            continue
+        assert torch.equal(value, after[key]), key  # untrained or restored
+    for i in result["layers"]:
+        before_loss, after_loss = result["selection_loss_before"][str(i)], result["selection_loss_after"][str(i)]
+        assert (i in result["kept_trained"]) == (after_loss < before_loss)
+    assert result["kept_trained"], "three epochs at 3e-3 should improve at least one layer"
+    # The layer loss the stage reports is the normalised MSE of that layer on the parent's activations.
+    acts = parent_activations(parent, tokens["selection"])
+    with torch.no_grad():
+        y = parent.model.run_layers(
+            acts.inputs[0], 0, 1, position_embeddings=acts.position_embeddings, replace={0: child.model.layers[0]}
+        )
+    direct = (y - acts.inputs[1]).pow(2).mean() / (acts.inputs[1] - acts.inputs[0]).pow(2).mean()
+    expected = (
+        result["selection_loss_after"]["0"] if 0 in result["kept_trained"] else result["selection_loss_before"]["0"]
+    )
+    assert direct.item() == pytest.approx(expected, rel=1e-4)

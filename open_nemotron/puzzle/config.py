@@ -106,6 +106,10 @@ class SearchConfig:
 @dataclass
 class AssembleConfig:
     bench_repeats: int = 3  # bench-speed repeats for the measured speedup (parent and children interleaved)
+    # Coupled BLD (the paper's second pass): epochs over the train tokens of whole-layer training for each chosen
+    # child's non-parent layers, from the decoupled library weights; 0 = off (the child is the decoupled composition).
+    coupled_bld_epochs: float = 0.0
+    coupled_bld_learning_rate: float = 1e-4
 
 
 @dataclass
@@ -239,6 +243,13 @@ def validate(config: PuzzleConfig) -> PuzzleConfig:
         parse_shard(b.shard)
     if b.linear_init not in ("fit", "product"):
         raise PuzzleConfigError(f"bld.linear_init = {b.linear_init!r}: expected 'fit' or 'product'")
+    a = config.assemble
+    if not a.coupled_bld_epochs >= 0:
+        raise PuzzleConfigError(f"assemble.coupled_bld_epochs = {a.coupled_bld_epochs}: expected a number >= 0")
+    if not a.coupled_bld_learning_rate > 0:
+        raise PuzzleConfigError(
+            f"assemble.coupled_bld_learning_rate = {a.coupled_bld_learning_rate}: expected a positive number"
+        )
     if c.gen_len < 2:
         raise PuzzleConfigError(f"costs.gen_len = {c.gen_len}: expected at least 2")
     for name, sizes in (("costs.batch_sizes", c.batch_sizes), ("search.batch_sizes", s.batch_sizes)):

@@ -228,7 +228,8 @@ class PuzzleRun:
 
         say = step_printer(self.progress)
         search = self.read_json("search.json", "search")
-        reporting = load_tokens(self.dir / "calibration")["reporting"]  # seen by no decision
+        tokens = load_tokens(self.dir / "calibration")
+        reporting = tokens["reporting"]  # seen by no decision
         children = []
         for target in search["targets"]:
             if target.get("solution") is None:
@@ -239,9 +240,30 @@ class PuzzleRun:
             say(f"assemble {target['name']}: building the child, then its agreement on the reporting set")
             child = assemble_child(self.parent, self.space, self.dir / "library", attention, ffn)
             out = self.dir / "children" / target["name"]
-            save_child(child, self.tokenizer, out)
             quality = heldout_agreement(self.parent, child, reporting, self.config.score.batch_size)
-            children.append({"name": target["name"], "dir": str(out), **quality})
+            entry = {"name": target["name"], "dir": str(out), **quality}
+            a = self.config.assemble
+            if a.coupled_bld_epochs > 0:
+                from open_nemotron.puzzle.coupled import coupled_bld
+
+                say(f"assemble {target['name']}: coupled BLD ({a.coupled_bld_epochs:g} epochs)")
+                entry["coupled_bld"] = coupled_bld(
+                    self.parent,
+                    child,
+                    self.space,
+                    tokens["train"],
+                    tokens["selection"],
+                    a.coupled_bld_epochs,
+                    a.coupled_bld_learning_rate,
+                    self.config.bld.batch_size,
+                    self.config.bld.warmup_ratio,
+                    self.config.seed,
+                    self.progress,
+                )
+                entry["decoupled"] = quality
+                entry.update(heldout_agreement(self.parent, child, reporting, self.config.score.batch_size))
+            save_child(child, self.tokenizer, out)
+            children.append(entry)
             del child
         if not children:
             raise PuzzleRunError("assemble: no target has a solution (see search.json)")

@@ -39,6 +39,9 @@ def write_report(run) -> dict[str, Any]:
             summed_score=sol["score"],
             heldout_kl=child.get("heldout_kl"),
             top1_agreement=child.get("top1_agreement"),
+            # With coupled BLD: the decoupled composition's figures before it (heldout_kl is after).
+            decoupled=child.get("decoupled"),
+            coupled_bld=child.get("coupled_bld"),
             params=sol["params"],
             memory_bytes=sol["memory_bytes"],
             child_dir=child.get("dir"),
@@ -189,6 +192,22 @@ def render_markdown(report: dict[str, Any]) -> str:
             + (" — negative: the probes overshoot; it is kept signed (see below)." if residual < 0 else "."),
         ]
     lines += [f"- {w}" for w in report.get("residual_warnings") or []]
+    coupled = [t for t in report["targets"] if t.get("coupled_bld")]
+    if coupled:
+        lines += [
+            "",
+            "Coupled BLD (each changed layer trained as a whole block from the decoupled weights; a layer keeps its "
+            "trained weights only if its selection loss went down):",
+            "",
+            "| target | layers trained / kept | KL before → after (reporting set) | top-1 before → after |",
+            "|---|---:|---:|---:|",
+        ]
+        for t in coupled:
+            c, d = t["coupled_bld"], t["decoupled"]
+            lines.append(
+                f"| {t['name']} | {len(c['layers'])} / {len(c.get('kept_trained', []))} | "
+                f"{d['heldout_kl']:.4f} → {t['heldout_kl']:.4f} | {d['top1_agreement']:.3f} → {t['top1_agreement']:.3f} |"
+            )
     lines += ["", "![front](front.png)", "", "## Chosen architectures", ""]
     for t in report["targets"]:
         if "layers" not in t:
