@@ -1,5 +1,5 @@
-# Developer entry points: `make demo` converts and benchmarks the default parent, then runs Puzzle NAS on it (1.5x and
-# 2x decode targets); `make test` runs the test suite. Both install from requirements.lock (exact versions the suite
+# Developer entry points: `make demo` converts and benchmarks the default parent, runs Puzzle NAS on it (1.5x and
+# 2x decode targets), then heals the 1.5x child by global knowledge distillation; `make test` runs the test suite. Both install from requirements.lock (exact versions the suite
 # passed on); `make lock` refreshes it, `make test-latest` tries the newest versions pyproject.toml allows.
 
 # bash with -e and pipefail: a failing command anywhere in a pipe fails the recipe (the lock is written through one).
@@ -40,6 +40,9 @@ demo: venv
 	$(BIN)/open-nemotron bench-speed smollm2-135m $(DEMO_DIR)/converted --batch-sizes 1,16 \
 		--json $(DEMO_DIR)/bench-speed.json
 	$(BIN)/open-nemotron puzzle run --config recipes/puzzle-demo.yaml --run-dir $(DEMO_DIR)/puzzle
+	$(BIN)/open-nemotron distill --teacher smollm2-135m --student $(DEMO_DIR)/puzzle/children/decode_speedup_1.5_attnfree3 \
+		--data parent --seed 1 --generate-prompts 240 --train-sequences 384 --reporting-sequences 16 \
+		--train-tokens 81920 --lr 3e-4 --report-every 16 --save-steps 40 --out $(DEMO_DIR)/kd-1.5
 
 test: venv
 	$(BIN)/python -m pytest -q

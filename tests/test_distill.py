@@ -187,6 +187,9 @@ def test_distill_lowers_the_reporting_kl_and_writes_its_artifacts(models, tmp_pa
     assert result["steps"] == result["max_steps"] == 12
     assert [c["step"] for c in result["curve"]] == [0, 6, 12]
     assert result["after"]["kl"] < 0.8 * result["before"]["kl"]
+    # The validation (selection) windows are measured beside the reporting ones, for choosing settings.
+    assert result["after"]["validation_kl"] < result["before"]["validation_kl"]
+    assert result["validation_positions"] > 0
     # The loss parts are logged separately; the embeddings (tied or not) stayed the student's own.
     assert {"loss_cos", "loss_kl"} <= set(result["train_log"][0])
     for name in ("distill.json", "distill_report.md", "distill_curve.png", "final/model.safetensors"):

@@ -14,8 +14,10 @@ Data (`data`): token windows, split into train / selection / reporting documents
 ``parent`` (the teacher's own answers to a fixed prompt set, cached), a local .jsonl / .parquet / .txt, a hub
 dataset id (only when cached), or a calibration directory already built (a Puzzle run's `calibration/`: with the
 same settings the splits are identical, so the reporting set is the one Puzzle's report used, and no selection
-document is ever trained on or reported on). KD trains on `train` only, selects nothing, and every `report_every`
-steps measures held-out KL and top-1 agreement to the teacher on `reporting`.
+document is ever trained on or reported on). KD trains on `train` only and selects nothing itself. Every
+`report_every` steps it measures KL and top-1 agreement to the teacher on two held-out sets: `selection`
+("validation": what a user reads to choose a learning rate or a budget) and `reporting` (the result, read by no
+choice).
 
 Artifacts in `output_dir`: `checkpoint-*/` (resumable), `final/` (student + tokenizer, our format),
 `distill.json` (settings, curve, before/after), `distill_report.md`, `distill_curve.png`, `calibration/` (when
@@ -174,11 +176,12 @@ def reporting_callback_class():
     from transformers import TrainerCallback
 
     class ReportingCallback(TrainerCallback):
-        """Held-out KL / top-1 to the teacher on the reporting set: at step 0, every `every` steps and at the end,
-        logged through the trainer (so `log_history`, checkpoints and report_to all have them)."""
+        """Held-out KL / top-1 to the teacher on the validation (selection) and reporting sets: at step 0, every
+        `every` steps and at the end, logged through the trainer (so `log_history`, checkpoints and report_to all
+        have them)."""
 
-        def __init__(self, teacher, reporting: torch.Tensor, every: int, batch_size: int) -> None:
-            self.teacher, self.reporting, self.every, self.batch_size = teacher, reporting, every, batch_size
+        def __init__(self, teacher, sets: dict[str, torch.Tensor], every: int, batch_size: int) -> None:
+            self.teacher, self.sets, self.every, self.batch_size = teacher, sets, every, batch_size
             self.trainer = None  # set once the trainer exists
 
         def _measure(self, state, model) -> None:
@@ -187,8 +190,11 @@ def reporting_callback_class():
             done = {h["step"] for h in state.log_history if "report_kl" in h}
             if state.global_step in done:
                 return
-            quality = heldout_agreement(self.teacher, model, self.reporting, self.batch_size)
-            self.trainer.log({"report_kl": quality["heldout_kl"], "report_top1": quality["top1_agreement"]})
+            logs = {}
+            for prefix, tokens in self.sets.items():
+                quality = heldout_agreement(self.teacher, model, tokens, self.batch_size)
+                logs[f"{prefix}_kl"], logs[f"{prefix}_top1"] = quality["heldout_kl"], quality["top1_agreement"]
+            self.trainer.log(logs)
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             if state.global_step == 0:
@@ -202,7 +208,7 @@ def reporting_callback_class():
 
 
 def load_data(config: DistillConfig, tokenizer, out: Path, teacher_model=None) -> tuple[dict[str, torch.Tensor], Any]:
-    """(token windows {"train", "reporting"}, calibration metadata) for `config.data`."""
+    """(token windows {"train", "selection", "reporting"}, calibration metadata) for `config.data`."""
     from open_nemotron.puzzle.calibration import prepare
 
     if config.data == "parent" and not config.teacher:
@@ -221,7 +227,7 @@ def load_data(config: DistillConfig, tokenizer, out: Path, teacher_model=None) -
         model=teacher_model,
         tokenizer=tokenizer,
     )
-    return {"train": tokens["train"], "reporting": tokens["reporting"]}, meta
+    return {name: tokens[name] for name in ("train", "selection", "reporting")}, meta
 
 
 def _trainable(model, train_embeddings: bool) -> int:
@@ -291,7 +297,8 @@ def build_trainer(config: DistillConfig, callbacks: list | None = None):
     dataset = Dataset.from_dict({"input_ids": data["train"].tolist()})
     reporting = None
     if teacher is not None:
-        reporting = reporting_callback_class()(teacher, data["reporting"], config.report_every, config.batch_size)
+        sets = {"validation": data["selection"], "report": data["reporting"]}
+        reporting = reporting_callback_class()(teacher, sets, config.report_every, config.batch_size)
     trainer = distill_trainer_class()(
         model=student,
         args=args,
@@ -335,6 +342,8 @@ def run(config: DistillConfig, callbacks: list | None = None) -> dict[str, Any]:
             "tokens": h["step"] * _tokens_per_step(config, data),
             "kl": h["report_kl"],
             "top1": h["report_top1"],
+            "validation_kl": h["validation_kl"],
+            "validation_top1": h["validation_top1"],
         }
         for h in history
         if "report_kl" in h
@@ -352,6 +361,7 @@ def run(config: DistillConfig, callbacks: list | None = None) -> dict[str, Any]:
         "train_tokens": trainer.state.global_step * _tokens_per_step(config, data),
         "train_windows": int(data["train"].shape[0]),
         "reporting_positions": int(data["reporting"].shape[0] * (data["reporting"].shape[1] - 1)),
+        "validation_positions": int(data["selection"].shape[0] * (data["selection"].shape[1] - 1)),
         "calibration": meta,
         "resumed_from": str(resume) if resume else None,
         "train_seconds": seconds,
@@ -389,14 +399,18 @@ def render_markdown(result: dict[str, Any]) -> str:
     if result["curve"]:
         b, a = result["before"], result["after"]
         lines += [
-            f"Reporting set ({result['reporting_positions']} next-token positions no training or selection step saw):",
+            f"Held out from training: validation = the selection windows ({result['validation_positions']} "
+            "next-token positions; for choosing settings), reporting = the reporting windows "
+            f"({result['reporting_positions']} positions; read by no choice).",
             "",
-            "| | step | KL(teacher ‖ student) | top-1 agreement |",
-            "|---|---:|---:|---:|",
-            f"| before | {b['step']} | {b['kl']:.4f} | {b['top1']:.4f} |",
-            f"| after | {a['step']} | {a['kl']:.4f} | {a['top1']:.4f} |",
+            "| | step | validation KL | reporting KL(teacher ‖ student) | reporting top-1 agreement |",
+            "|---|---:|---:|---:|---:|",
+            f"| before | {b['step']} | {b['validation_kl']:.4f} | {b['kl']:.4f} | {b['top1']:.4f} |",
+            f"| after | {a['step']} | {a['validation_kl']:.4f} | {a['kl']:.4f} | {a['top1']:.4f} |",
             "",
-            f"KL {100 * (1 - a['kl'] / b['kl']):.1f}% lower. Curve: `distill_curve.png`." if b["kl"] > 0 else "",
+            f"Reporting KL {100 * (1 - a['kl'] / b['kl']):.1f}% lower. Curve: `distill_curve.png`."
+            if b["kl"] > 0
+            else "",
             "",
         ]
     lines += [f"Final model: `{result['final_model']}`.", ""]
@@ -411,13 +425,18 @@ def plot_curve(curve: list[dict[str, Any]], path: Path, title: str = "") -> None
 
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     tokens = [c["tokens"] for c in curve]
-    ax.plot(tokens, [c["kl"] for c in curve], marker="o", color="tab:blue")
+    ax.plot(tokens, [c["kl"] for c in curve], marker="o", color="tab:blue", label="KL, reporting set")
+    if all(c.get("validation_kl") is not None for c in curve):
+        ax.plot(
+            tokens, [c["validation_kl"] for c in curve], ls="--", color="tab:blue", alpha=0.6, label="KL, validation"
+        )
+    ax.legend(loc="upper center", fontsize=8)
     ax.set_xlabel("training tokens")
-    ax.set_ylabel("reporting-set KL (nats / token)", color="tab:blue")
+    ax.set_ylabel("KL(teacher ‖ student), nats / token", color="tab:blue")
     ax.set_yscale("log")
     twin = ax.twinx()
     twin.plot(tokens, [c["top1"] for c in curve], marker="s", color="tab:orange")
-    twin.set_ylabel("top-1 agreement", color="tab:orange")
+    twin.set_ylabel("top-1 agreement (reporting set)", color="tab:orange")
     ax.grid(alpha=0.3)
     if title:
         ax.set_title(title, fontsize=9)
