@@ -251,3 +251,46 @@ def test_distill_refuses_misaligned_layer_counts(models, tmp_path):
     save_tiny_llama(small, tiny_llama_config(num_hidden_layers=3), seed=1)
     with pytest.raises(DistillError, match="3 layers and the teacher 6"):
         run_distill(_config((teacher, small, corpus), tmp_path / "bad"))
+
+
+def test_distill_cli_trains_and_reports_errors_in_one_line(models, tmp_path):
+    from typer.testing import CliRunner
+
+    from open_nemotron.cli import app
+
+    teacher, student, corpus = models
+    runner = CliRunner()
+    args = [
+        "distill",
+        "--teacher",
+        str(teacher),
+        "--student",
+        str(student),
+        "--data",
+        str(corpus),
+        "--seq-len",
+        "32",
+        "--train-sequences",
+        "8",
+        "--reporting-sequences",
+        "2",
+        "--train-tokens",
+        "256",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-2",
+        "--report-every",
+        "2",
+        "--save-steps",
+        "2",
+        "--out",
+        str(tmp_path / "kd"),
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "trained 2 steps (256 tokens)" in result.output and "reporting KL" in result.output
+    written = json.loads((tmp_path / "kd" / "distill.json").read_text())["config"]
+    assert written["learning_rate"] == 1e-2 and written["seq_len"] == 32 and written["loss"] == "kd"
+    result = runner.invoke(app, ["distill", "--student", str(student), "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "error: distill: loss 'kd' needs a teacher (--teacher)" in result.output
