@@ -152,6 +152,9 @@ def distill_trainer_class():
             out = model(input_ids=ids, attention_mask=mask, output_hidden_states=hidden, use_cache=False)
             teacher_out = None
             if "cos" in self.weights or "kl" in self.weights:
+                if next(self.teacher.parameters()).device != ids.device:
+                    # Under torchrun / accelerate each process trains on its own GPU: the teacher follows once.
+                    self.teacher.to(ids.device)
                 with torch.no_grad():
                     teacher_out = self.teacher(
                         input_ids=ids, attention_mask=mask, output_hidden_states=hidden, use_cache=False
@@ -248,6 +251,8 @@ def build_trainer(config: DistillConfig, callbacks: list | None = None):
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(config.device) if config.device else default_device()
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # one process per GPU (torchrun, accelerate)
     on_gpu = device.type == "cuda"
     dtype = torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float32
     teacher = None
