@@ -60,6 +60,8 @@ def test_attention_free_runs_and_plans(model):
 def test_fused_layer_is_the_sum_of_the_original_ffns(model):
     fused = fuse(model, FusionPlan(((1, 2, 3, 4),)))
     assert fused.config.num_hidden_layers == 4
+    with pytest.raises(FusionError, match="layer 2 is in two groups"):
+        fuse(model, FusionPlan(((1, 2), (2, 3))))
     assert fused.config.source_layers == [[0], [1, 2, 3, 4], [5], [6]]
     layer = fused.model.layers[1]
     assert layer.attention_kind == "no_op" and layer.mlp.intermediate_size == 70 + 33 + 50

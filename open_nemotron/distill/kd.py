@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -79,11 +78,19 @@ class DistillConfig:
             raise DistillError(f"distill: loss = {self.loss!r}: expected one of {', '.join(LOSSES)}")
         if self.loss == "kd" and not self.teacher:
             raise DistillError("distill: loss 'kd' needs a teacher (--teacher)")
-        for name in ("train_tokens", "batch_size", "grad_accum", "seq_len", "train_sequences", "reporting_sequences"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise DistillError(f"distill: {name} = {value!r}: expected a positive integer")
-        for name in ("report_every", "save_steps", "logging_steps", "generate_prompts", "generate_tokens"):
+        for name in (
+            "train_tokens",
+            "batch_size",
+            "grad_accum",
+            "seq_len",
+            "train_sequences",
+            "reporting_sequences",
+            "report_every",
+            "save_steps",
+            "logging_steps",
+            "generate_prompts",
+            "generate_tokens",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise DistillError(f"distill: {name} = {value!r}: expected a positive integer")
@@ -274,9 +281,7 @@ def build_trainer(config: DistillConfig, callbacks: list | None = None):
         )
     _trainable(student, config.train_embeddings)
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    tokens_per_step = config.batch_size * config.grad_accum * data["train"].shape[1] * world
-    max_steps = max(1, math.ceil(config.train_tokens / tokens_per_step))
+    max_steps = max(1, math.ceil(config.train_tokens / _tokens_per_step(config, data)))
     args = TrainingArguments(
         output_dir=str(out),
         max_steps=max_steps,
@@ -324,14 +329,12 @@ def run(config: DistillConfig, callbacks: list | None = None) -> dict[str, Any]:
     """Distil (or continue pretraining); returns `distill.json`'s content. `callbacks`: extra
     `transformers.TrainerCallback`s (tests use one to kill a run after a checkpoint)."""
     from open_nemotron.model.loading import atomic_directory, publish_directory
-    from open_nemotron.train.sft import latest_checkpoint
+    from open_nemotron.train.sft import train_resuming
 
     trainer, tokenizer, data, meta, max_steps = build_trainer(config, callbacks)
     out = Path(config.output_dir)
-    resume = latest_checkpoint(out)
-    start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    seconds = time.perf_counter() - start
+    resume, seconds = train_resuming(trainer, out)
+    per_step = _tokens_per_step(config, data)
 
     final = out / "final"
     student = trainer.model.eval()
@@ -344,7 +347,7 @@ def run(config: DistillConfig, callbacks: list | None = None) -> dict[str, Any]:
     curve = [
         {
             "step": h["step"],
-            "tokens": h["step"] * _tokens_per_step(config, data),
+            "tokens": h["step"] * per_step,
             "kl": h["report_kl"],
             "top1": h["report_top1"],
             "validation_kl": h["validation_kl"],
@@ -363,7 +366,7 @@ def run(config: DistillConfig, callbacks: list | None = None) -> dict[str, Any]:
         "weights": config.weights,
         "steps": trainer.state.global_step,
         "max_steps": max_steps,
-        "train_tokens": trainer.state.global_step * _tokens_per_step(config, data),
+        "train_tokens": trainer.state.global_step * per_step,
         "train_windows": int(data["train"].shape[0]),
         "reporting_positions": int(data["reporting"].shape[0] * (data["reporting"].shape[1] - 1)),
         "validation_positions": int(data["selection"].shape[0] * (data["selection"].shape[1] - 1)),
@@ -384,6 +387,7 @@ def run(config: DistillConfig, callbacks: list | None = None) -> dict[str, Any]:
 
 
 def _tokens_per_step(config: DistillConfig, data) -> int:
+    """Tokens per optimiser step over all processes (the budget's unit)."""
     return config.batch_size * config.grad_accum * int(data["train"].shape[1]) * int(os.environ.get("WORLD_SIZE", "1"))
 
 

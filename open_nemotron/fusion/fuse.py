@@ -158,38 +158,46 @@ def _rebuild(model, layer_groups: list[tuple[int, ...]], new_layers: list[dict[s
     return new.to(device=ref.device, dtype=ref.dtype).eval()
 
 
+def _partition(blocks, plan: FusionPlan) -> list[tuple[int, ...]]:
+    """Every layer in order, as the plan's groups (each checked) and single layers between them; groups that share
+    a layer are refused."""
+    owner: dict[int, tuple[int, ...]] = {}
+    for group in plan.groups:
+        _check_group(blocks, group)
+        for i in group:
+            if i in owner:
+                raise FusionError(
+                    f"layer {i} is in two groups, {list(owner[i])} and {list(group)}: expected disjoint groups"
+                )
+            owner[i] = tuple(group)
+    out, i = [], 0
+    while i < len(blocks):
+        group = owner.get(i, (i,))
+        out.append(group)
+        i = group[-1] + 1
+    return out
+
+
 def fuse(model, plan: FusionPlan):
     """A new model with each group of `plan` replaced by one fused layer (the input model is left as it is)."""
     from open_nemotron.model.configuration import AttentionBlock, FFNBlock, LayerBlocks
 
     blocks = model.config.layers_blocks()
-    for group in plan.groups:
-        _check_group(blocks, group)
-    starts = {g[0]: g for g in plan.groups}
-    in_group = {i for g in plan.groups for i in g}
-    layer_groups: list[tuple[int, ...]] = []
+    groups = _partition(blocks, plan)
+    fused = set(plan.groups)
     new_layers: list[dict[str, Any]] = []
-    i = 0
-    while i < len(blocks):
-        if i in starts:
-            group = starts[i]
-            layers = [model.model.layers[k] for k in group]
-            weights = fused_mlp_weights(layers, model.config.hidden_size)
+    for group in groups:
+        if group in fused:
+            weights = fused_mlp_weights([model.model.layers[k] for k in group], model.config.hidden_size)
             width = weights["mlp.gate_proj.weight"].shape[0]
             fused_blocks = LayerBlocks(
                 AttentionBlock("no_op"), FFNBlock("swiglu", width, blocks[group[0]].ffn.hidden_act)
             )
             new_layers.append({"blocks": fused_blocks, "state": weights})
-            layer_groups.append(group)
-            i = group[-1] + 1
-            continue
-        if i in in_group:
-            raise FusionError(f"layer {i} is inside a group that does not start at its first layer")
-        state = {k: v for k, v in model.model.layers[i].state_dict().items()}
-        new_layers.append({"blocks": blocks[i], "state": state})
-        layer_groups.append((i,))
-        i += 1
-    return _rebuild(model, layer_groups, new_layers)
+        else:
+            (i,) = group
+            new_layers.append({"blocks": blocks[i], "state": dict(model.model.layers[i].state_dict())})
+    return _rebuild(model, groups, new_layers)
 
 
 def remove_ffns(model, plan: FusionPlan):
@@ -197,27 +205,10 @@ def remove_ffns(model, plan: FusionPlan):
     FFNs instead of fusing them: in each group every FFN but the last is removed (their layers, now empty, go),
     so the result has exactly the fused model's layer count and one FFN of the group's, unchanged."""
     blocks = model.config.layers_blocks()
-    for group in plan.groups:
-        _check_group(blocks, group)
-    dropped = set()
-    for group in plan.groups:
-        ffn_layers = [i for i in group if blocks[i].ffn.kind == "swiglu"]
-        dropped.update(i for i in group if i not in ffn_layers[-1:])
-    layer_groups: list[tuple[int, ...]] = []
+    groups = _partition(blocks, plan)
     new_layers: list[dict[str, Any]] = []
-    for group in _keep_groups(len(blocks), plan):
-        kept = [i for i in group if i not in dropped]
-        (i,) = kept
+    for group in groups:
+        # A group keeps its last FFN layer; a single layer keeps itself.
+        i = [k for k in group if blocks[k].ffn.kind == "swiglu"][-1] if len(group) > 1 else group[0]
         new_layers.append({"blocks": blocks[i], "state": dict(model.model.layers[i].state_dict())})
-        layer_groups.append(group)
-    return _rebuild(model, layer_groups, new_layers)
-
-
-def _keep_groups(num_layers: int, plan: FusionPlan) -> list[tuple[int, ...]]:
-    starts = {g[0]: g for g in plan.groups}
-    out, i = [], 0
-    while i < num_layers:
-        group = starts.get(i, (i,))
-        out.append(group)
-        i = group[-1] + 1
-    return out
+    return _rebuild(model, groups, new_layers)

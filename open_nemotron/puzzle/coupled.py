@@ -22,12 +22,13 @@ from typing import Any
 
 import torch
 
-from open_nemotron.puzzle.bld import lr_factor, normalized_mse, parent_activations
+from open_nemotron.puzzle.bld import child_output, lr_factor, normalized_mse, parent_activations
+from open_nemotron.puzzle.search_space import ATTENTION
 
 
 def layers_to_couple(child, space) -> list[int]:
     """The layers whose attention or FFN is not the parent's and that have parameters at all."""
-    from open_nemotron.puzzle.search_space import ATTENTION, FFN, attention_variant, ffn_variant
+    from open_nemotron.puzzle.search_space import FFN, attention_variant, ffn_variant
 
     out = []
     for i, blocks in enumerate(child.config.layers_blocks()):
@@ -52,10 +53,9 @@ def _layer_losses(parent_model, child, layers: list[int], tokens: torch.Tensor, 
 
 
 def _layer_output(parent_model, child, acts, i: int) -> torch.Tensor:
-    """Child layer i on the parent's residual entering layer i (through the model's own layer runner)."""
-    return parent_model.model.run_layers(
-        acts.inputs[i], i, i + 1, position_embeddings=acts.position_embeddings, replace={i: child.model.layers[i]}
-    )
+    """Child layer i, whole, on the parent's residual entering layer i (BLD's attention-half runner does exactly
+    that: it runs the full layer from its input)."""
+    return child_output(parent_model, child.model.layers[i], ATTENTION, acts, i)
 
 
 def coupled_bld(

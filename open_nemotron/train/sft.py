@@ -84,6 +84,15 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return max(complete, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
+def train_resuming(trainer, output_dir: Path) -> tuple[Path | None, float]:
+    """`trainer.train()`, resumed from the newest complete checkpoint in `output_dir` if there is one;
+    returns (that checkpoint or None, seconds spent training in this call)."""
+    resume = latest_checkpoint(output_dir)
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    return resume, time.perf_counter() - start
+
+
 def plain_loss_trainer_class():
     """SFTTrainer computing the loss from the model's own logits.
 
@@ -201,10 +210,7 @@ def run(config: SFTRunConfig, callbacks: list | None = None) -> dict[str, Any]:
     """
     trainer, tokenizer, examples, report = build_trainer(config, callbacks)
     out = Path(config.output_dir)
-    resume = latest_checkpoint(out)
-    start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    seconds = time.perf_counter() - start
+    resume, seconds = train_resuming(trainer, out)
 
     final = out / "final"
     trainer.model.eval()
