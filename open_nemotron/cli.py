@@ -493,6 +493,12 @@ def distill(
     generate_tokens: Annotated[
         int, typer.Option("--generate-tokens", help="--data parent: new tokens per answer.")
     ] = 160,
+    generate_free_text: Annotated[
+        int,
+        typer.Option(
+            "--generate-free-text", help="--data parent: plain-text documents the teacher writes on from an opening."
+        ),
+    ] = 0,
     report_every: Annotated[
         int, typer.Option("--report-every", help="Steps between reporting-set KL / top-1 measurements.")
     ] = 10,
@@ -529,6 +535,7 @@ def distill(
         reporting_sequences=reporting_sequences,
         generate_prompts=generate_prompts,
         generate_tokens=generate_tokens,
+        generate_free_text=generate_free_text,
         report_every=report_every,
         save_steps=save_steps,
         report_to=report_to,

@@ -9,4 +9,4 @@ BIN=${BIN:-.venv/bin}
 RUN=${1:-runs/puzzle-quality}
 TOKENS=${2:-98304}
 "$BIN/open-nemotron" puzzle run --config recipes/puzzle-quality.yaml --run-dir "$RUN"
-bash bench/kd_retention.sh "$RUN" "$RUN/kd" "$TOKENS" 3e-4 300 decode_speedup_1.5 decode_speedup_2
+bash bench/kd_retention.sh "$RUN" "$RUN/kd" "$TOKENS" 3e-4 200 decode_speedup_1.5 decode_speedup_2

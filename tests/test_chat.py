@@ -16,6 +16,7 @@ from open_nemotron.model.chat import (
     SamplingSettings,
     ensure_reasoning_template,
     generate_chat,
+    generate_continuations,
     has_reasoning_template,
     left_pad,
     request_seed,
@@ -272,3 +273,22 @@ def test_empty_input_and_bad_arguments(reasoning_chatml) -> None:
         generate_chat(model, reasoning_chatml, CONVERSATIONS, thinking=False, max_new_tokens=4, batch_size=0)
     with pytest.raises(ChatGenerationError, match="conversation 1"):
         generate_chat(model, reasoning_chatml, [CONVERSATIONS[0], []], thinking=False, max_new_tokens=4)
+
+
+@pytest.mark.parametrize("kind", ["ours", "transformers"])
+def test_continuations_follow_the_opening_as_plain_text_and_are_seeded(kind) -> None:
+    """Plain-text sampling (the calibration's free-text documents): the prompt is the opening's own tokens, no
+    chat markup; with a seed the engine's samples do not depend on the batching; both paths give text."""
+    tokenizer, model = chatml_tokenizer(), tiny_model(kind)
+    openings = ["hello there", "the cat", "hello there"]
+
+    def sample(batch_size: int) -> list[str]:
+        return generate_continuations(model, tokenizer, openings, max_new_tokens=6, seed=3, batch_size=batch_size)
+
+    first = sample(2)
+    assert len(first) == 3 and all(isinstance(t, str) for t in first)
+    if kind == "ours":
+        assert first == sample(1) == sample(3)
+        assert first[0] != first[2]  # equal openings, other rows: other streams
+    with pytest.raises(ChatGenerationError, match="max_new_tokens"):
+        generate_continuations(model, tokenizer, openings, max_new_tokens=0)

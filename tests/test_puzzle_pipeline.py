@@ -3,6 +3,7 @@ costs, assembly, and the whole `puzzle run` with its artifacts."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -489,6 +490,47 @@ def test_parent_generated_calibration_is_cached_and_deterministic(tmp_path, pare
     monkeypatch.setattr(calibration, "parent_documents", lambda *a, **k: pytest.fail("regenerated despite the cache"))
     build_calibration(str(parent_dir), cfg, tmp_path / "b")
     assert torch.equal(load_tokens(tmp_path / "a")["train"], load_tokens(tmp_path / "b")["train"])
+
+
+def test_parent_calibration_adds_free_text_documents_and_keeps_the_chat_only_cache_key(
+    tmp_path, parent_dir, monkeypatch
+):
+    """generate_free_text: N more documents, each an opening of OPENINGS followed by the parent's plain-text
+    continuation (no chat markup); with 0 the cache key is the one chat-only settings always had."""
+    from open_nemotron.puzzle import calibration
+    from open_nemotron.puzzle.config import CalibrationConfig
+
+    monkeypatch.setattr(calibration, "_cache_dir", lambda: tmp_path / "cache")
+    base = dict(
+        source="parent",
+        seq_len=8,
+        train_sequences=4,
+        selection_sequences=1,
+        reporting_sequences=1,
+        generate_prompts=3,
+        generate_tokens=6,
+    )
+    chat_only, with_free = CalibrationConfig(**base), CalibrationConfig(**base, generate_free_text=3)
+    key = calibration.cache_key(parent_dir, chat_only)
+    assert key != calibration.cache_key(parent_dir, with_free)
+    # The key as computed before the field existed (the same fields, hashed the same way).
+    from open_nemotron.model.loading import weights_digest
+
+    legacy = {
+        "v": calibration.CALIBRATION_VERSION,
+        "weights": weights_digest(parent_dir),
+        "generate_prompts": 3,
+        "generate_tokens": 6,
+        "seed": 0,
+    }
+    assert key == hashlib.sha256(json.dumps(legacy, sort_keys=True).encode()).hexdigest()[:16]
+    meta = build_calibration(str(parent_dir), with_free, tmp_path / "a")
+    assert sum(meta["documents"].values()) == 6
+    (cached,) = (tmp_path / "cache").glob("*/documents.json")
+    docs = json.loads(cached.read_text())
+    assert all("<|im_start|>assistant" in d for d in docs[:3])
+    for opening, doc in zip(calibration.OPENINGS, docs[3:], strict=False):
+        assert doc.startswith(opening) and len(doc) > len(opening) and "<|im_start|>" not in doc
 
 
 def test_jsonl_calibration_reads_text_and_chat_rows_and_names_bad_lines(tmp_path, parent_dir):

@@ -66,6 +66,7 @@ class DistillConfig:
     reporting_sequences: int = 8
     generate_prompts: int = 80  # data "parent": prompts the teacher answers (cached), new tokens each
     generate_tokens: int = 160
+    generate_free_text: int = 0  # data "parent": plain-text documents written on from an opening (cached)
     report_every: int = 10  # steps between reporting-set measurements (also at the start and the end)
     save_steps: int = 20
     logging_steps: int = 5
@@ -94,6 +95,8 @@ class DistillConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise DistillError(f"distill: {name} = {value!r}: expected a positive integer")
+        if not isinstance(self.generate_free_text, int) or self.generate_free_text < 0:
+            raise DistillError(f"distill: generate_free_text = {self.generate_free_text!r}: expected an integer >= 0")
         for name in ("cosine_weight", "kl_weight", "lm_weight", "weight_decay"):
             if not getattr(self, name) >= 0:
                 raise DistillError(f"distill: {name} = {getattr(self, name)!r}: expected a number >= 0")
@@ -233,6 +236,7 @@ def load_data(config: DistillConfig, tokenizer, out: Path, teacher_model=None) -
         reporting_sequences=config.reporting_sequences,
         generate_prompts=config.generate_prompts,
         generate_tokens=config.generate_tokens,
+        generate_free_text=config.generate_free_text,
         seed=config.seed,
         model=teacher_model,
         tokenizer=tokenizer,

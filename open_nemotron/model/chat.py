@@ -232,6 +232,38 @@ def generate_chat(
     return _generate_padded(model, tokenizer, prompts, sampling, max_new_tokens, seed, batch_size, stop_ids, on_reply)
 
 
+def generate_continuations(
+    model: Any,
+    tokenizer: Any,
+    openings: list[str],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.8,
+    top_p: float = 0.95,
+    seed: int | None = None,
+    batch_size: int = 16,
+) -> list[str]:
+    """Sample the model's plain-text continuation of each opening (no chat template; special tokens as the
+    tokenizer adds them to plain text: Llama-3's BOS, none for SmolLM2, whose "BOS" is the chat turn marker), new
+    text only, in input order. Same engine / padded paths and per-row seeding as `generate_chat`."""
+    if max_new_tokens < 1:
+        raise ChatGenerationError(f"max_new_tokens = {max_new_tokens}: expected a positive integer")
+    if batch_size < 1:
+        raise ChatGenerationError(f"batch_size = {batch_size}: expected a positive integer")
+    if not openings:
+        return []
+    sampling = SamplingSettings(do_sample=True, temperature=temperature, top_p=top_p)
+    prompts = [list(tokenizer(text)["input_ids"]) for text in openings]
+    if any(not p for p in prompts):
+        raise ChatGenerationError("an opening is empty: expected at least one token to continue")
+    stop_ids = stop_token_ids(tokenizer)
+    if uses_engine(model):
+        return _generate_on_engine(
+            model, tokenizer, prompts, sampling, max_new_tokens, seed, batch_size, None, stop_ids, None
+        )
+    return _generate_padded(model, tokenizer, prompts, sampling, max_new_tokens, seed, batch_size, stop_ids, None)
+
+
 def _generate_on_engine(
     model: Any,
     tokenizer: Any,

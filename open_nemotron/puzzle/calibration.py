@@ -91,6 +91,75 @@ PROMPTS: tuple[str, ...] = (
     "Explain the greenhouse effect.",
     "Write a regular expression that matches email addresses and explain each part.",
 )
+# One-line openings the parent writes on from as plain text (calibration.generate_free_text): the register of web
+# and reference text a base model was pretrained on (articles, how-tos, stories, news, Q&A, notes), topics spread
+# wide. Written for this list; none is taken from an evaluation suite.
+OPENINGS: tuple[str, ...] = (
+    "The history of the bicycle",
+    "How to repair a leaking kitchen tap",
+    "Photosynthesis is",
+    "In the small town of",
+    "Frequently asked questions about solar panels",
+    "The following recipe",
+    "Chapter 1\n\n",
+    "A beginner's guide to growing tomatoes",
+    "The Roman Empire was",
+    "When you are choosing a new pair of running shoes,",
+    "Volcanoes form when",
+    "Last week the city council voted",
+    "Ten things to know before you adopt a cat",
+    "The human heart has four chambers.",
+    "Introduction\n\nIn this article we",
+    "My grandmother kept a garden behind her house, and",
+    "Water boils at 100 degrees Celsius at sea level, but",
+    "How to clean a cast iron pan",
+    "The Industrial Revolution began in",
+    "Abstract\n\nWe study",
+    "Electric cars work by",
+    "To make a paper airplane that flies far,",
+    "The planet Mars",
+    "Once the dough has risen,",
+    "Honeybees live in colonies that",
+    "The stock market fell sharply on Monday after",
+    "A simple way to save money on groceries is",
+    "The theory of evolution by natural selection",
+    "Step 1: Remove the old battery",
+    "Ancient Egyptians built the pyramids",
+    "The word 'democracy' comes from",
+    "Our hotel was a short walk from the beach, and",
+    "Glaciers move slowly because",
+    "How do you change a flat tyre? First,",
+    "The Great Barrier Reef",
+    "In mathematics, a prime number is",
+    "Product review: I bought this blender",
+    "The team won the championship after",
+    "Earthquakes are measured with",
+    "If you want to learn to play the guitar,",
+    "The printing press changed Europe because",
+    "Dear neighbours,\n\n",
+    "Why do leaves change colour in autumn?",
+    "The local library is hosting",
+    "Sharks have existed for",
+    "Before you paint a wall, you should",
+    "The French Revolution",
+    "A healthy breakfast can include",
+    "Thunderstorms develop when",
+    "The museum's new exhibition",
+    "How to fold a fitted sheet",
+    "The moon orbits the Earth",
+    "She opened the old wooden box and",
+    "Recycling plastic bottles",
+    "The first computers were",
+    "Tips for a long car journey with children:",
+    "Rainforests cover",
+    "Interview with a firefighter\n\nQ:",
+    "The rules of football are simple:",
+    "To keep a houseplant healthy,",
+    "Coffee was first grown in",
+    "The bridge was completed in",
+    "Magnets attract iron because",
+    "A good night's sleep",
+)
 # Reasoning-task prompts (training seeds, never the held-out suite) in the mix, answered with thinking on.
 REASONING_TASKS = ("chain_sum", "leg_counting", "simple_equations", "basic_arithmetic")
 
@@ -120,8 +189,10 @@ def generation_prompts(n: int, seed: int) -> list[tuple[list[dict], bool]]:
 
 
 def parent_documents(model, tokenizer, config: CalibrationConfig, batch_size: int = 16) -> list[str]:
-    """Render each prompt and the parent's sampled answer as one chat document."""
-    from open_nemotron.model.chat import ensure_reasoning_template, generate_chat
+    """Each prompt and the parent's sampled answer rendered as one chat document, then
+    `config.generate_free_text` plain-text documents (an opening of `OPENINGS`, cycled, and the parent's sampled
+    continuation; the sampling seed differs per document)."""
+    from open_nemotron.model.chat import ensure_reasoning_template, generate_chat, generate_continuations
     from open_nemotron.model.chat_template import THINKING_OFF, THINKING_ON
 
     ensure_reasoning_template(tokenizer)
@@ -147,6 +218,20 @@ def parent_documents(model, tokenizer, config: CalibrationConfig, batch_size: in
             system = {"role": "system", "content": THINKING_ON if thinking else THINKING_OFF}
             conversation = [system, *pairs[i][0], {"role": "assistant", "content": reply}]
             documents[i] = tokenizer.apply_chat_template(conversation, tokenize=False)
+    if config.generate_free_text:
+        openings = [OPENINGS[i % len(OPENINGS)] for i in range(config.generate_free_text)]
+        continuations = generate_continuations(
+            model,
+            tokenizer,
+            openings,
+            max_new_tokens=config.generate_tokens,
+            temperature=0.8,
+            top_p=0.95,
+            # Other streams than the chat answers' (request_seed(seed, i) is per row index).
+            seed=config.seed + 1_000_003,
+            batch_size=batch_size,
+        )
+        documents += [opening + text for opening, text in zip(openings, continuations, strict=True)]
     return documents
 
 
@@ -253,6 +338,8 @@ def cache_key(parent_dir: Path, config: CalibrationConfig) -> str:
             "generate_prompts": config.generate_prompts,
             "generate_tokens": config.generate_tokens,
             "seed": config.seed,
+            # Only when used: chat-only settings keep the key (and the cache) they had before the field existed.
+            **({"generate_free_text": config.generate_free_text} if config.generate_free_text else {}),
         },
         sort_keys=True,
     )
@@ -271,6 +358,8 @@ def build(
     out_dir.mkdir(parents=True, exist_ok=True)
     meta_path = out_dir / "calibration.json"
     settings = {"config": asdict(config)}
+    if not config.generate_free_text:  # as written before the field existed: those directories stay valid
+        del settings["config"]["generate_free_text"]
     if meta_path.is_file() and (out_dir / "tokens.safetensors").is_file():
         meta = json.loads(meta_path.read_text())
         if meta.get("settings") == settings:
@@ -285,8 +374,9 @@ def build(
         else:
             model = model or load_model(parent_spec)
             step_printer(progress)(
-                f"calibration: the parent answers {config.generate_prompts} prompts ({config.generate_tokens} new "
-                "tokens each; cached afterwards)"
+                f"calibration: the parent answers {config.generate_prompts} prompts"
+                + (f" and writes on from {config.generate_free_text} openings" if config.generate_free_text else "")
+                + f" ({config.generate_tokens} new tokens each; cached afterwards)"
             )
             documents = parent_documents(model, tokenizer, config)
             cache.parent.mkdir(parents=True, exist_ok=True)
@@ -349,6 +439,7 @@ def prepare(
     reporting_sequences: int = 8,
     generate_prompts: int = 64,
     generate_tokens: int = 128,
+    generate_free_text: int = 0,
     seed: int = 0,
     model=None,
     tokenizer=None,
@@ -370,6 +461,7 @@ def prepare(
         reporting_sequences=reporting_sequences,
         generate_prompts=generate_prompts,
         generate_tokens=generate_tokens,
+        generate_free_text=generate_free_text,
         seed=seed,
     )
     meta = build(model_spec, config, out_dir, model=model, tokenizer=tokenizer, progress=True)

@@ -36,6 +36,9 @@ class CalibrationConfig:
     reporting_sequences: int = 8  # held out from every decision: the report's held-out KL and top-1 agreement
     generate_prompts: int = 64  # parent source: prompts to answer (fixed list first, then reasoning tasks)
     generate_tokens: int = 128  # parent source: new tokens per answer
+    # parent source: documents the parent writes on from a one-line opening, no chat template (its pretraining-like
+    # text, broader than its chat answers); 0 = chat answers only
+    generate_free_text: int = 0
     seed: int = 0
 
 
@@ -243,6 +246,10 @@ def validate(config: PuzzleConfig) -> PuzzleConfig:
         parse_shard(b.shard)
     if b.linear_init not in ("fit", "product"):
         raise PuzzleConfigError(f"bld.linear_init = {b.linear_init!r}: expected 'fit' or 'product'")
+    if config.calibration.generate_free_text < 0:
+        raise PuzzleConfigError(
+            f"calibration.generate_free_text = {config.calibration.generate_free_text}: expected an integer >= 0"
+        )
     a = config.assemble
     if not a.coupled_bld_epochs >= 0:
         raise PuzzleConfigError(f"assemble.coupled_bld_epochs = {a.coupled_bld_epochs}: expected a number >= 0")
