@@ -26,7 +26,7 @@ app = typer.Typer(
     "DeciLM format), bench-speed and bench-train (throughput), generate (one answer, reasoning on or off), datagen "
     "(reasoning on/off training data), sft (fine-tuning with the toggle), eval (accuracy with reasoning on and off), "
     "eval-mc (multiple-choice accuracy and retention), distill (knowledge distillation / continued pretraining of a "
-    "child), fusion (FFN Fusion: analyze, fuse), serve (an OpenAI-compatible server with the reasoning toggle), "
+    "child), rl (RL prompt sets and pass rates), grpo and rloo (RL with verifiable rewards), fusion (FFN Fusion: analyze, fuse), serve (an OpenAI-compatible server with the reasoning toggle), "
     "puzzle (Puzzle NAS: run, or one stage: calibration, build-library, score, costs, search, assemble, report).",
     epilog="Run `open-nemotron VERB --help` for a verb's options; README.md has a section and an example per verb.",
     no_args_is_help=True,
@@ -761,6 +761,235 @@ def fusion_fuse(
     )
     groups = ", ".join(f"{g['layers'][0]}-{g['layers'][-1]} (width {g['width']})" for g in summary["groups"])
     typer.echo(f"fused {groups}: {summary['layers_before']} -> {summary['layers_after']} layers; model in {out}")
+
+
+rl_app = typer.Typer(
+    help="RL data: prompt sets (verifiable tasks and synthetic instruction prompts, reasoning on and off) and the "
+    "pass-rate filter the curriculum reads (docs/rl.md).",
+    no_args_is_help=True,
+)
+app.add_typer(rl_app, name="rl")
+
+
+def parse_rewards(value: str) -> dict[str, float]:
+    """``"accuracy=1,format=0.5"`` -> ``{"accuracy": 1.0, "format": 0.5}``."""
+    out: dict[str, float] = {}
+    for part in (p.strip() for p in value.split(",") if p.strip()):
+        name, sep, weight = part.partition("=")
+        try:
+            out[name.strip()] = float(weight) if sep else 1.0
+        except ValueError:
+            raise CliInputError(f"--rewards {value!r}: expected name=weight pairs, e.g. accuracy=1,format=1") from None
+    if not out:
+        raise CliInputError(f"--rewards {value!r}: expected at least one reward")
+    return out
+
+
+@rl_app.command("prompts")
+@reports_user_errors
+def rl_prompts(
+    out: Annotated[Path, typer.Option("--out", help="RL prompt file to write (.jsonl).", dir_okay=False)],
+    tasks: Annotated[str, typer.Option("--tasks", help="Comma-separated reasoning tasks ('' for none).")] = (
+        "chain_sum,basic_arithmetic,simple_equations,leg_counting,gcd"
+    ),
+    per_task: Annotated[int, typer.Option("--per-task", help="Training items per task.")] = 64,
+    difficulty: Annotated[str, typer.Option("--difficulty", help="easy, medium or hard.")] = "easy",
+    instructions: Annotated[int, typer.Option("--instructions", help="Synthetic instruction prompts to add.")] = 0,
+    min_instructions: Annotated[int, typer.Option("--min-instructions", help="Fewest instructions per prompt.")] = 1,
+    max_instructions: Annotated[int, typer.Option("--max-instructions", help="Most instructions per prompt.")] = 10,
+    exclude_suite: Annotated[
+        list[Path] | None,
+        typer.Option("--exclude-suite", help="An IFEval-format eval file no prompt may come from (repeatable)."),
+    ] = None,
+    on_fraction: Annotated[float, typer.Option("--on-fraction", help="Share of prompts with reasoning on.")] = 0.5,
+    seed: Annotated[int, typer.Option("--seed", help="Seed: task seeds start here; instruction draws.")] = 0,
+) -> None:
+    """Write an RL prompt set: training-seed task items (decontaminated against the held-out suite) and synthetic
+    IFEval-style prompts, each with the reasoning switch in its system message."""
+    from open_nemotron.train.rl_data import instruction_rows, save_rows, task_rows
+
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    rows, dropped = (
+        task_rows(names, per_task, seed=seed, difficulty=difficulty, on_fraction=on_fraction) if names else ([], 0)
+    )
+    if instructions:
+        rows += instruction_rows(
+            instructions,
+            seed=seed,
+            on_fraction=on_fraction,
+            min_instructions=min_instructions,
+            max_instructions=max_instructions,
+            exclude_suites=[str(p) for p in exclude_suite or []],
+        )
+    if not rows:
+        raise CliInputError("rl prompts: no tasks and no instructions: expected --tasks or --instructions")
+    save_rows(out, rows)
+    on = sum(r["thinking"] for r in rows)
+    typer.echo(
+        f"wrote {len(rows)} prompts ({on} reasoning on, {len(rows) - on} off; {dropped} task items dropped "
+        f"for overlapping the held-out suite) to {out}"
+    )
+
+
+@rl_app.command("pass-rate")
+@reports_user_errors
+def rl_pass_rate(
+    model: Annotated[str, typer.Argument(help="Model whose pass rates to measure.")],
+    prompts: Annotated[Path, typer.Option("--prompts", help="RL prompt file (rl prompts).", dir_okay=False)],
+    out: Annotated[Path, typer.Option("--out", help="Directory for pass_rates.jsonl, kept.jsonl, report.")],
+    samples: Annotated[int, typer.Option("--samples", help="Samples per prompt.")] = 8,
+    threshold: Annotated[float, typer.Option("--threshold", help="Drop prompts with pass rate >= this.")] = 0.75,
+    drop_unsolved: Annotated[bool, typer.Option("--drop-unsolved", help="Also drop never-solved prompts.")] = False,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Token budget per sample.")] = 256,
+    temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature.")] = 1.0,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling top-p.")] = 1.0,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Engine slots decoding together.")] = 16,
+    seed: Annotated[int, typer.Option("--seed", help="Sampling seed.")] = 0,
+    device: DeviceOption = None,
+) -> None:
+    """K samples per prompt, pass rate per prompt, and the set without the easy (and optionally unsolved) ones."""
+    device = check_device(device)
+    from open_nemotron.train.pass_rate import PassRateConfig, run
+
+    result = run(
+        PassRateConfig(
+            model=model,
+            prompts=str(prompts),
+            output_dir=str(out),
+            samples=samples,
+            threshold=threshold,
+            drop_unsolved=drop_unsolved,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            batch_size=batch_size,
+            seed=seed,
+            device=device,
+        )
+    )
+    typer.echo(
+        f"{result['prompts']} prompts, mean pass rate {result['mean_pass_rate']:.3f}; kept {result['kept']} in "
+        f"{out / 'kept.jsonl'}; report {out / 'pass_rate.md'}"
+    )
+
+
+def _rl_command(algorithm: str, **options: Any) -> None:
+    from open_nemotron.train.rl import RLConfig, run
+
+    result = run(RLConfig(algorithm=algorithm, **options))
+    typer.echo(
+        f"{algorithm}: {result['steps']} steps in {result['train_seconds']:.0f} s; model {result['final_model']}; "
+        f"report {Path(options['output_dir']) / 'rl_report.md'}"
+    )
+
+
+RLModelArg = Annotated[str, typer.Argument(help="Policy to train (e.g. the SFT model).")]
+RLPromptsOption = Annotated[Path, typer.Option("--prompts", help="RL prompt file (kept.jsonl for the curriculum).")]
+RLOutOption = Annotated[Path, typer.Option("--out", help="Run directory (checkpoints, final/, report).")]
+RewardsOption = Annotated[str, typer.Option("--rewards", help="name=weight: accuracy, format, instructions, judge.")]
+GenerationsOption = Annotated[int, typer.Option("--num-generations", help="Samples per prompt (a group).")]
+PromptsPerStepOption = Annotated[int, typer.Option("--prompts-per-step", help="Prompts per optimiser step.")]
+StepsOption = Annotated[int, typer.Option("--max-steps", help="Optimiser steps.")]
+LrOption = Annotated[float, typer.Option("--lr", help="Learning rate.")]
+BetaOption = Annotated[float, typer.Option("--beta", help="KL coefficient to the frozen reference (0: none).")]
+MaxCompletionOption = Annotated[int, typer.Option("--max-completion-length", help="New tokens per sample.")]
+
+
+@app.command()
+@reports_user_errors
+def grpo(
+    model: RLModelArg,
+    prompts: RLPromptsOption,
+    out: RLOutOption,
+    rewards: RewardsOption = "accuracy=1,format=1",
+    random_order: Annotated[
+        bool, typer.Option("--random-order", help="Random prompt order instead of the pass-rate curriculum.")
+    ] = False,
+    sigma: Annotated[float, typer.Option("--curriculum-sigma", help="Width of the curriculum's Gaussian.")] = 0.15,
+    num_generations: GenerationsOption = 8,
+    prompts_per_step: PromptsPerStepOption = 4,
+    num_iterations: Annotated[int, typer.Option("--num-iterations", help="Updates per rollout.")] = 1,
+    temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature.")] = 1.0,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling top-p.")] = 1.0,
+    beta: BetaOption = 0.0,
+    epsilon: Annotated[float, typer.Option("--epsilon", help="Clip range of the ratio.")] = 0.2,
+    lr: LrOption = 1e-6,
+    max_completion_length: MaxCompletionOption = 256,
+    max_steps: StepsOption = 50,
+    save_steps: Annotated[int, typer.Option("--save-steps", help="Checkpoint every N steps.")] = 10,
+    use_vllm: Annotated[bool, typer.Option("--use-vllm", help="Colocated vLLM generation (GPU).")] = False,
+    judge_url: Annotated[str | None, typer.Option("--judge-url", help="OpenAI-compatible judge endpoint.")] = None,
+    judge_model: Annotated[str | None, typer.Option("--judge-model", help="Judge model name.")] = None,
+    report_to: Annotated[str, typer.Option("--report-to", help="none, tensorboard, wandb, ...")] = "none",
+    seed: Annotated[int, typer.Option("--seed", help="Seed.")] = 0,
+    device: DeviceOption = None,
+) -> None:
+    """GRPO on TRL's GRPOTrainer with verifiable rewards and the pass-rate curriculum; resumes a killed run."""
+    _rl_command(
+        "grpo",
+        model=model,
+        prompts=str(prompts),
+        output_dir=str(out),
+        rewards=parse_rewards(rewards),
+        curriculum=not random_order,
+        curriculum_sigma=sigma,
+        num_generations=num_generations,
+        prompts_per_step=prompts_per_step,
+        num_iterations=num_iterations,
+        temperature=temperature,
+        top_p=top_p,
+        beta=beta,
+        epsilon=epsilon,
+        learning_rate=lr,
+        max_completion_length=max_completion_length,
+        max_steps=max_steps,
+        save_steps=save_steps,
+        use_vllm=use_vllm,
+        judge_url=judge_url,
+        judge_model=judge_model,
+        report_to=report_to,
+        seed=seed,
+        device=check_device(device),
+    )
+
+
+@app.command()
+@reports_user_errors
+def rloo(
+    model: RLModelArg,
+    prompts: RLPromptsOption,
+    out: RLOutOption,
+    rewards: RewardsOption = "instructions=1,format=1",
+    num_generations: GenerationsOption = 4,
+    prompts_per_step: PromptsPerStepOption = 4,
+    beta: BetaOption = 0.0,
+    lr: LrOption = 1e-6,
+    max_completion_length: MaxCompletionOption = 256,
+    max_steps: StepsOption = 50,
+    save_steps: Annotated[int, typer.Option("--save-steps", help="Checkpoint every N steps.")] = 10,
+    report_to: Annotated[str, typer.Option("--report-to", help="none, tensorboard, wandb, ...")] = "none",
+    seed: Annotated[int, typer.Option("--seed", help="Seed.")] = 0,
+    device: DeviceOption = None,
+) -> None:
+    """RLOO on TRL's RLOOTrainer, by default for instruction following (IFEval reward on synthetic prompts)."""
+    _rl_command(
+        "rloo",
+        model=model,
+        prompts=str(prompts),
+        output_dir=str(out),
+        rewards=parse_rewards(rewards),
+        curriculum=False,
+        num_generations=num_generations,
+        prompts_per_step=prompts_per_step,
+        beta=beta,
+        learning_rate=lr,
+        max_completion_length=max_completion_length,
+        max_steps=max_steps,
+        save_steps=save_steps,
+        report_to=report_to,
+        seed=seed,
+        device=check_device(device),
+    )
 
 
 puzzle_app = typer.Typer(

@@ -1,0 +1,207 @@
+"""RL data, pass-rate curriculum and the GRPO / RLOO stage on TRL (tiny random models)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+import torch
+from models_for_tests import save_tiny_llama, tiny_llama_config
+
+from open_nemotron.train.curriculum import (
+    CurriculumError,
+    curriculum_batches,
+    curriculum_sampler_class,
+    random_batches,
+)
+from open_nemotron.train.rl_data import RLDataError, instruction_rows, load_rows, save_rows, task_rows
+
+
+def _rates(n_per_bucket: dict[float, int]) -> list[float]:
+    return [r for r, n in n_per_bucket.items() for _ in range(n)]
+
+
+def test_curriculum_moves_from_easy_to_hard_without_repeats() -> None:
+    """Equal supplies per bucket: the first batches are drawn from the easy end, the middle ones from the hard end;
+    the last few hold what the target left over (the target is limited by what remains, as the paper says)."""
+    rates = _rates({0.0: 24, 0.125: 24, 0.25: 24, 0.5: 24, 0.625: 24})
+    batches = curriculum_batches(rates, 8, sigma=0.1, seed=0)
+    assert len(batches) == len(rates) // 8 and all(len(b) == 8 for b in batches)
+    flat = [i for b in batches for i in b]
+    assert len(flat) == len(set(flat))  # never a prompt twice in an epoch
+    means = [statistics.mean(rates[i] for i in b) for b in batches]
+    assert min(means[:4]) > 0.45 and max(means[6:12]) < 0.25
+    assert statistics.mean(means[:5]) > statistics.mean(means[5:]) + 0.2
+
+
+def test_curriculum_respects_bucket_supplies_and_tops_up_from_the_fullest() -> None:
+    # The easy bucket has 3 prompts only: the first batch's target wants mostly easy ones and must top up.
+    rates = _rates({1.0: 3, 0.5: 30, 0.0: 7})
+    batches = curriculum_batches(rates, 8, sigma=0.05, seed=1)
+    first = [rates[i] for i in batches[0]]
+    assert first.count(1.0) == 3 and first.count(0.5) == 5  # all of the easy bucket, then the fullest
+    counts = {r: sum(rates[i] == r for b in batches for i in b) for r in (1.0, 0.5, 0.0)}
+    assert counts[1.0] <= 3 and counts[0.0] <= 7 and sum(counts.values()) == 40
+    # The hard prompts come only once the centre has moved past the middle (the last two of five batches).
+    assert counts[0.0] == 7 and all(rates[i] != 0.0 for b in batches[:3] for i in b)
+
+
+def test_curriculum_is_deterministic_per_seed_and_refuses_bad_input() -> None:
+    rates = _rates({0.0: 10, 0.5: 10, 1.0: 12})
+    assert curriculum_batches(rates, 4, seed=3) == curriculum_batches(rates, 4, seed=3)
+    assert curriculum_batches(rates, 4, seed=3) != curriculum_batches(rates, 4, seed=4)
+    assert sorted(i for b in random_batches(32, 4, seed=0) for i in b) == list(range(32))
+    with pytest.raises(CurriculumError, match="pass rate of prompt 1"):
+        curriculum_batches([0.5, 1.5], 1)
+    with pytest.raises(CurriculumError, match="at least one batch"):
+        curriculum_batches([0.5], 2)
+
+
+def test_curriculum_sampler_keeps_trls_grouping_and_orders_by_epoch() -> None:
+    rates = _rates({0.0: 4, 0.5: 4, 1.0: 4})
+    sampler = curriculum_sampler_class()(list(range(12)), rates, mini_repeat_count=3, batch_size=4, repeat_count=2)
+    order = list(sampler)
+    assert len(order) == 12 * 3 * 2 == len(sampler)
+    batches = sampler.batches()
+    # Each prompt's group of 3 samples together, each generation batch twice (updates per rollout).
+    expected = [i for chunk in batches for _ in range(2) for i in chunk for _ in range(3)]
+    assert order == expected
+    assert statistics.mean(rates[i] for i in batches[0]) > statistics.mean(rates[i] for i in batches[-1])
+    sampler.set_epoch(1)
+    assert sampler.batches() != batches
+    sampler.set_epoch(0)
+    assert sampler.batches() == batches  # a function of (seed, epoch) only: what a resumed run needs
+    random_order = curriculum_sampler_class()(list(range(12)), None, mini_repeat_count=1, batch_size=4)
+    assert sorted(random_order) == list(range(12))
+
+
+def test_task_rows_mix_modes_use_training_seeds_and_drop_heldout_overlaps(monkeypatch) -> None:
+    rows, dropped = task_rows(["chain_sum", "gcd"], 10, seed=0, on_fraction=0.5)
+    assert len(rows) + dropped == 20 and sum(r["thinking"] for r in rows) == round(len(rows) * 0.5)
+    for r in rows:
+        system = r["prompt"][0]["content"]
+        assert system == ("detailed thinking on" if r["thinking"] else "detailed thinking off")
+        assert json.loads(r["entry"]) and r["instruction_id_list"] == []
+    # A held-out suite that contains our training items: every one of them is dropped.
+    from open_nemotron.data import tasks
+
+    monkeypatch.setattr(tasks, "heldout_suite", lambda: tasks.make_items("chain_sum", 10, seed=0))
+    rows, dropped = task_rows(["chain_sum"], 10, seed=0)
+    assert rows == [] and dropped == 10
+
+
+def test_instruction_rows_refuse_an_eval_suites_prompts(tmp_path) -> None:
+    rows = instruction_rows(6, seed=2)
+    assert all(
+        r["task"] == "" and r["instruction_id_list"] and r["if_prompt"] in r["prompt"][1]["content"] for r in rows
+    )
+    suite = tmp_path / "ifeval.jsonl"
+    suite.write_text(
+        json.dumps({"key": 1, "prompt": rows[0]["if_prompt"], "instruction_id_list": [], "kwargs": []}) + "\n"
+    )
+    from open_nemotron.rewards.instructions import InstructionError
+
+    with pytest.raises(InstructionError, match="eval suite"):
+        instruction_rows(6, seed=2, exclude_suites=[suite])
+
+
+def test_load_rows_checks_columns_ids_and_pass_rates(tmp_path) -> None:
+    rows, _ = task_rows(["chain_sum"], 3, seed=0)
+    path = save_rows(tmp_path / "p.jsonl", rows)
+    assert load_rows(path) == rows
+    save_rows(path, [rows[0], rows[0]])
+    with pytest.raises(RLDataError, match="appears twice"):
+        load_rows(path)
+    save_rows(path, [{k: v for k, v in rows[0].items() if k != "answer"}])
+    with pytest.raises(RLDataError, match="missing answer"):
+        load_rows(path)
+    save_rows(path, [{**rows[0], "pass_rate": 2}])
+    with pytest.raises(RLDataError, match="pass_rate"):
+        load_rows(path)
+
+
+# ------------------------------------------------------------------------------------------ GRPO / RLOO stage
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory):
+    from open_nemotron.model.loading import convert
+
+    base = save_tiny_llama(tmp_path_factory.mktemp("llama") / "m", tiny_llama_config(num_hidden_layers=2))
+    return convert(base, tmp_path_factory.mktemp("policy") / "ours")
+
+
+def _prompts(tmp_path, n: int = 4, pass_rates: bool = True):
+    rows, _ = task_rows(["chain_sum"], n, seed=0)
+    if pass_rates:
+        rows = [{**r, "pass_rate": [0.0, 0.25, 0.5, 0.75][i % 4]} for i, r in enumerate(rows)]
+    return save_rows(tmp_path / "prompts.jsonl", rows)
+
+
+def _config(policy, prompts, out, **overrides):
+    from open_nemotron.train.rl import RLConfig
+
+    kwargs = dict(
+        model=str(policy),
+        prompts=str(prompts),
+        output_dir=str(out),
+        num_generations=2,
+        prompts_per_step=2,
+        max_completion_length=6,
+        max_steps=4,
+        save_steps=2,
+        learning_rate=1e-3,
+        device="cpu",
+    )
+    kwargs.update(overrides)
+    return RLConfig(**kwargs)
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_grpo_trains_logs_each_reward_and_a_killed_run_resumes_to_the_same_weights(policy, tmp_path) -> None:
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    from open_nemotron.train.rl import run
+    from open_nemotron.train.sft import latest_checkpoint
+
+    class KillAtFirstCheckpoint(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            raise _Killed(state.global_step)
+
+    prompts = _prompts(tmp_path)
+    straight = run(_config(policy, prompts, tmp_path / "straight"))
+    assert straight["steps"] == 4
+    logged = {k for h in straight["log_history"] for k in h}
+    assert {"rewards/accuracy/mean", "rewards/format/mean", "reward"} <= logged
+    assert (tmp_path / "straight" / "rl_curves.png").stat().st_size > 0
+
+    from open_nemotron.train import rl
+
+    killed = _config(policy, prompts, tmp_path / "killed")
+    trainer, _ = rl.build_trainer(killed, callbacks=[KillAtFirstCheckpoint()])
+    with pytest.raises(_Killed):
+        trainer.train()
+    assert latest_checkpoint(tmp_path / "killed").name == "checkpoint-2"
+    resumed = run(killed)
+    assert resumed["resumed_from"].endswith("checkpoint-2") and resumed["steps"] == 4
+    a = load_file(tmp_path / "straight" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "killed" / "final" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_grpo_curriculum_needs_pass_rates_and_rloo_runs(policy, tmp_path) -> None:
+    from open_nemotron.train.rl import RLError, run
+
+    no_rates = _prompts(tmp_path, pass_rates=False)
+    with pytest.raises(RLError, match="pass rates"):
+        run(_config(policy, no_rates, tmp_path / "g"))
+    result = run(_config(policy, no_rates, tmp_path / "r", algorithm="rloo", max_steps=2, curriculum=False))
+    assert result["steps"] == 2 and (tmp_path / "r" / "final" / "config.json").is_file()
+    with pytest.raises(RLError, match="at least 2"):
+        _config(policy, no_rates, tmp_path / "x", num_generations=1)
