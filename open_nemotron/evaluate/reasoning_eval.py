@@ -70,9 +70,26 @@ class EvalConfig:
             )
 
 
+def _is_ifeval_file(path: str) -> bool:
+    from open_nemotron.rewards.instructions import is_ifeval_row
+
+    with open(path) as f:
+        first = next((line for line in f if line.strip()), "")
+    try:
+        return is_ifeval_row(json.loads(first))
+    except (json.JSONDecodeError, TypeError, AttributeError):
+        return False
+
+
 def load_suite(suite: str, limit: int | None = None) -> list:
-    """The prompts of a suite as `TaskItem`s: the fixed held-out suite, or a GSM8K/MATH-style jsonl file."""
+    """The prompts of a suite: `TaskItem`s for the fixed held-out suite or a GSM8K/MATH-style jsonl file,
+    `IFExample`s for a file in IFEval's input format (``{"key", "prompt", "instruction_id_list", "kwargs"}``)."""
     from open_nemotron.data import tasks
+
+    if suite.endswith(".jsonl") and Path(suite).is_file() and _is_ifeval_file(suite):
+        from open_nemotron.rewards.instructions import load_suite as load_ifeval
+
+        return load_ifeval(suite, limit).examples
 
     if suite == "heldout":
         if limit:
@@ -108,13 +125,18 @@ def _evaluate_mode(
     from open_nemotron.data.tasks import score_answer
     from open_nemotron.model.chat import generate_chat
     from open_nemotron.rewards.format import is_toggle_compliant
+    from open_nemotron.rewards.instructions import IFExample, accuracies, check_response
 
-    conversations = [[{"role": "user", "content": item.question}] for item in items]
+    instruction_suite = bool(items) and isinstance(items[0], IFExample)
+    conversations = [
+        [{"role": "user", "content": item.prompt if instruction_suite else item.question}] for item in items
+    ]
     samples = config.samples if thinking else 1
     scores = np.zeros((len(items), samples))
     compliant = np.zeros((len(items), samples))
     tokens = np.zeros((len(items), samples))
     records = []
+    if_results = []
     # Every sample of every prompt in one call: row s * len(items) + i is sample s of prompt i.
     texts = generate_chat(
         model,
@@ -134,9 +156,27 @@ def _evaluate_mode(
     for s in range(samples):
         for i, item in enumerate(items):
             text = texts[s * len(items) + i]
-            scores[i, s] = 1.0 if score_answer(item, text) >= 1.0 else 0.0
             compliant[i, s] = float(is_toggle_compliant(text, thinking))
             tokens[i, s] = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+            if instruction_suite:
+                # IFEval's checks on the answer part (after </think> with reasoning on); accuracy = prompt-level strict.
+                verdict = check_response(item, text, thinking)
+                if_results.append(verdict)
+                scores[i, s] = float(verdict.prompt_strict)
+                records.append(
+                    {
+                        "key": item.key,
+                        "sample": s,
+                        "mode": "on" if thinking else "off",
+                        "prompt": item.prompt,
+                        "output": text,
+                        "strict": verdict.strict,
+                        "loose": verdict.loose,
+                        "compliant": bool(compliant[i, s]),
+                    }
+                )
+                continue
+            scores[i, s] = 1.0 if score_answer(item, text) >= 1.0 else 0.0
             records.append(
                 {
                     "task": item.task,
@@ -151,7 +191,9 @@ def _evaluate_mode(
                 }
             )
     per_prompt = scores.mean(axis=1)
+    extra = {"ifeval": accuracies(if_results)} if instruction_suite else {}
     return {
+        **extra,
         "accuracy": float(per_prompt.mean()),
         "ci95": bootstrap_interval(per_prompt, config.bootstrap, config.seed),
         "compliance": float(compliant.mean()),
@@ -170,6 +212,7 @@ def run(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
 
     items = load_suite(config.suite, config.limit)
     results: dict[str, Any] = {}
+    per_prompt: dict[str, dict[str, np.ndarray]] = {}
     all_records = []
     # One step per generated reply (reasoning on: K per prompt), a line at most every 15 s without a terminal.
     replies = len(items) * sum(config.samples if mode == "on" else 1 for mode in config.reasoning)
@@ -192,8 +235,18 @@ def run(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
                     "difference": float(diff.mean()),
                     "ci95": bootstrap_interval(diff, config.bootstrap, config.seed),
                 }
-            for mode in MODES:
-                per_mode.get(mode, {}).pop("_per_prompt", None)
+            per_prompt[spec] = {mode: per_mode[mode].pop("_per_prompt") for mode in MODES if mode in per_mode}
+            if spec != config.models[0]:
+                # Paired over the same prompts: this model minus the first, per mode (e.g. RL policy vs its SFT start).
+                per_mode["minus_first"] = {
+                    mode: {
+                        "difference": float((values - per_prompt[config.models[0]][mode]).mean()),
+                        "ci95": bootstrap_interval(
+                            values - per_prompt[config.models[0]][mode], config.bootstrap, config.seed
+                        ),
+                    }
+                    for mode, values in per_prompt[spec].items()
+                }
             results[spec] = per_mode
             del model
     result = {
@@ -239,5 +292,29 @@ def render_markdown(result: dict[str, Any]) -> str:
             d = modes["on_minus_off"]
             lines.append(
                 f"| {spec} | on - off | {d['difference']:+.3f} | [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] | | | |"
+            )
+        for mode, d in modes.get("minus_first", {}).items():
+            lines.append(
+                f"| {spec} | {mode}: minus {next(iter(result['models']))} | {d['difference']:+.3f} | "
+                f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] | | | |"
+            )
+    if_rows = [
+        (spec, mode, modes[mode]["ifeval"])
+        for spec, modes in result["models"].items()
+        for mode in MODES
+        if "ifeval" in modes.get(mode, {})
+    ]
+    if if_rows:
+        lines += [
+            "",
+            "IFEval accuracies (accuracy above = prompt-level strict; checks read the answer after `</think>`):",
+            "",
+            "| model | mode | prompt strict | instruction strict | prompt loose | instruction loose |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        for spec, mode, a in if_rows:
+            lines.append(
+                f"| {spec} | {mode} | {a['prompt_level_strict_acc']:.3f} | {a['inst_level_strict_acc']:.3f} | "
+                f"{a['prompt_level_loose_acc']:.3f} | {a['inst_level_loose_acc']:.3f} |"
             )
     return "\n".join(lines) + "\n"
