@@ -26,7 +26,7 @@ app = typer.Typer(
     "DeciLM format), bench-speed and bench-train (throughput), generate (one answer, reasoning on or off), datagen "
     "(reasoning on/off training data), sft (fine-tuning with the toggle), eval (accuracy with reasoning on and off), "
     "eval-mc (multiple-choice accuracy and retention), distill (knowledge distillation / continued pretraining of a "
-    "child), rl (RL prompt sets and pass rates), grpo and rloo (RL with verifiable rewards), fusion (FFN Fusion: analyze, fuse), serve (an OpenAI-compatible server with the reasoning toggle), "
+    "child), rl (RL prompt sets and pass rates), grpo and rloo (RL with verifiable rewards), rpo (reward-aware preference optimisation), fusion (FFN Fusion: analyze, fuse), serve (an OpenAI-compatible server with the reasoning toggle), "
     "puzzle (Puzzle NAS: run, or one stage: calibration, build-library, score, costs, search, assemble, report).",
     epilog="Run `open-nemotron VERB --help` for a verb's options; README.md has a section and an example per verb.",
     no_args_is_help=True,
@@ -995,6 +995,58 @@ def rloo(
         seed=seed,
         device=check_device(device),
     )
+
+
+@app.command()
+@reports_user_errors
+def rpo(
+    model: RLModelArg,
+    out: RLOutOption,
+    pairs: Annotated[
+        Path | None, typer.Option("--pairs", help="Offline: jsonl of prompt, chosen, rejected and their rewards.")
+    ] = None,
+    prompts: Annotated[
+        Path | None, typer.Option("--prompts", help="Online: RL prompt rows to sample and score pairs from.")
+    ] = None,
+    method: Annotated[str, typer.Option("--method", help="rpo (NVIDIA's) or dpo (TRL's, the comparison).")] = "rpo",
+    variant: Annotated[str, typer.Option("--variant", help="RPO distance: bwd_kl, fwd_kl or sq.")] = "bwd_kl",
+    beta: Annotated[float, typer.Option("--beta", help="KL strength.")] = 0.1,
+    eta: Annotated[float, typer.Option("--eta", help="Reward scale.")] = 1.0,
+    rewards: RewardsOption = "accuracy=1,format=1",
+    samples: Annotated[int, typer.Option("--samples", help="Online: responses per prompt (best vs worst).")] = 4,
+    lr: LrOption = 5e-7,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Pairs per step.")] = 4,
+    max_steps: StepsOption = 50,
+    save_steps: Annotated[int, typer.Option("--save-steps", help="Checkpoint every N steps.")] = 10,
+    report_to: Annotated[str, typer.Option("--report-to", help="none, tensorboard, wandb, ...")] = "none",
+    seed: Annotated[int, typer.Option("--seed", help="Seed.")] = 0,
+    device: DeviceOption = None,
+) -> None:
+    """Reward-aware preference optimisation (offline pairs, or online pairs sampled and scored), or TRL's DPO."""
+    from open_nemotron.train.rpo import PreferenceConfig, run
+
+    result = run(
+        PreferenceConfig(
+            model=model,
+            output_dir=str(out),
+            pairs=str(pairs) if pairs else None,
+            prompts=str(prompts) if prompts else None,
+            method=method,
+            variant=variant,
+            beta=beta,
+            eta=eta,
+            rewards=parse_rewards(rewards),
+            samples=samples,
+            learning_rate=lr,
+            batch_size=batch_size,
+            max_steps=max_steps,
+            save_steps=save_steps,
+            report_to=report_to,
+            seed=seed,
+            device=check_device(device),
+        )
+    )
+    typer.echo(f"{method}: {result['steps']} steps on {result['pairs']} pairs; model {result['final_model']}")
 
 
 puzzle_app = typer.Typer(

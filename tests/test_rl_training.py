@@ -211,5 +211,8 @@ def test_grpo_curriculum_needs_pass_rates_and_rloo_runs(policy, tmp_path) -> Non
         run(_config(policy, no_rates, tmp_path / "g"))
     result = run(_config(policy, no_rates, tmp_path / "r", algorithm="rloo", max_steps=2, curriculum=False))
     assert result["steps"] == 2 and (tmp_path / "r" / "final" / "config.json").is_file()
+    # beta > 0: TRL builds the frozen reference from our checkpoint and logs the KL.
+    with_kl = run(_config(policy, _prompts(tmp_path), tmp_path / "kl", max_steps=2, beta=0.1))
+    assert any("kl" in h for h in with_kl["log_history"])
     with pytest.raises(RLError, match="at least 2"):
         _config(policy, no_rates, tmp_path / "x", num_generations=1)

@@ -17,6 +17,8 @@ and FFN are. The field names are the ones NVIDIA ships for Llama-Nemotron Super/
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -218,6 +220,11 @@ class DeciLMConfig(LlamaConfig):
     """
 
     model_type = "nemotron-nas"
+    # Not a field (never written to config.json): TRL's `create_model_from_path`, which builds GRPO's / DPO's
+    # reference model, reads `config.auto_map` for an architecture transformers does not export, and transformers'
+    # per-layer config access raises on a missing attribute. We register with the Auto classes instead: an empty,
+    # read-only map (transformers tests `name in config.auto_map` when the attribute exists).
+    auto_map = MappingProxyType({})
 
     block_configs: list | None = None
 
