@@ -17,10 +17,9 @@ and FFN are. The field names are the ones NVIDIA ships for Llama-Nemotron Super/
 
 from __future__ import annotations
 
-from types import MappingProxyType
-
 import math
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 from huggingface_hub.dataclasses import strict
