@@ -230,6 +230,13 @@ def test_killed_distill_resumes_to_the_uninterrupted_weights(models, tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    # Rerunning the finished run trains nothing more (no step past max_steps) and writes the same weights.
+    again = run_distill(killed_config)
+    assert again["steps"] == 4 and again["train_seconds"] == 0.0
+    assert latest_checkpoint(tmp_path / "killed").name == "checkpoint-4"
+    c = load_file(tmp_path / "killed" / "final" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], c[key], rtol=1e-5, atol=1e-6, msg=key)
     # The curve survives the kill (it lives in the checkpoint's trainer state), each step measured once.
     assert [c["step"] for c in resumed["curve"]] == [c["step"] for c in straight["curve"]] == [0, 2, 4]
     assert [c["kl"] for c in resumed["curve"]] == pytest.approx([c["kl"] for c in straight["curve"]], rel=1e-5)

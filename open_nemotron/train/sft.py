@@ -86,9 +86,20 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 
 def train_resuming(trainer, output_dir: Path) -> tuple[Path | None, float]:
     """`trainer.train()`, resumed from the newest complete checkpoint in `output_dir` if there is one;
-    returns (that checkpoint or None, seconds spent training in this call)."""
+    returns (that checkpoint or None, seconds spent training in this call).
+
+    A checkpoint already at `max_steps` (a run killed after its last save, or rerun when finished) is loaded, not
+    trained on: transformers would otherwise take one more optimiser step past `max_steps`."""
+    from transformers import TrainerState
+
     resume = latest_checkpoint(output_dir)
     start = time.perf_counter()
+    if resume is not None and trainer.args.max_steps > 0:
+        state = TrainerState.load_from_json(str(resume / "trainer_state.json"))
+        if state.global_step >= trainer.args.max_steps:
+            trainer._load_from_checkpoint(str(resume))  # the weights (sharded, tied, adapters) as Trainer loads them
+            trainer.state = state
+            return resume, 0.0
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     return resume, time.perf_counter() - start
 
