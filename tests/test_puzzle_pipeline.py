@@ -184,6 +184,11 @@ def test_calibration_train_selection_and_reporting_come_from_disjoint_documents(
     with pytest.raises(CalibrationError, match=r"2 document\(s\): expected at least 3"):
         split_documents(["a", "b"], cfg)
     assert sorted(parts["train"] + parts["selection"] + parts["reporting"]) == sorted(documents)  # a partition
+    # Each set in shuffled, not source, order: windows are cut from a set's first documents, which must then be a
+    # sample of the whole source rather than its beginning.
+    for name in ("train", "selection", "reporting"):
+        positions = [documents.index(d) for d in parts[name]]
+        assert positions != sorted(positions)
     (tmp_path / "docs.txt").write_text("\n\n".join(documents))
     meta = build_calibration(str(parent_dir), cfg, tmp_path / "out")
     assert meta["documents"] == {"train": 30, "selection": 5, "reporting": 5}

@@ -311,7 +311,10 @@ SETS = ("train", "selection", "reporting")
 
 def split_documents(documents: list[str], config: CalibrationConfig) -> dict[str, list[str]]:
     """Disjoint train / selection / reporting documents (a seeded shuffle): about one document in eight for each
-    held-out set (at least one each), the rest for training."""
+    held-out set (at least one each), the rest for training. Each set keeps the shuffled order, because its windows
+    are cut from the start of its token stream: in source order a small set's windows would all come from the first
+    documents of the source (before 2026-12-02 they did: the parent source's held-out windows were then its answers
+    to the fixed prompts only, never its free-text or reasoning documents)."""
     if len(documents) < 3:
         raise CalibrationError(
             f"calibration: {len(documents)} document(s): expected at least 3 (train, selection and reporting are "
@@ -325,7 +328,7 @@ def split_documents(documents: list[str], config: CalibrationConfig) -> dict[str
         "reporting": order[n_held : 2 * n_held],
         "train": order[2 * n_held :],
     }
-    return {name: [documents[i] for i in sorted(parts[name])] for name in SETS}
+    return {name: [documents[i] for i in parts[name]] for name in SETS}
 
 
 def cache_key(parent_dir: Path, config: CalibrationConfig) -> str:
