@@ -41,7 +41,7 @@ demo: venv
 		--json $(DEMO_DIR)/bench-speed.json
 	$(BIN)/open-nemotron puzzle run --config recipes/puzzle-demo.yaml --run-dir $(DEMO_DIR)/puzzle
 	$(BIN)/open-nemotron distill --teacher smollm2-135m --student $(DEMO_DIR)/puzzle/children/decode_speedup_1.5_attnfree3 \
-		--data parent --seed 1 --generate-prompts 240 --train-sequences 384 --reporting-sequences 16 \
+		--data parent --seed 1 --generate-prompts 120 --generate-free-text 120 --train-sequences 384 --reporting-sequences 16 \
 		--train-tokens 81920 --lr 3e-4 --report-every 16 --save-steps 40 --out $(DEMO_DIR)/kd-1.5
 
 test: venv
