@@ -216,3 +216,51 @@ def test_grpo_curriculum_needs_pass_rates_and_rloo_runs(policy, tmp_path) -> Non
     assert any("kl" in h for h in with_kl["log_history"])
     with pytest.raises(RLError, match="at least 2"):
         _config(policy, no_rates, tmp_path / "x", num_generations=1)
+
+
+def test_pass_rate_counts_full_rewards_filters_and_resumes(policy, tmp_path, monkeypatch) -> None:
+    """Scripted samples: row 0 right 2 of 4 times, row 1 always, row 2 never, the IF row follows its instruction
+    once; pass rates, the >= 0.75 filter (and --drop-unsolved), and a resume after a lost chunk."""
+    from open_nemotron.model import chat
+    from open_nemotron.train.pass_rate import PassRateConfig, run
+
+    rows, _ = task_rows(["chain_sum"], 3, seed=0)
+    rows = [
+        {**r, "thinking": False, "prompt": [r["prompt"][0] | {"content": "detailed thinking off"}, r["prompt"][1]]}
+        for r in rows
+    ]
+    if_row = {**instruction_rows(1, seed=0)[0], "thinking": False}
+    if_row.update(if_prompt="p", instruction_id_list=["punctuation:no_comma"], instruction_kwargs="[{}]")
+    prompts = save_rows(tmp_path / "p.jsonl", [*rows, if_row])
+    answers = {r["prompt"][1]["content"]: r["answer"] for r in rows}
+    script = {0: [True, False, True, False], 1: [True] * 4, 2: [False] * 4}
+    calls = []
+
+    def scripted(model, tokenizer, conversations, **kw):
+        calls.append(len(conversations))
+        out, seen = [], {}
+        for c in conversations:
+            text = c[1]["content"]
+            k = seen[text] = seen.get(text, -1) + 1
+            if text in answers:
+                i = list(answers).index(text)
+                out.append(f"The answer is {answers[text] if script[i][k] else 'unknown'}.")
+            else:
+                out.append("No commas here." if k == 0 else "A, b, c.")
+        return out
+
+    monkeypatch.setattr(chat, "generate_chat", scripted)
+    config = PassRateConfig(
+        model=str(policy), prompts=str(prompts), output_dir=str(tmp_path / "pr"), samples=4, chunk=2
+    )
+    result = run(config, progress=False)
+    rates = [json.loads(line)["pass_rate"] for line in (tmp_path / "pr" / "pass_rates.jsonl").read_text().splitlines()]
+    assert rates == [0.5, 1.0, 0.0, 0.25] and calls == [8, 8]
+    kept = load_rows(tmp_path / "pr" / "kept.jsonl")
+    assert [r["pass_rate"] for r in kept] == [0.5, 0.0, 0.25] and result["dropped_easy"] == 1
+    # A kill that lost the second chunk: the rerun generates only that chunk and gives the same rates.
+    lines = (tmp_path / "pr" / "pass_rates.jsonl").read_text().splitlines()
+    (tmp_path / "pr" / "pass_rates.jsonl").write_text("\n".join(lines[:2]) + "\n" + lines[2][:10])
+    calls.clear()
+    again = run(PassRateConfig(**{**config.__dict__, "drop_unsolved": True}), progress=False)
+    assert calls == [8] and again["kept"] == 2 and again["dropped_unsolved"] == 1

@@ -94,6 +94,9 @@ def run(config: PassRateConfig, progress: bool = True) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     partial = out / "pass_rates.jsonl"
     done = _done(partial)
+    if partial.is_file():
+        # Keep only whole rows: a line cut by a kill would otherwise swallow the next row appended after it.
+        atomic_write_text(partial, "".join(json.dumps(r) + "\n" for r in done.values()))
     todo = [r for r in rows if r["id"] not in done]
     if todo:
         model = load_model(config.model, device=config.device)
