@@ -264,3 +264,30 @@ def test_pass_rate_counts_full_rewards_filters_and_resumes(policy, tmp_path, mon
     calls.clear()
     again = run(PassRateConfig(**{**config.__dict__, "drop_unsolved": True}), progress=False)
     assert calls == [8] and again["kept"] == 2 and again["dropped_unsolved"] == 1
+
+
+def test_plain_lm_head_equals_trls_fused_kernel() -> None:
+    """Our CPU LM head (`fused_lm_head=True` path) gives TRL's chunked kernel's log-probs, entropy and loss, with
+    gradients; the plain path (no flag) stays the model's own forward."""
+    from models_for_tests import heterogeneous_config, random_decilm
+    from trl.trainer.utils import add_fused_lm_head
+
+    from open_nemotron.train.rl import plain_lm_head
+
+    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[0, :4] = -100
+    ours, theirs = (random_decilm(heterogeneous_config(), seed=4) for _ in range(2))
+    plain_lm_head(ours, temperature=0.7)
+    add_fused_lm_head(theirs, temperature=0.7, outputs=("log_probs", "entropy"))
+    a, b = ours(ids, labels=labels, fused_lm_head=True), theirs(ids, labels=labels, fused_lm_head=True)
+    torch.testing.assert_close(a.log_probs, b.log_probs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a.entropy, b.entropy, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-6)
+    a.loss.backward()
+    b.loss.backward()
+    ga = dict(ours.named_parameters())["model.layers.0.mlp.down_proj.weight"].grad
+    gb = dict(theirs.named_parameters())["model.layers.0.mlp.down_proj.weight"].grad
+    torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits)

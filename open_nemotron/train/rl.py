@@ -96,6 +96,43 @@ def _dataset(rows: list[dict[str, Any]]):
     return Dataset.from_list([{k: v for k, v in r.items() if k not in ("pass_rate", "samples")} for r in rows])
 
 
+def plain_lm_head(model, temperature: float) -> None:
+    """Replace TRL's fused LM head on `model` (what `fused_lm_head=True` calls) by a plain one: the model's own
+    forward, then log-softmax of logits / temperature over the whole vocabulary.
+
+    TRL's GRPO / RLOO patch the policy's forward with a chunked log-prob kernel written for GPUs; on CPU the same
+    kernel made up 12 s of a 40 s SFT step where one plain LM-head matmul + log-softmax cost ~1.5 s
+    (`train.sft.plain_loss_trainer_class`). Same outputs (log-probs, entropy; test against TRL's kernel); used on
+    CPU only, where the full logits of an RL micro-batch fit in memory."""
+    import types
+
+    import torch
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    forward = type(model).forward
+
+    def _plain_forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kw):
+        if not fused_lm_head:
+            extra = {k: v for k, v in (("labels", labels), ("shift_labels", shift_labels)) if v is not None}
+            if num_items_in_batch is not None:
+                extra["num_items_in_batch"] = num_items_in_batch
+            return forward(self, *args, **kw, **extra)
+        kw["use_cache"] = False
+        logits = forward(self, *args, **kw).logits
+        if shift_labels is None:
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        else:
+            labels = shift_labels
+        mask = labels != -100
+        logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+        log_probs = torch.gather(logp, -1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1).masked_fill(~mask, 0)
+        entropy = -(logp.exp() * logp).sum(-1).masked_fill(~mask, 0)
+        count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        return FusedCausalLMOutput(loss=-log_probs.sum() / count, log_probs=log_probs, entropy=entropy, label_mask=mask)
+
+    model.forward = types.MethodType(_plain_forward, model)
+
+
 def trainer_class(algorithm: str):
     """TRL's trainer for `algorithm`; for GRPO with a sampler hook: `curriculum_pass_rates` set on the trainer
     (None = seeded random order) replaces TRL's shuffling RepeatSampler by `train.curriculum`'s."""
@@ -204,6 +241,10 @@ def build_trainer(config: RLConfig, callbacks: list | None = None):
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    if not on_gpu:
+        for m in (trainer.model, getattr(trainer, "ref_model", None)):
+            if m is not None:
+                plain_lm_head(m, config.temperature)
     if config.algorithm == "grpo":
         trainer.curriculum_pass_rates = rates
         trainer.curriculum_sigma = config.curriculum_sigma
