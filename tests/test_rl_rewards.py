@@ -254,3 +254,19 @@ def test_load_suite_reads_ifeval_rows_and_names_bad_ones(tmp_path) -> None:
     bad.write_text(json.dumps({"prompt": "x", "instruction_id_list": ["punctuation:no_comma"], "kwargs": []}))
     with pytest.raises(InstructionError, match="one each"):
         load_suite(bad)
+
+
+def test_the_shipped_heldout_if_suite_is_checkable_and_disjoint_from_the_synthetic_bank() -> None:
+    """recipes/if-heldout.jsonl (40 hand-written IFEval-format prompts, each with its instructions' own
+    descriptions): every row loads and is accepted by its checkers, and no synthetic base request appears in it,
+    so `rl prompts --exclude-suite recipes/if-heldout.jsonl` accepts the default bank."""
+    from pathlib import Path
+
+    from open_nemotron.rewards.instructions import BASE_REQUESTS
+
+    suite = load_suite(Path(__file__).parent.parent / "recipes" / "if-heldout.jsonl")
+    assert len(suite.examples) == 40 and len({e.prompt for e in suite.examples}) == 40
+    for example in suite.examples:
+        check_response(example, "a response")
+    assert not any(b in e.prompt for b in BASE_REQUESTS for e in suite.examples)
+    assert synthetic_prompts(5, exclude=[e.prompt for e in suite.examples])
