@@ -1,10 +1,12 @@
-"""Small shared helpers: atomic file writes."""
+"""Small shared helpers: atomic file writes, line-numbered jsonl reading."""
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -26,6 +28,21 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+def jsonl_rows(path: Path, error: type[Exception]) -> Iterator[tuple[str, Any]]:
+    """``("PATH:LINE", row)`` for every non-blank line of a jsonl file; a line that is not JSON raises `error`
+    naming the file and line."""
+    import json
+
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            yield where, json.loads(line)
+        except json.JSONDecodeError as err:
+            raise error(f"{where}: not valid JSON ({err.msg})") from None
 
 
 def write_result(json_path: str | Path, result: dict, markdown: str) -> None:

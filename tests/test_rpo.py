@@ -130,3 +130,33 @@ def test_preference_config_and_pair_file_errors(tmp_path) -> None:
     bad.write_text(json.dumps({"prompt": "p", "chosen": "c", "rejected": "r"}))
     with pytest.raises(RPOError, match="missing chosen_reward"):
         load_pairs(bad)
+
+
+def test_online_pairs_pair_the_best_and_worst_sample_and_skip_ties(monkeypatch) -> None:
+    """Scripted samples: row 0 gets one right and one wrong answer (a pair, right one chosen), row 1 two wrong
+    ones (a tie: no pair); rewards are the weighted sum of the configured reward functions."""
+    from open_nemotron.model import chat
+    from open_nemotron.train.rl_data import task_rows
+    from open_nemotron.train.rpo import online_pairs
+
+    rows, _ = task_rows(["chain_sum"], 2, seed=0, on_fraction=0.0)
+    gold = {r["prompt"][1]["content"]: r["answer"] for r in rows}
+    first = rows[0]["prompt"][1]["content"]
+    seen: dict[str, int] = {}
+
+    def scripted(model, tokenizer, conversations, **kw):
+        assert kw["thinking"] is False and kw["do_sample"] and kw["top_p"] == 1.0 and kw["seed"] == 3
+        out = []
+        for c in conversations:
+            q = c[1]["content"]
+            k = seen[q] = seen.get(q, -1) + 1
+            out.append(f"The answer is {gold[q]}." if q == first and k == 0 else "The answer is -1.")
+        return out
+
+    monkeypatch.setattr(chat, "generate_chat", scripted)
+    config = PreferenceConfig(model="m", output_dir="o", prompts="p", samples=2, seed=3,
+                              rewards={"accuracy": 2.0, "format": 1.0})  # fmt: skip
+    pairs = online_pairs(None, None, rows, config)
+    assert len(pairs) == 1 and pairs[0]["prompt"] == rows[0]["prompt"]
+    assert pairs[0]["chosen"][0]["content"] == f"The answer is {gold[first]}."
+    assert (pairs[0]["chosen_reward"], pairs[0]["rejected_reward"]) == (3.0, 1.0)

@@ -15,7 +15,6 @@ continuations run in one right-padded batch over that cache (the shared prefix i
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -45,15 +44,10 @@ def load_task(path: str | Path, limit: int | None = None) -> tuple[str, list[MCI
     path = Path(path)
     if not path.is_file():
         raise MultipleChoiceError(f"{path}: no such task file (expected a .jsonl of query/choices/gold rows)")
+    from open_nemotron.utils import jsonl_rows
+
     items = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise MultipleChoiceError(f"{where}: not valid JSON ({err.msg})") from None
+    for where, row in jsonl_rows(path, MultipleChoiceError):
         if not isinstance(row, dict):
             raise MultipleChoiceError(f"{where}: expected an object with query, choices, gold")
         query, choices, gold = row.get("query"), row.get("choices"), row.get("gold")

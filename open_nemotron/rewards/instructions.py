@@ -272,15 +272,11 @@ def load_suite(path: str | Path, limit: int | None = None) -> IFSuite:
     path = Path(path)
     if not path.is_file():
         raise InstructionError(f"{path}: no such IFEval suite file")
+    from open_nemotron.utils import jsonl_rows
+
     examples = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise InstructionError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-        examples.append(IFExample.from_row(row, f"{path}:{lineno}"))
+    for where, row in jsonl_rows(path, InstructionError):
+        examples.append(IFExample.from_row(row, where))
         if limit is not None and len(examples) >= limit:
             break
     if not examples:

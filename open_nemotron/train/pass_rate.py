@@ -85,9 +85,9 @@ def _done(path: Path) -> dict[str, dict[str, Any]]:
 def run(config: PassRateConfig, progress: bool = True) -> dict[str, Any]:
     from rich.progress import Progress
 
-    from open_nemotron.model.chat import ensure_reasoning_template, generate_chat
+    from open_nemotron.model.chat import ensure_reasoning_template
     from open_nemotron.model.loading import load_model, load_tokenizer
-    from open_nemotron.train.rl_data import load_rows, save_rows
+    from open_nemotron.train.rl_data import load_rows, sample_responses, save_rows
 
     rows = load_rows(config.prompts)
     out = Path(config.output_dir)
@@ -106,28 +106,23 @@ def run(config: PassRateConfig, progress: bool = True) -> dict[str, Any]:
             task = bar.add_task("pass rate", total=len(rows), completed=len(done))
             for start in range(0, len(todo), config.chunk):
                 chunk = todo[start : start + config.chunk]
-                rates = {}
-                for thinking in (False, True):
-                    part = [r for r in chunk if bool(r["thinking"]) == thinking]
-                    if not part:
-                        continue
-                    repeated = [r for r in part for _ in range(config.samples)]
-                    texts = generate_chat(
-                        model,
-                        tokenizer,
-                        [r["prompt"] for r in repeated],
-                        thinking=thinking,
-                        max_new_tokens=config.max_new_tokens,
-                        do_sample=True,
-                        temperature=config.temperature,
-                        top_p=config.top_p,
-                        # Per-row streams: a prompt's K samples differ, and a rerun draws the same ones.
-                        seed=config.seed + sum(ord(c) for c in part[0]["id"]),
-                        batch_size=config.batch_size,
-                    )
-                    passes = sample_passes(repeated, texts)
-                    for j, r in enumerate(part):
-                        rates[r["id"]] = sum(passes[j * config.samples : (j + 1) * config.samples]) / config.samples
+                repeated, texts = sample_responses(
+                    model,
+                    tokenizer,
+                    chunk,
+                    config.samples,
+                    max_new_tokens=config.max_new_tokens,
+                    temperature=config.temperature,
+                    top_p=config.top_p,
+                    # Per-row streams: a prompt's K samples differ, and a rerun draws the same ones.
+                    seed_of=lambda part, _thinking: config.seed + sum(ord(c) for c in part[0]["id"]),
+                    batch_size=config.batch_size,
+                )
+                passes = sample_passes(repeated, texts)
+                rates = {
+                    repeated[j]["id"]: sum(passes[j : j + config.samples]) / config.samples
+                    for j in range(0, len(repeated), config.samples)
+                }
                 for r in chunk:
                     sink.write(json.dumps({**r, "pass_rate": rates[r["id"]], "samples": config.samples}) + "\n")
                 sink.flush()

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from open_nemotron.errors import OpenNemotronError
-from open_nemotron.utils import atomic_write_text
+from open_nemotron.utils import atomic_write_text, jsonl_rows
 
 COLUMNS = (
     "id",
@@ -133,6 +133,46 @@ def instruction_rows(
     ]
 
 
+def sample_responses(
+    model: Any,
+    tokenizer: Any,
+    rows: Sequence[dict[str, Any]],
+    samples: int,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed_of: Callable[[list[dict[str, Any]], bool], int],
+    batch_size: int = 16,
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """`samples` sampled responses per row: (the rows repeated, a row's `samples` copies together; the responses,
+    aligned). One engine run per reasoning mode (a row's ``thinking`` sets the switch), seeded with
+    `seed_of(that mode's rows, thinking)`; every response has its own stream (`generate_chat`'s per-row seeds)."""
+    from open_nemotron.model import chat
+
+    repeated_all: list[dict[str, Any]] = []
+    texts_all: list[str] = []
+    for thinking in (False, True):
+        part = [r for r in rows if bool(r["thinking"]) == thinking]
+        if not part:
+            continue
+        repeated = [r for r in part for _ in range(samples)]
+        texts_all += chat.generate_chat(
+            model,
+            tokenizer,
+            [r["prompt"] for r in repeated],
+            thinking=thinking,
+            max_new_tokens=max_new_tokens,
+            do_sample=True,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed_of(part, thinking),
+            batch_size=batch_size,
+        )
+        repeated_all += repeated
+    return repeated_all, texts_all
+
+
 def save_rows(path: str | Path, rows: Sequence[dict[str, Any]]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -146,22 +186,16 @@ def load_rows(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise RLDataError(f"{path}: no such RL prompt file (write one with `open-nemotron rl prompts`)")
     rows, seen = [], set()
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise RLDataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+    for where, row in jsonl_rows(path, RLDataError):
         missing = [c for c in COLUMNS if c not in row]
         if missing:
-            raise RLDataError(f"{path}:{lineno}: missing {', '.join(missing)}; expected the columns {COLUMNS}")
+            raise RLDataError(f"{where}: missing {', '.join(missing)}; expected the columns {COLUMNS}")
         if not isinstance(row["prompt"], list) or not row["prompt"]:
-            raise RLDataError(f"{path}:{lineno}: prompt = {row['prompt']!r}: expected a list of messages")
+            raise RLDataError(f"{where}: prompt = {row['prompt']!r}: expected a list of messages")
         if row["id"] in seen:
-            raise RLDataError(f"{path}:{lineno}: id {row['id']!r} appears twice")
+            raise RLDataError(f"{where}: id {row['id']!r} appears twice")
         if "pass_rate" in row and not (isinstance(row["pass_rate"], (int, float)) and 0 <= row["pass_rate"] <= 1):
-            raise RLDataError(f"{path}:{lineno}: pass_rate = {row['pass_rate']!r}: expected a number in [0, 1]")
+            raise RLDataError(f"{where}: pass_rate = {row['pass_rate']!r}: expected a number in [0, 1]")
         seen.add(row["id"])
         rows.append(row)
     if not rows:

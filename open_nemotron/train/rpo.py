@@ -183,17 +183,13 @@ def load_pairs(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise RPOError(f"{path}: no such preference file")
+    from open_nemotron.utils import jsonl_rows
+
     rows = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise RPOError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+    for where, row in jsonl_rows(path, RPOError):
         missing = [c for c in PAIR_COLUMNS if c not in row]
         if missing:
-            raise RPOError(f"{path}:{lineno}: missing {', '.join(missing)}; expected the columns {PAIR_COLUMNS}")
+            raise RPOError(f"{where}: missing {', '.join(missing)}; expected the columns {PAIR_COLUMNS}")
         rows.append({c: row[c] for c in PAIR_COLUMNS})
     if not rows:
         raise RPOError(f"{path}: no rows")
@@ -203,47 +199,41 @@ def load_pairs(path: str | Path) -> list[dict[str, Any]]:
 def online_pairs(model, tokenizer, rows: list[dict[str, Any]], config: PreferenceConfig) -> list[dict[str, Any]]:
     """Sample `config.samples` responses per prompt row, score each with the weighted rewards, pair the best with
     the worst (prompts whose responses all score the same give no pair)."""
-    from open_nemotron.model.chat import generate_chat
     from open_nemotron.rewards.functions import reward_functions
+    from open_nemotron.train.rl_data import sample_responses
 
     funcs, weights = reward_functions(config.rewards)
+    repeated, texts = sample_responses(
+        model,
+        tokenizer,
+        rows,
+        config.samples,
+        max_new_tokens=config.max_new_tokens,
+        temperature=config.temperature,
+        top_p=1.0,
+        seed_of=lambda _part, thinking: config.seed + int(thinking),
+    )
+    columns = {k: [r[k] for r in repeated] for k in repeated[0]} if repeated else {}
+    prompts = [r["prompt"] for r in repeated]
+    scores = [0.0] * len(texts)
+    for func, weight in zip(funcs, weights, strict=True):
+        for i, value in enumerate(func(prompts, texts, **columns)):
+            scores[i] += weight * (value or 0.0)
     pairs = []
-    for thinking in (False, True):
-        part = [r for r in rows if bool(r["thinking"]) == thinking]
-        if not part:
+    for start in range(0, len(repeated), config.samples):
+        group = range(start, start + config.samples)
+        best, worst = max(group, key=lambda i: scores[i]), min(group, key=lambda i: scores[i])
+        if scores[best] == scores[worst]:
             continue
-        repeated = [r for r in part for _ in range(config.samples)]
-        texts = generate_chat(
-            model,
-            tokenizer,
-            [r["prompt"] for r in repeated],
-            thinking=thinking,
-            max_new_tokens=config.max_new_tokens,
-            do_sample=True,
-            temperature=config.temperature,
-            top_p=1.0,
-            seed=config.seed + int(thinking),
+        pairs.append(
+            {
+                "prompt": repeated[start]["prompt"],
+                "chosen": [{"role": "assistant", "content": texts[best]}],
+                "rejected": [{"role": "assistant", "content": texts[worst]}],
+                "chosen_reward": scores[best],
+                "rejected_reward": scores[worst],
+            }
         )
-        columns = {k: [r[k] for r in repeated] for k in repeated[0]}
-        prompts = [r["prompt"] for r in repeated]
-        scores = [0.0] * len(texts)
-        for func, weight in zip(funcs, weights, strict=True):
-            for i, value in enumerate(func(prompts, texts, **columns)):
-                scores[i] += weight * (value or 0.0)
-        for j, row in enumerate(part):
-            group = list(range(j * config.samples, (j + 1) * config.samples))
-            best, worst = max(group, key=lambda i: scores[i]), min(group, key=lambda i: scores[i])
-            if scores[best] == scores[worst]:
-                continue
-            pairs.append(
-                {
-                    "prompt": row["prompt"],
-                    "chosen": [{"role": "assistant", "content": texts[best]}],
-                    "rejected": [{"role": "assistant", "content": texts[worst]}],
-                    "chosen_reward": scores[best],
-                    "rejected_reward": scores[worst],
-                }
-            )
     return pairs
 
 
@@ -254,7 +244,7 @@ def run(config: PreferenceConfig) -> dict[str, Any]:
 
     from open_nemotron.model.chat import ensure_reasoning_template
     from open_nemotron.model.loading import load_model, load_tokenizer
-    from open_nemotron.train.rl_data import load_rows
+    from open_nemotron.train.rl_data import load_rows, save_rows
     from open_nemotron.train.sft import train_resuming
     from open_nemotron.utils import atomic_write_text
 
@@ -274,7 +264,7 @@ def run(config: PreferenceConfig) -> dict[str, Any]:
         pairs = online_pairs(model, tokenizer, load_rows(config.prompts), config)
         if not pairs:
             raise RPOError("rpo: every prompt's samples scored the same: no pairs (more samples or other prompts)")
-        atomic_write_text(pairs_path, "".join(json.dumps(p) + "\n" for p in pairs))
+        save_rows(pairs_path, pairs)
     on_gpu = next(model.parameters()).device.type == "cuda"
     args = DPOConfig(
         output_dir=str(out),
