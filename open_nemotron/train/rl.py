@@ -89,6 +89,20 @@ class RLConfig:
             raise RLError("rl: the 'judge' reward and --judge-url/--judge-model go together")
 
 
+def load_policy(spec: str, device: str | None = None):
+    """(model, tokenizer) for an RL or preference stage: our reasoning template on the tokenizer, EOS as the pad
+    token when it has none."""
+    from open_nemotron.model.chat import ensure_reasoning_template
+    from open_nemotron.model.loading import load_model, load_tokenizer
+
+    model = load_model(spec, device=device)
+    tokenizer = load_tokenizer(spec)
+    ensure_reasoning_template(tokenizer)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
 def _dataset(rows: list[dict[str, Any]]):
     from datasets import Dataset
 
@@ -167,8 +181,6 @@ def trainer_class(algorithm: str):
 
 def build_trainer(config: RLConfig, callbacks: list | None = None):
     """(trainer, rows) for `run`; also what the tests drive directly."""
-    from open_nemotron.model.chat import ensure_reasoning_template
-    from open_nemotron.model.loading import load_model, load_tokenizer
     from open_nemotron.rewards.functions import JudgeReward, reward_functions
     from open_nemotron.train.rl_data import load_rows
 
@@ -188,11 +200,7 @@ def build_trainer(config: RLConfig, callbacks: list | None = None):
         rates = [float(r["pass_rate"]) for r in rows]
     judge = JudgeReward(config.judge_url, config.judge_model) if config.judge_url and config.judge_model else None
     funcs, weights = reward_functions(config.rewards, judge)
-    model = load_model(config.model, device=config.device)
-    tokenizer = load_tokenizer(config.model)
-    ensure_reasoning_template(tokenizer)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    model, tokenizer = load_policy(config.model, config.device)
     tokenizer.padding_side = "left"
     on_gpu = next(model.parameters()).device.type == "cuda"
     common = dict(

@@ -242,19 +242,14 @@ def run(config: PreferenceConfig) -> dict[str, Any]:
     from trl import DPOConfig, DPOTrainer
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-    from open_nemotron.model.chat import ensure_reasoning_template
-    from open_nemotron.model.loading import load_model, load_tokenizer
+    from open_nemotron.train.rl import load_policy
     from open_nemotron.train.rl_data import load_rows, save_rows
     from open_nemotron.train.sft import train_resuming
     from open_nemotron.utils import atomic_write_text
 
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model = load_model(config.model, device=config.device)
-    tokenizer = load_tokenizer(config.model)
-    ensure_reasoning_template(tokenizer)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    model, tokenizer = load_policy(config.model, config.device)
     pairs_path = out / "pairs.jsonl"
     if config.pairs is not None:
         pairs = load_pairs(config.pairs)
