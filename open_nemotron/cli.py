@@ -777,17 +777,10 @@ app.add_typer(rl_app, name="rl")
 
 
 def parse_rewards(value: str) -> dict[str, float]:
-    """``"accuracy=1,format=0.5"`` -> ``{"accuracy": 1.0, "format": 0.5}``."""
-    out: dict[str, float] = {}
-    for part in (p.strip() for p in value.split(",") if p.strip()):
-        name, sep, weight = part.partition("=")
-        try:
-            out[name.strip()] = float(weight) if sep else 1.0
-        except ValueError:
-            raise CliInputError(f"--rewards {value!r}: expected name=weight pairs, e.g. accuracy=1,format=1") from None
-    if not out:
-        raise CliInputError(f"--rewards {value!r}: expected at least one reward")
-    return out
+    """``--rewards`` text -> weights (`rewards.functions.parse_reward_weights`)."""
+    from open_nemotron.rewards.functions import parse_reward_weights
+
+    return parse_reward_weights(value, option="--rewards")
 
 
 @rl_app.command("prompts")

@@ -226,6 +226,8 @@ def test_eval_against_a_scripted_model(tiny_parent, math_suite, tmp_path, monkey
         texts = [t for sample in SCRIPT[thinking] for t in sample]
         assert got["mean_tokens"] == pytest.approx(np.mean([len(t.encode()) for t in texts]))
         assert got["ci95"] == pytest.approx(bootstrap_interval(np.array(want["per_prompt"], float), 300, 7))
+        # One task in this suite: its per-task accuracy is the mean over its prompts, i.e. the accuracy.
+        assert list(got["per_task"].values()) == pytest.approx([np.mean(want["per_prompt"])])
     paired = np.array(EXPECTED["on"]["per_prompt"], float) - np.array(EXPECTED["off"]["per_prompt"], float)
     assert scripted_model["on_minus_off"]["difference"] == pytest.approx(0.25)
     assert scripted_model["on_minus_off"]["ci95"] == pytest.approx(bootstrap_interval(paired, 300, 7))

@@ -8,7 +8,13 @@ import pytest
 
 from open_nemotron.data.tasks import make_items
 from open_nemotron.rewards import functions
-from open_nemotron.rewards.functions import JudgeReward, RewardError, completion_text, reward_functions
+from open_nemotron.rewards.functions import (
+    JudgeReward,
+    RewardError,
+    completion_text,
+    parse_reward_weights,
+    reward_functions,
+)
 from open_nemotron.rewards.instructions import (
     IFExample,
     InstructionError,
@@ -46,6 +52,18 @@ def test_accuracy_and_format_rewards_read_the_columns_and_the_answer_after_think
     assert functions.accuracy([None], [right], **_columns([none_row])) == [None]
     with pytest.raises(RewardError, match="column 'answer'"):
         functions.accuracy([None], [right], task=["chain_sum"], entry=["{}"])
+
+
+def test_parse_reward_weights() -> None:
+    assert parse_reward_weights("accuracy=1, format=0.5,instructions") == {
+        "accuracy": 1.0,
+        "format": 0.5,
+        "instructions": 1.0,
+    }
+    with pytest.raises(RewardError, match="--rewards 'accuracy=x': expected name=weight"):
+        parse_reward_weights("accuracy=x", option="--rewards")
+    with pytest.raises(RewardError, match="expected at least one reward"):
+        parse_reward_weights(" , ")
 
 
 def test_reward_functions_maps_names_and_weights_and_refuses_bad_ones() -> None:

@@ -192,6 +192,12 @@ def _evaluate_mode(
             )
     per_prompt = scores.mean(axis=1)
     extra = {"ifeval": accuracies(if_results)} if instruction_suite else {}
+    if not instruction_suite:
+        # Accuracy per task (average pass@1 over its prompts), in the suite's task order.
+        by_task: dict[str, list[float]] = {}
+        for item, value in zip(items, per_prompt, strict=True):
+            by_task.setdefault(item.task, []).append(float(value))
+        extra["per_task"] = {task: float(np.mean(values)) for task, values in by_task.items()}
     return {
         **extra,
         "accuracy": float(per_prompt.mean()),
@@ -297,6 +303,25 @@ def render_markdown(result: dict[str, Any]) -> str:
             lines.append(
                 f"| {spec} | {mode}: minus {next(iter(result['models']))} | {d['difference']:+.3f} | "
                 f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] | | | |"
+            )
+    task_rows = [
+        (spec, mode, modes[mode]["per_task"])
+        for spec, modes in result["models"].items()
+        for mode in MODES
+        if "per_task" in modes.get(mode, {})
+    ]
+    if task_rows and len(task_rows[0][2]) > 1:
+        names = list(task_rows[0][2])
+        lines += [
+            "",
+            "Accuracy per task:",
+            "",
+            "| model | mode | " + " | ".join(names) + " |",
+            "|---|---|" + "---:|" * len(names),
+        ]
+        for spec, mode, per_task in task_rows:
+            lines.append(
+                f"| {spec} | {mode} | " + " | ".join(f"{per_task.get(n, float('nan')):.3f}" for n in names) + " |"
             )
     if_rows = [
         (spec, mode, modes[mode]["ifeval"])

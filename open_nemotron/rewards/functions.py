@@ -173,6 +173,20 @@ def _last_user_message(prompt: Any) -> str:
 REWARDS: dict[str, Callable[..., list]] = {"accuracy": accuracy, "format": format, "instructions": instructions}
 
 
+def parse_reward_weights(value: str, option: str = "rewards") -> dict[str, float]:
+    """``"accuracy=1,format=0.5"`` -> ``{"accuracy": 1.0, "format": 0.5}`` (a bare name weighs 1)."""
+    out: dict[str, float] = {}
+    for part in (p.strip() for p in value.split(",") if p.strip()):
+        name, sep, weight = part.partition("=")
+        try:
+            out[name.strip()] = float(weight) if sep else 1.0
+        except ValueError:
+            raise RewardError(f"{option} {value!r}: expected name=weight pairs, e.g. accuracy=1,format=1") from None
+    if not out:
+        raise RewardError(f"{option} {value!r}: expected at least one reward")
+    return out
+
+
 def reward_functions(
     weights: dict[str, float], judge: JudgeReward | None = None
 ) -> tuple[list[Callable[..., list]], list[float]]:
