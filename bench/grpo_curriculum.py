@@ -24,7 +24,7 @@ from pathlib import Path
 from open_nemotron.evaluate.reasoning_eval import EvalConfig
 from open_nemotron.evaluate.reasoning_eval import run as run_eval
 from open_nemotron.rewards.functions import parse_reward_weights
-from open_nemotron.train.rl import RLConfig
+from open_nemotron.train.rl import RLConfig, log_series
 from open_nemotron.train.rl import run as run_rl
 from open_nemotron.utils import write_result
 
@@ -56,11 +56,6 @@ def train_arm(args: argparse.Namespace, arm: str) -> dict:
     return run_rl(config)
 
 
-def _series(history: list[dict], key: str) -> tuple[list[int], list[float]]:
-    points = [(h["step"], h[key]) for h in history if isinstance(h.get(key), (int, float))]
-    return [s for s, _ in points], [v for _, v in points]
-
-
 def plot(arms: dict[str, dict], path: Path, window: int) -> None:
     import matplotlib
 
@@ -71,7 +66,7 @@ def plot(arms: dict[str, dict], path: Path, window: int) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for arm, result in arms.items():
         for ax, key in zip(axes, ("reward", "completions/mean_length"), strict=True):
-            steps, values = _series(result["log_history"], key)
+            steps, values = log_series(result["log_history"], key)
             if not steps:
                 continue
             (line,) = ax.plot(steps, values, alpha=0.3, linewidth=1)

@@ -17,6 +17,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from open_nemotron.errors import OpenNemotronError
+from open_nemotron.rewards.functions import parse_reward_weights
 
 USER_ERROR_EXIT_CODE = 2
 
@@ -776,13 +777,6 @@ rl_app = typer.Typer(
 app.add_typer(rl_app, name="rl")
 
 
-def parse_rewards(value: str) -> dict[str, float]:
-    """``--rewards`` text -> weights (`rewards.functions.parse_reward_weights`)."""
-    from open_nemotron.rewards.functions import parse_reward_weights
-
-    return parse_reward_weights(value, option="--rewards")
-
-
 @rl_app.command("prompts")
 @reports_user_errors
 def rl_prompts(
@@ -928,7 +922,7 @@ def grpo(
         model=model,
         prompts=str(prompts),
         output_dir=str(out),
-        rewards=parse_rewards(rewards),
+        rewards=parse_reward_weights(rewards, option="--rewards"),
         curriculum=not random_order,
         curriculum_sigma=sigma,
         num_generations=num_generations,
@@ -975,7 +969,7 @@ def rloo(
         model=model,
         prompts=str(prompts),
         output_dir=str(out),
-        rewards=parse_rewards(rewards),
+        rewards=parse_reward_weights(rewards, option="--rewards"),
         curriculum=False,
         num_generations=num_generations,
         prompts_per_step=prompts_per_step,
@@ -1028,7 +1022,7 @@ def rpo(
             variant=variant,
             beta=beta,
             eta=eta,
-            rewards=parse_rewards(rewards),
+            rewards=parse_reward_weights(rewards, option="--rewards"),
             samples=samples,
             learning_rate=lr,
             batch_size=batch_size,

@@ -285,7 +285,8 @@ def run(config: RLConfig) -> dict[str, Any]:
     return result
 
 
-def _series(history: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+def log_series(history: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of one logged key in a Trainer log history, NaNs left out."""
     points = [(h["step"], h[key]) for h in history if key in h and isinstance(h[key], (int, float))]
     points = [(s, v) for s, v in points if not math.isnan(v)]
     return [s for s, _ in points], [v for _, v in points]
@@ -302,14 +303,14 @@ def plot_curves(history: list[dict[str, Any]], path: Path, title: str = "") -> P
         {k for h in history for k in h if k.startswith("rewards/") and k.endswith("/mean")}
     )
     panels = [("reward", reward_keys), ("completion length (tokens)", ["completions/mean_length"]), ("KL", ["kl"])]
-    panels = [(name, [k for k in keys if _series(history, k)[0]]) for name, keys in panels]
+    panels = [(name, [k for k in keys if log_series(history, k)[0]]) for name, keys in panels]
     panels = [(name, keys) for name, keys in panels if keys]
     if not panels:
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
     for ax, (name, keys) in zip(axes[0], panels, strict=True):
         for key in keys:
-            steps, values = _series(history, key)
+            steps, values = log_series(history, key)
             ax.plot(steps, values, label=key.replace("rewards/", "").replace("/mean", ""), linewidth=1.5)
         ax.set_xlabel("step")
         ax.set_title(name)
