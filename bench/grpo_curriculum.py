@@ -34,6 +34,8 @@ ARMS = {"curriculum": True, "random": False}
 def train_arm(args: argparse.Namespace, arm: str) -> dict:
     out = Path(args.out) / arm
     done = out / "rl.json"
+    # Read back, not rerun: `run` on a finished arm would load it from its last checkpoint and rewrite rl.json
+    # with 0 training seconds, losing the arm's measured time.
     if done.is_file() and (out / "final").is_dir():
         saved = json.loads(done.read_text())
         if saved["steps"] >= args.max_steps:
