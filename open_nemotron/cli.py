@@ -176,12 +176,20 @@ def convert(
         ),
     ],
     out: Annotated[Path, typer.Option("--out", help="Directory to write the converted model to.", file_okay=False)],
+    non_portable_ffn_widths: Annotated[
+        bool,
+        typer.Option(
+            "--non-portable-ffn-widths",
+            help="Accept an FFN width that is not a multiple of 256 (recorded in config.json; NVIDIA's code, vLLM "
+            "and llama.cpp then build a different FFN, so only open-nemotron reads the output).",
+        ),
+    ] = False,
 ) -> None:
     """Write a Llama parent in the DeciLM (nemotron-nas) format, with the reasoning-toggle chat template."""
     from open_nemotron.model.loading import convert as convert_model
 
     with _stderr_console().status(f"converting {src} ..."):
-        written = convert_model(src, out)
+        written = convert_model(src, out, non_portable_ffn_widths=non_portable_ffn_widths)
     typer.echo(f"wrote {written}")
 
 

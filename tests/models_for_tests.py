@@ -63,7 +63,8 @@ def heterogeneous_config(**overrides) -> DeciLMConfig:
     cfg = tiny_llama_config(num_hidden_layers=len(blocks)).to_dict()
     for key in ("model_type", "architectures", "transformers_version"):
         cfg.pop(key, None)
-    cfg.update({"block_configs": blocks, **overrides})
+    # Widths 70 and 33 are not multiples of 256 on purpose (shape bugs), hence the non-portable switch.
+    cfg.update({"block_configs": blocks, "non_portable_ffn_widths": True, **overrides})
     return DeciLMConfig(**cfg)
 
 

@@ -43,7 +43,7 @@ def tiny_model(kind: str):
     # A large initializer_range spreads the logits, so greedy argmax never hinges on float rounding noise.
     config = tiny_llama_config(initializer_range=0.5)
     if kind == "ours":
-        return random_decilm(deci_config_from_llama(config.to_dict()))
+        return random_decilm(deci_config_from_llama(config.to_dict(), non_portable_ffn_widths=True))
     return random_llama(config)
 
 

@@ -43,7 +43,7 @@ def assert_one_line_error(result, *fragments: str) -> None:
 
 def test_convert_writes_a_model_auto_loads_as_decilm(tiny_llama_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "converted"
-    result = invoke("convert", tiny_llama_dir, "--out", out)
+    result = invoke("convert", tiny_llama_dir, "--out", out, "--non-portable-ffn-widths")
     assert result.exit_code == 0, result.output
     assert f"wrote {out}" in result.stdout
 
@@ -418,7 +418,7 @@ def test_serve_engine_vllm_checks_before_starting(tiny_llama_dir: Path, tmp_path
     assert_one_line_error(invoke("serve", tiny_llama_dir, *args), "no CUDA device")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     converted = tmp_path / "converted"
-    assert invoke("convert", tiny_llama_dir, "--out", converted).exit_code == 0
+    assert invoke("convert", tiny_llama_dir, "--out", converted, "--non-portable-ffn-widths").exit_code == 0
     assert_one_line_error(invoke("serve", converted, *args), "'nemotron-nas' checkpoint")
     execs = []
     monkeypatch.setattr(vllm_engine.os, "execvp", lambda file, argv: execs.append(argv))

@@ -30,7 +30,7 @@ def runs_config(**overrides) -> DeciLMConfig:
     cfg = tiny_llama_config(num_hidden_layers=len(blocks)).to_dict()
     for key in ("model_type", "architectures", "transformers_version"):
         cfg.pop(key, None)
-    cfg.update({"block_configs": blocks, **overrides})
+    cfg.update({"block_configs": blocks, "non_portable_ffn_widths": True, **overrides})  # odd widths on purpose
     return DeciLMConfig(**cfg)
 
 

@@ -28,7 +28,7 @@ from open_nemotron.model.loading import convert
 def parent_and_converted(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("loop")
     save_tiny_llama(tmp / "parent", tiny_llama_config(), seed=5)
-    convert(tmp / "parent", tmp / "converted")
+    convert(tmp / "parent", tmp / "converted", non_portable_ffn_widths=True)
     parent = LlamaForCausalLM.from_pretrained(tmp / "parent").eval()
     ours = AutoModelForCausalLM.from_pretrained(tmp / "converted").eval()
     return parent, ours

@@ -133,7 +133,7 @@ def test_convert_is_atomic_and_replaces_old_output(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "stale.txt").write_text("old")
-    convert(tmp_path / "parent", out)
+    convert(tmp_path / "parent", out, non_portable_ffn_widths=True)
     assert not (out / "stale.txt").exists()
     assert (out / "model.safetensors").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no temp dirs left behind

@@ -57,7 +57,7 @@ def parent_and_converted(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(request.param)
     config = tiny_llama_config(**LLAMA_VARIANTS[request.param])
     save_tiny_llama(tmp / "parent", config, seed=3)
-    convert(tmp / "parent", tmp / "converted")
+    convert(tmp / "parent", tmp / "converted", non_portable_ffn_widths=True)
     parent = LlamaForCausalLM.from_pretrained(tmp / "parent").eval()
     ours = AutoModelForCausalLM.from_pretrained(tmp / "converted").eval()
     return parent, ours

@@ -39,7 +39,7 @@ def decilm_config(blocks: list[dict] | None = None, **overrides) -> DeciLMConfig
         cfg.pop(key, None)
     if blocks is not None:
         cfg["num_hidden_layers"] = len(blocks)
-    return DeciLMConfig(**{**cfg, "block_configs": blocks})
+    return DeciLMConfig(**{**cfg, "block_configs": blocks, "non_portable_ffn_widths": True})  # FFN 70 on purpose
 
 
 def randomize_biases(model: torch.nn.Module) -> None:

@@ -41,7 +41,7 @@ def tiny_config_dict(parent: Path, text: Path, **overrides) -> dict:
     data = {
         "parent": str(parent),
         "device": "cpu",
-        "search_space": {"ffn_fractions": [0.5, 0.25], "ffn_multiple": 8},
+        "search_space": {"ffn_fractions": [0.5, 0.25], "ffn_multiple": 8, "non_portable_ffn_widths": True},
         "calibration": {
             "source": str(text),
             "seq_len": 16,
@@ -123,7 +123,8 @@ def test_search_space_lists_parent_first_and_every_requested_variant(space):
 
 def test_vllm_compatible_space_has_only_what_vllm_serves(parent):
     space = build_search_space(
-        parent.config, SearchSpaceConfig(vllm_compatible=True, ffn_fractions=[0.5], ffn_multiple=8)
+        parent.config,
+        SearchSpaceConfig(vllm_compatible=True, ffn_fractions=[0.5], ffn_multiple=8, non_portable_ffn_widths=True),
     )
     assert [v.name for v in space.attention[0]] == ["attn:gqa_kv2"]  # layer 0 keeps its attention
     assert [v.name for v in space.attention[1]] == ["attn:gqa_kv2", "attn:no_op"]  # one KV-head count everywhere
@@ -135,8 +136,11 @@ def test_vllm_compatible_space_has_only_what_vllm_serves(parent):
 def test_ffn_width_rounds_to_the_multiple_and_stays_below_the_parent():
     assert ffn_width(1536, 0.75, 64) == 1152
     assert ffn_width(1536, 0.1, 64) == 128
+    assert ffn_width(1536, 0.75, 256) == 1024  # 4.5 multiples: round half to even
+    assert ffn_width(1536, 0.1, 256) == 256
+    assert ffn_width(1536, 0.95, 256) is None  # rounds to the parent's own width: no option
     assert ffn_width(70, 0.01, 8) == 8
-    assert ffn_width(70, 0.99, 8) == 69
+    assert ffn_width(70, 0.99, 8) is None
 
 
 def test_bad_search_space_and_config_fields_are_named(parent_dir, text_file):
@@ -155,7 +159,10 @@ def test_bad_search_space_and_config_fields_are_named(parent_dir, text_file):
     with pytest.raises(PuzzleConfigError, match=r"ffn_fractions"):
         config_from_dict(tiny_config_dict(parent_dir, text_file, search_space={"ffn_fractions": [1.5]}))
     with pytest.raises(SearchSpaceError, match="do not divide"):
-        build_search_space(load_model(parent_dir, implementation="ours").config, SearchSpaceConfig(kv_heads=[4]))
+        build_search_space(
+            load_model(parent_dir, implementation="ours").config,
+            SearchSpaceConfig(kv_heads=[4], non_portable_ffn_widths=True),
+        )
 
 
 # ------------------------------------------------------------------------------------------------ calibration
@@ -557,13 +564,25 @@ def test_jsonl_calibration_reads_text_and_chat_rows_and_names_bad_lines(tmp_path
         build_calibration(str(parent_dir), CalibrationConfig(source=str(bad)), tmp_path / "out2")
 
 
+def two_option_space(parent_config):
+    """GQA 2 KV heads or none, FFN 70 / 32 / none per layer: small enough to enumerate."""
+    return build_search_space(
+        parent_config,
+        SearchSpaceConfig(
+            kv_heads=[2],
+            attention_linear=False,
+            ffn_fractions=[0.5],
+            ffn_multiple=8,
+            non_portable_ffn_widths=True,
+            ffn_linear=False,
+        ),
+    )
+
+
 def test_candidates_sum_their_halves_and_lm_loss_scores_are_relative_to_the_parent(parent, config):
     from open_nemotron.puzzle.search import build_candidates, fixed_costs, run_search
 
-    space = build_search_space(
-        parent.config,
-        SearchSpaceConfig(kv_heads=[2], attention_linear=False, ffn_fractions=[0.5], ffn_multiple=8, ffn_linear=False),
-    )
+    space = two_option_space(parent.config)
     names = {v.name for layer in space.attention + space.ffn for v in layer}
     costs = {
         "fixed": {"decode_s": {"2": 0.01}, "params": 1000, "params_bytes": 4000},
@@ -647,10 +666,7 @@ def test_search_with_a_negative_residual_and_an_all_no_op_fastest_child(
 
     from open_nemotron.puzzle.search import run_search
 
-    space = build_search_space(
-        parent.config,
-        SearchSpaceConfig(kv_heads=[2], attention_linear=False, ffn_fractions=[0.5], ffn_multiple=8, ffn_linear=False),
-    )
+    space = two_option_space(parent.config)
     names = {v.name for layer in space.attention + space.ffn for v in layer}
     runtime = {"attn:gqa_kv2": 4e-3, "attn:no_op": 0.0, "ffn:swiglu_70": 5e-3, "ffn:swiglu_32": 3e-3, "ffn:no_op": 0.0}
     parent_step = 20e-3
@@ -700,7 +716,14 @@ def test_search_with_a_negative_residual_and_an_all_no_op_fastest_child(
 
     from open_nemotron.cli import app
 
-    space_config = {"kv_heads": [2], "attention_linear": False, "ffn_fractions": [0.5], "ffn_linear": False}
+    space_config = {
+        "kv_heads": [2],
+        "attention_linear": False,
+        "ffn_fractions": [0.5],
+        "ffn_multiple": 8,
+        "non_portable_ffn_widths": True,
+        "ffn_linear": False,
+    }
     data = tiny_config_dict(parent_dir, text_file, search_space=space_config)
     data["search"] = {"batch_sizes": [2], "targets": [{"decode_speedup": 2.5}], "front_points": 4}
     (tmp_path / "puzzle.yaml").write_text(yaml.safe_dump(data))

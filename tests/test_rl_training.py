@@ -129,7 +129,7 @@ def policy(tmp_path_factory):
     from open_nemotron.model.loading import convert
 
     base = save_tiny_llama(tmp_path_factory.mktemp("llama") / "m", tiny_llama_config(num_hidden_layers=2))
-    return convert(base, tmp_path_factory.mktemp("policy") / "ours")
+    return convert(base, tmp_path_factory.mktemp("policy") / "ours", non_portable_ffn_widths=True)
 
 
 def _prompts(tmp_path, n: int = 4, pass_rates: bool = True):

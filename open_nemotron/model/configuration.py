@@ -11,8 +11,14 @@ and FFN are. The field names are the ones NVIDIA ships for Llama-Nemotron Super/
   (`replace_with_linear`), or nothing (`no_op`: the sub-layer *and* its pre-norm are skipped);
 - ffn: SwiGLU of width `intermediate_size`, or one `Linear(hidden, hidden)`, or nothing.
 
-`intermediate_size` wins over `ffn_mult` when both are given (exact Puzzle widths need not be multiples of 256);
-`ffn_mult_to_intermediate_size` is the DeciLM/vLLM formula used when only `ffn_mult` is present.
+Every reader other than ours builds the FFN from `ffn_mult` (NVIDIA's 51B/Super code, vLLM, llama.cpp:
+`round_up_256(int(2 * ffn_mult * hidden / 3))`) or asserts `intermediate_size % 256 == 0` (puzzletron), so a width
+is *portable* only when that formula gives it back, i.e. when it is a multiple of 256. Other widths are refused unless
+`non_portable_ffn_widths` is true, which config.json then records (only open-nemotron reads such a checkpoint; other
+readers build a different FFN and fail on the weight shapes). Both fields are written, consistent for portable widths;
+`intermediate_size` wins when they disagree on reading. RoPE is written twice as well: transformers 5's
+`rope_parameters` and the legacy top-level `rope_theta` / `rope_scaling`, which NVIDIA's config class reads (it falls
+back to 10000 without `rope_theta`). notes/decilm-format.md has the readers' code.
 """
 
 from __future__ import annotations
@@ -54,6 +60,24 @@ def ffn_mult_to_intermediate_size(ffn_mult: float, hidden_size: int) -> int:
 def intermediate_size_to_ffn_mult(intermediate_size: int, hidden_size: int) -> float:
     """Inverse of the width formula, rounded to 6 decimals as NVIDIA's `FFNConfig` does."""
     return round(3 * intermediate_size / (2 * hidden_size), 6)
+
+
+def ffn_width_is_portable(intermediate_size: int, hidden_size: int) -> bool:
+    """True when readers that rebuild the width from `ffn_mult` get `intermediate_size` back (a multiple of 256)."""
+    mult = intermediate_size_to_ffn_mult(intermediate_size, hidden_size)
+    return ffn_mult_to_intermediate_size(mult, hidden_size) == intermediate_size
+
+
+def _portable_width_error(layer: int, intermediate_size: int, hidden_size: int) -> BlockConfigError:
+    rebuilt = ffn_mult_to_intermediate_size(intermediate_size_to_ffn_mult(intermediate_size, hidden_size), hidden_size)
+    below = intermediate_size // 256 * 256
+    nearest = f"{below} or {below + 256}" if below else "256"
+    return BlockConfigError(
+        f"block_configs[{layer}].ffn.intermediate_size = {intermediate_size}: NVIDIA's DeciLM code, vLLM and "
+        f"llama.cpp rebuild the width from ffn_mult as round_up_256(int(2 * ffn_mult * hidden_size / 3)) and would "
+        f"build {rebuilt}; expected a multiple of 256 (nearest: {nearest}), or non_portable_ffn_widths=true to keep "
+        "it (recorded in config.json; then only open-nemotron reads the checkpoint)"
+    )
 
 
 @dataclass(frozen=True)
@@ -226,6 +250,8 @@ class DeciLMConfig(LlamaConfig):
     auto_map = MappingProxyType({})
 
     block_configs: list | None = None
+    # Allows SwiGLU widths that other readers cannot rebuild from `ffn_mult` (module docstring); written to config.json.
+    non_portable_ffn_widths: bool = False
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -248,10 +274,33 @@ class DeciLMConfig(LlamaConfig):
         # Validate every entry now, so a bad config fails at load time with the layer and field named, not deep
         # inside a forward pass; then store the canonical form (NVIDIA-style entries with only ffn_mult or extra
         # inactive keys are accepted and written back explicit).
+        parsed_layers = self.layers_blocks()
+        if not isinstance(self.non_portable_ffn_widths, bool):
+            raise BlockConfigError(
+                f"non_portable_ffn_widths = {self.non_portable_ffn_widths!r}: expected true or false"
+            )
+        if not self.non_portable_ffn_widths:
+            for i, parsed in enumerate(parsed_layers):
+                size = parsed.ffn.intermediate_size
+                if parsed.ffn.kind == "swiglu" and not ffn_width_is_portable(size, self.hidden_size):
+                    raise _portable_width_error(i, size, self.hidden_size)
         self.block_configs = [
             block_config_dict(parsed, self.num_attention_heads, self.hidden_size, _given_ffn_mult(raw))
-            for parsed, raw in zip(self.layers_blocks(), self.block_configs, strict=True)
+            for parsed, raw in zip(parsed_layers, self.block_configs, strict=True)
         ]
+
+    def to_dict(self) -> dict[str, Any]:
+        """transformers' dict plus the legacy top-level `rope_theta` (and `rope_scaling` for a non-default RoPE) that
+        NVIDIA's DeciLM config class reads instead of `rope_parameters`."""
+        out = super().to_dict()
+        rope = out.get("rope_parameters")
+        if isinstance(rope, dict) and "rope_theta" in rope:  # a flat (not per-layer-type) RoPE, as Llama's
+            out["rope_theta"] = rope["rope_theta"]
+            if rope.get("rope_type", "default") != "default":
+                out["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+            else:
+                out.pop("rope_scaling", None)
+        return out
 
     def layers_blocks(self) -> list[LayerBlocks]:
         """Resolved (validated) shapes of every layer."""
@@ -284,6 +333,7 @@ __all__ = [
     "LayerBlocks",
     "block_config_dict",
     "ffn_mult_to_intermediate_size",
+    "ffn_width_is_portable",
     "intermediate_size_to_ffn_mult",
     "parse_block_config",
 ]

@@ -310,7 +310,10 @@ def load_model(
     kwargs = {"dtype": dtype, "use_safetensors": True}
     try:
         if implementation == "ours" and model_type == "llama":
-            model = DeciLMForCausalLM.from_pretrained(model_dir, config=deci_config_from_llama(config), **kwargs)
+            # The Llama's own widths, whatever they are: this is a same-weights load; `convert` is where a width
+            # that other readers of our format cannot rebuild is refused.
+            deci = deci_config_from_llama(config, non_portable_ffn_widths=not llama_ffn_width_is_portable(config))
+            model = DeciLMForCausalLM.from_pretrained(model_dir, config=deci, **kwargs)
         elif implementation == "transformers":
             if model_type != "llama":
                 raise ModelLoadError(f"{model_dir}: implementation 'transformers' needs a llama checkpoint")
@@ -343,7 +346,7 @@ def load_parent(
     return load_model(spec, dtype=dtype, device=device), load_tokenizer(spec)
 
 
-def deci_config_from_llama(config: dict[str, Any]):
+def deci_config_from_llama(config: dict[str, Any], non_portable_ffn_widths: bool = False):
     """A nemotron-nas config whose every block equals the Llama parent's."""
     from open_nemotron.model.configuration import DeciLMConfig
 
@@ -351,20 +354,36 @@ def deci_config_from_llama(config: dict[str, Any]):
         k: v for k, v in config.items() if k not in ("model_type", "architectures", "auto_map", "transformers_version")
     }
     cfg.pop("block_configs", None)
-    return DeciLMConfig(**cfg)
+    return DeciLMConfig(**cfg, non_portable_ffn_widths=non_portable_ffn_widths)
 
 
-def convert(src: str | os.PathLike, out: str | os.PathLike) -> Path:
+def llama_ffn_width_is_portable(config: dict[str, Any]) -> bool:
+    """Whether a Llama config's FFN width survives the `ffn_mult` round trip of other nemotron-nas readers."""
+    from open_nemotron.model.configuration import ffn_width_is_portable
+
+    return ffn_width_is_portable(int(config["intermediate_size"]), int(config["hidden_size"]))
+
+
+def convert(src: str | os.PathLike, out: str | os.PathLike, non_portable_ffn_widths: bool = False) -> Path:
     """Write `src` in our format with every block equal to the parent: config, safetensors, tokenizer with the
-    reasoning-toggle chat templates, generation config. Atomic: `out` appears complete or not at all."""
+    reasoning-toggle chat templates, generation config. Atomic: `out` appears complete or not at all.
+
+    A Llama whose FFN width is not a multiple of 256 is refused unless `non_portable_ffn_widths` (then the output
+    says so in its config and only open-nemotron reads it: configuration.py's docstring)."""
     from transformers import AutoTokenizer
 
     from open_nemotron.model.chat_template import install_reasoning_templates
 
     model_dir = resolve_model_dir(src)
     config = read_config(model_dir)
-    check_architecture(config, str(model_dir))
+    model_type = check_architecture(config, str(model_dir))
     safetensors_files(model_dir)
+    if model_type == "llama" and not non_portable_ffn_widths and not llama_ffn_width_is_portable(config):
+        raise ModelLoadError(
+            f"{model_dir}: intermediate_size = {config['intermediate_size']} is not a multiple of 256, so NVIDIA's "
+            "DeciLM code, vLLM and llama.cpp would build a different FFN from the converted config; expected a "
+            "multiple of 256, or convert with --non-portable-ffn-widths (only open-nemotron then reads the output)"
+        )
     out = Path(out)
     model = load_model(model_dir, dtype=_saved_dtype(config), device="cpu", implementation="ours")
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -391,7 +410,7 @@ def load_deci_config(spec: str | os.PathLike):
 
     model_dir = resolve_model_dir(spec)
     config = read_config(model_dir)
-    if check_architecture(config, str(model_dir)) == "llama":
-        return deci_config_from_llama(config)
+    if check_architecture(config, str(model_dir)) == "llama":  # its own widths; Puzzle's search space gates them
+        return deci_config_from_llama(config, non_portable_ffn_widths=not llama_ffn_width_is_portable(config))
     data = {k: v for k, v in config.items() if k not in ("architectures", "auto_map", "transformers_version")}
     return DeciLMConfig.from_dict(data)

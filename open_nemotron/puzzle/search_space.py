@@ -22,8 +22,7 @@ from open_nemotron.model.configuration import (
     FFNBlock,
     LayerBlocks,
     block_config_dict,
-    ffn_mult_to_intermediate_size,
-    intermediate_size_to_ffn_mult,
+    ffn_width_is_portable,
 )
 
 ATTENTION = "attention"
@@ -40,9 +39,12 @@ class SearchSpaceConfig:
     kv_heads: str | list[int] = "divisors"
     attention_linear: bool = True
     attention_no_op: bool = True
-    # FFN widths as fractions of the parent's intermediate size, rounded to a multiple of `ffn_multiple`.
+    # FFN widths as fractions of the parent's intermediate size, rounded to a multiple of `ffn_multiple`: a multiple
+    # of 256 unless `non_portable_ffn_widths`, since other readers rebuild widths from `ffn_mult` in steps of 256
+    # (model/configuration.py); children then record the switch in their config.
     ffn_fractions: list[float] = field(default_factory=lambda: [0.75, 0.5, 0.25, 0.1])
-    ffn_multiple: int = 64
+    ffn_multiple: int = 256
+    non_portable_ffn_widths: bool = False
     ffn_linear: bool = True
     ffn_no_op: bool = True
     vllm_compatible: bool = False
@@ -62,6 +64,12 @@ class SearchSpaceConfig:
             raise SearchSpaceError(f"search_space.ffn_fractions = {self.ffn_fractions}: expected numbers in (0, 1)")
         if self.ffn_multiple < 1:
             raise SearchSpaceError(f"search_space.ffn_multiple = {self.ffn_multiple}: expected a positive integer")
+        if self.ffn_multiple % 256 and not self.non_portable_ffn_widths:
+            raise SearchSpaceError(
+                f"search_space.ffn_multiple = {self.ffn_multiple}: NVIDIA's DeciLM code, vLLM and llama.cpp rebuild "
+                "FFN widths from ffn_mult in steps of 256, so other widths build a different FFN there; expected a "
+                "multiple of 256, or non_portable_ffn_widths: true (children readable by open-nemotron only)"
+            )
 
 
 @dataclass(frozen=True)
@@ -165,22 +173,30 @@ def _kv_head_options(config: SearchSpaceConfig, parent_kv: int, num_heads: int) 
     return sorted(set(config.kv_heads))
 
 
-def ffn_width(parent_size: int, fraction: float, multiple: int) -> int:
-    """`fraction` of the parent width rounded to the nearest multiple (at least one multiple, below the parent)."""
+def ffn_width(parent_size: int, fraction: float, multiple: int) -> int | None:
+    """`fraction` of the parent width rounded to the nearest multiple (at least one multiple); None when that is not
+    below the parent (the option would be the parent's own width or wider)."""
     size = max(multiple, round(parent_size * fraction / multiple) * multiple)
-    return min(size, parent_size - 1) if size >= parent_size else size
-
-
-def survives_ffn_mult(intermediate_size: int, hidden_size: int) -> bool:
-    """vLLM and llama.cpp rebuild the width from `ffn_mult`; only widths that come back unchanged are servable."""
-    mult = intermediate_size_to_ffn_mult(intermediate_size, hidden_size)
-    return ffn_mult_to_intermediate_size(mult, hidden_size) == intermediate_size
+    return size if size < parent_size else None
 
 
 def build_search_space(parent_config: DeciLMConfig, config: SearchSpaceConfig) -> SearchSpace:
     """Every layer's candidate variants for this parent (which may itself be heterogeneous)."""
     parents = parent_config.layers_blocks()
     num_heads = parent_config.num_attention_heads
+    odd = sorted(
+        {
+            b.ffn.intermediate_size
+            for b in parents
+            if b.ffn.kind == "swiglu" and not ffn_width_is_portable(b.ffn.intermediate_size, parent_config.hidden_size)
+        }
+    )
+    if odd and not config.non_portable_ffn_widths:
+        raise SearchSpaceError(
+            f"the parent has FFN width(s) {odd}, not multiples of 256, which NVIDIA's DeciLM code, vLLM and llama.cpp "
+            "cannot rebuild; its children would inherit them: expected a parent with multiples of 256, or "
+            "search_space.non_portable_ffn_widths: true (children readable by open-nemotron only)"
+        )
     attention, ffn = [], []
     gqa_counts = {b.attention.num_key_value_heads for b in parents if b.attention.kind == "gqa"}
     for i, blocks in enumerate(parents):
@@ -202,7 +218,9 @@ def build_search_space(parent_config: DeciLMConfig, config: SearchSpaceConfig) -
         if blocks.ffn.kind == "swiglu":
             for fraction in config.ffn_fractions:
                 size = ffn_width(blocks.ffn.intermediate_size, fraction, config.ffn_multiple)
-                if config.vllm_compatible and not survives_ffn_mult(size, parent_config.hidden_size):
+                if size is None:
+                    continue
+                if config.vllm_compatible and not ffn_width_is_portable(size, parent_config.hidden_size):
                     continue
                 f_options.append(ffn_variant(FFNBlock("swiglu", size)))
         if config.ffn_linear and not config.vllm_compatible and blocks.ffn.kind != "linear":
@@ -246,9 +264,15 @@ def child_block_configs(
 def config_with_blocks(
     parent_config: DeciLMConfig, block_configs: list[dict[str, Any]], **overrides: Any
 ) -> DeciLMConfig:
-    """A copy of the parent config with other `block_configs` (and any other fields overridden)."""
+    """A copy of the parent config with other `block_configs` (and any other fields overridden). The copy records
+    `non_portable_ffn_widths` when a width needs it: the search space, where that switch is given, is the gate."""
     data = parent_config.to_dict()
     data.update(block_configs=block_configs, **overrides)
+    blocks = DeciLMConfig.from_dict({**data, "non_portable_ffn_widths": True}).layers_blocks()
+    if not all(
+        ffn_width_is_portable(b.ffn.intermediate_size, data["hidden_size"]) for b in blocks if b.ffn.kind == "swiglu"
+    ):
+        data["non_portable_ffn_widths"] = True
     data.pop("layer_types", None)  # derived from block_configs
     return DeciLMConfig.from_dict(data)
 

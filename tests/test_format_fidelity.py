@@ -1,0 +1,201 @@
+"""Our config.json read the way every other nemotron-nas reader reads it (notes/decilm-format.md), compared with the
+shapes our model actually has. The readers' formulas are re-derived here from their sources, not imported from us."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from models_for_tests import save_tiny_llama, tiny_llama_config
+
+from open_nemotron.model.configuration import BlockConfigError, DeciLMConfig
+from open_nemotron.model.loading import ModelLoadError, convert
+from open_nemotron.model.modeling import DeciLMForCausalLM
+from open_nemotron.puzzle.search_space import SearchSpaceConfig, SearchSpaceError
+
+
+def _round_up_256(n: int) -> int:  # `_find_multiple(n, 256)` in vLLM, llama.cpp and NVIDIA's remote code
+    return n if n % 256 == 0 else n + 256 - n % 256
+
+
+def vllm_view(cfg: dict) -> list[tuple[int, int]]:
+    """vLLM nemotron_nas.py with NVIDIA's 51B block dataclass: the width always comes from `ffn_mult`."""
+    heads = cfg["num_attention_heads"]
+    out = []
+    for block in cfg["block_configs"]:
+        attn, ffn = block["attention"], block["ffn"]
+        kv = 0 if attn["no_op"] else heads // attn["n_heads_in_group"]
+        width = 0 if ffn["no_op"] else _round_up_256(int(2 * ffn["ffn_mult"] * cfg["hidden_size"] / 3))
+        out.append((kv, width))
+    return out
+
+
+def nvidia_51b_view(cfg: dict) -> tuple[list[int], float]:
+    """NVIDIA's 51B/Super `FFNConfig` (ffn_mult rounded to 6 decimals) and `DeciLMConfig` (reads only the legacy
+    top-level `rope_theta`, falling back to 10000)."""
+    widths = [
+        0 if b["ffn"]["no_op"] else _round_up_256(int(2 * round(b["ffn"]["ffn_mult"], 6) * cfg["hidden_size"] / 3))
+        for b in cfg["block_configs"]
+    ]
+    return widths, cfg.get("rope_theta", 10000.0)
+
+
+def puzzletron_view(cfg: dict) -> list[int]:
+    """Model-Optimizer puzzletron: `intermediate_size` per block, asserted to be a multiple of 256."""
+    widths = []
+    for b in cfg["block_configs"]:
+        size = 0 if b["ffn"]["no_op"] else b["ffn"]["intermediate_size"]
+        assert size % 256 == 0, size
+        widths.append(size)
+    return widths
+
+
+def llama_cpp_view(cfg: dict) -> tuple[list[int], list[int], list[int], float]:
+    """llama.cpp's DECI converter: raw dict keys, per-layer head_count / head_count_kv / feed_forward_length, and
+    `rope_theta` from the top-level hparams."""
+    heads, hidden = cfg["num_attention_heads"], cfg["hidden_size"]
+    n_head, n_kv, n_ff = [], [], []
+    for b in cfg["block_configs"]:
+        group = b["attention"]["n_heads_in_group"]
+        if group is None:
+            n_kv.append(0)
+            n_head.append(heads if b["attention"]["replace_with_linear"] else 0)
+        else:
+            n_kv.append(heads // group)
+            n_head.append(heads)
+        mult = b["ffn"]["ffn_mult"]
+        n_ff.append(0 if mult is None else _round_up_256(int(2 * mult * hidden / 3)))
+    return n_head, n_kv, n_ff, cfg["rope_theta"]
+
+
+def actual_shapes(model: DeciLMForCausalLM) -> tuple[list[int], list[int], list[int]]:
+    """(query heads, KV heads, FFN width) per layer, read off the weights."""
+    state = model.state_dict()
+    head_dim = model.config.head_dim
+    heads, kv, widths = [], [], []
+    for i in range(model.config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        q = state.get(p + "self_attn.q_proj.weight")
+        k = state.get(p + "self_attn.k_proj.weight")
+        heads.append(0 if q is None else q.shape[0] // head_dim)
+        kv.append(0 if k is None else k.shape[0] // head_dim)
+        gate = state.get(p + "mlp.gate_proj.weight")
+        widths.append(0 if gate is None else gate.shape[0])
+    return heads, kv, widths
+
+
+def _rope_base(model: DeciLMForCausalLM) -> float:
+    """The base our rotary embedding actually uses, recovered from its first inverse frequency after the zeroth."""
+    inv_freq = model.model.rotary_emb.inv_freq.double()
+    dim = model.config.head_dim
+    return float(inv_freq[1] ** (-dim / 2))
+
+
+PORTABLE_BLOCKS = [
+    {"attention": {"n_heads_in_group": 2}, "ffn": {"intermediate_size": 512}},
+    {"attention": {"no_op": True}, "ffn": {"intermediate_size": 256}},
+    {"attention": {"n_heads_in_group": 4}, "ffn": {"ffn_mult": 1.0}},  # NVIDIA-style entry: width from ffn_mult
+    {"attention": {"n_heads_in_group": 1}, "ffn": {"no_op": True}},
+]
+
+
+@pytest.fixture(scope="module")
+def saved_child(tmp_path_factory) -> tuple[dict, DeciLMForCausalLM]:
+    cfg = tiny_llama_config(
+        num_hidden_layers=len(PORTABLE_BLOCKS),
+        intermediate_size=512,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_theta=100000.0,
+    )
+    cfg = {k: v for k, v in cfg.to_dict().items() if k not in ("model_type", "architectures", "transformers_version")}
+    cfg.update(block_configs=PORTABLE_BLOCKS)
+    torch.manual_seed(0)
+    model = DeciLMForCausalLM(DeciLMConfig(**cfg)).eval()
+    out = tmp_path_factory.mktemp("child")
+    model.save_pretrained(out)
+    return json.loads((out / "config.json").read_text()), DeciLMForCausalLM.from_pretrained(out).eval()
+
+
+def test_every_reader_builds_the_shapes_our_model_has(saved_child):
+    raw, model = saved_child
+    heads, kv, widths = actual_shapes(model)
+    assert widths == [512, 256, 256, 0]
+    assert [w for _, w in vllm_view(raw)] == widths
+    assert [k for k, _ in vllm_view(raw)] == kv
+    assert nvidia_51b_view(raw)[0] == widths
+    assert puzzletron_view(raw) == widths
+    n_head, n_kv, n_ff, _ = llama_cpp_view(raw)
+    assert (n_head, n_kv, n_ff) == (heads, kv, widths)
+
+
+def test_rope_base_is_written_where_legacy_readers_look(saved_child):
+    raw, model = saved_child
+    assert math.isclose(_rope_base(model), 100000.0, rel_tol=1e-6)
+    assert raw["rope_parameters"]["rope_theta"] == 100000.0
+    assert nvidia_51b_view(raw)[1] == 100000.0  # not the silent 10000 fallback
+    assert llama_cpp_view(raw)[3] == 100000.0
+    assert "rope_scaling" not in raw  # default RoPE: nothing to scale
+
+
+def test_llama3_rope_scaling_is_written_legacy_style_and_reads_back(tmp_path: Path):
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 128,
+    }
+    cfg = DeciLMConfig(
+        **{k: v for k, v in tiny_llama_config(intermediate_size=256).to_dict().items() if k != "model_type"}
+        | {"rope_parameters": {"rope_theta": 500000.0, **scaling}}
+    )
+    cfg.save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    assert raw["rope_theta"] == 500000.0
+    assert raw["rope_scaling"] == scaling  # the pre-transformers-5 layout NVIDIA's config and llama.cpp read
+    assert DeciLMConfig.from_pretrained(tmp_path).rope_parameters == {"rope_theta": 500000.0, **scaling}
+
+
+def test_a_width_other_readers_cannot_rebuild_is_refused_with_the_reason():
+    base = {k: v for k, v in tiny_llama_config().to_dict().items() if k != "model_type"}
+    base.update(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536)
+    blocks = [{"attention": {"n_heads_in_group": 3}, "ffn": {"intermediate_size": w}} for w in (1536, 1152, 1536)]
+    with pytest.raises(
+        BlockConfigError, match=r"block_configs\[1\]\.ffn\.intermediate_size = 1152.*build 1280.*1024 or 1280"
+    ):
+        DeciLMConfig(**base, block_configs=blocks)
+    allowed = DeciLMConfig(**base, block_configs=blocks, non_portable_ffn_widths=True)
+    assert [b.ffn.intermediate_size for b in allowed.layers_blocks()] == [1536, 1152, 1536]
+    assert allowed.to_dict()["non_portable_ffn_widths"] is True
+    # ffn_mult and intermediate_size agree for every portable width
+    for block in DeciLMConfig(**base, block_configs=blocks[:1] * 3).block_configs:
+        assert _round_up_256(int(2 * block["ffn"]["ffn_mult"] * 576 / 3)) == block["ffn"]["intermediate_size"]
+
+
+def test_convert_refuses_a_non_portable_parent_unless_asked(tmp_path: Path):
+    parent = save_tiny_llama(tmp_path / "parent")  # FFN width 70
+    with pytest.raises(ModelLoadError, match=r"intermediate_size = 70 is not a multiple of 256.*--non-portable"):
+        convert(parent, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    out = convert(parent, tmp_path / "converted", non_portable_ffn_widths=True)
+    assert json.loads((out / "config.json").read_text())["non_portable_ffn_widths"] is True
+
+
+def test_search_space_widths_are_portable_by_default(tmp_path: Path):
+    from open_nemotron.model.loading import load_deci_config
+    from open_nemotron.puzzle.search_space import build_search_space
+
+    parent = load_deci_config(save_tiny_llama(tmp_path / "parent"))  # FFN width 70: children would inherit it
+    with pytest.raises(SearchSpaceError, match=r"FFN width\(s\) \[70\].*non_portable_ffn_widths: true"):
+        build_search_space(parent, SearchSpaceConfig())
+    space = build_search_space(parent, SearchSpaceConfig(ffn_multiple=8, non_portable_ffn_widths=True))
+    assert "ffn:swiglu_32" in {v.name for v in space.ffn[0]}
+    assert SearchSpaceConfig().ffn_multiple == 256
+    with pytest.raises(SearchSpaceError, match=r"ffn_multiple = 64.*multiple of 256"):
+        SearchSpaceConfig(ffn_multiple=64)
+    assert SearchSpaceConfig(ffn_multiple=64, non_portable_ffn_widths=True).ffn_multiple == 64
