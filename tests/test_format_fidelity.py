@@ -199,3 +199,45 @@ def test_search_space_widths_are_portable_by_default(tmp_path: Path):
     with pytest.raises(SearchSpaceError, match=r"ffn_multiple = 64.*multiple of 256"):
         SearchSpaceConfig(ffn_multiple=64)
     assert SearchSpaceConfig(ffn_multiple=64, non_portable_ffn_widths=True).ffn_multiple == 64
+
+
+def test_vllm_reads_block_configs_as_attributes_from_autoconfig(saved_child, tmp_path: Path):
+    """vLLM builds the config with `AutoConfig` (our class, registered by its plugin) and reads each block by
+    attribute: nemotron_nas.py's `block_config.ffn.ffn_mult` path and its convertor's first-attention KV count."""
+    import copy
+    import pickle
+
+    from transformers import AutoConfig
+
+    _, model = saved_child
+    model.config.save_pretrained(tmp_path)
+    config = AutoConfig.from_pretrained(tmp_path)  # trust_remote_code off, as vLLM asks
+    _, kv, widths = actual_shapes(model)
+    seen = []
+    for block in config.block_configs:
+        if block.ffn.no_op:
+            width = 0
+        elif hasattr(block.ffn, "ffn_mult"):  # vLLM: the attribute exists -> the ffn_mult formula
+            width = _round_up_256(int(2 * block.ffn.ffn_mult * config.hidden_size / 3))
+        else:
+            width = block.ffn.intermediate_size
+        heads = 0 if block.attention.no_op else config.num_attention_heads // block.attention.n_heads_in_group
+        seen.append((heads, width))
+    assert seen == list(zip(kv, widths, strict=True))
+    first = next(b for b in config.block_configs if not b.attention.no_op)
+    assert config.num_attention_heads // first.attention.n_heads_in_group == kv[0]
+    assert not hasattr(config.block_configs[0].ffn, "hidden_act")  # vLLM then uses the global silu
+    # vLLM hashes the config through its JSON string and ships it to workers by pickle
+    assert json.loads(config.to_json_string())["block_configs"] == json.loads(json.dumps(config.block_configs))
+    assert pickle.loads(pickle.dumps(config.block_configs))[1].attention.no_op is True
+    assert copy.deepcopy(config).block_configs[0].ffn.intermediate_size == 512
+
+
+def test_the_vllm_plugin_entry_point_registers_our_config():
+    from importlib.metadata import entry_points
+
+    (plugin,) = [e for e in entry_points(group="vllm.general_plugins") if e.name == "open_nemotron"]
+    plugin.load()()  # what vLLM's load_general_plugins does in each process
+    from transformers import AutoConfig
+
+    assert type(AutoConfig.for_model("nemotron-nas")) is DeciLMConfig

@@ -107,6 +107,26 @@ class LayerBlocks:
     ffn: FFNBlock
 
 
+class BlockView(dict):
+    """A `block_configs` entry (and its `attention` / `ffn` parts): a plain dict that also reads as attributes,
+    because vLLM's nemotron-nas model and its config convertor read `block.attention.no_op`, `block.ffn.ffn_mult`
+    (NVIDIA's remote code builds dataclasses there). JSON, copies and pickles see an ordinary dict."""
+
+    __slots__ = ()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):  # copy/pickle probe dunders: never answer them from the keys
+            raise AttributeError(name)
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"block config has no field {name!r}") from None
+
+
+def _block_view(entry: dict[str, Any]) -> BlockView:
+    return BlockView({k: _block_view(v) if isinstance(v, dict) else v for k, v in entry.items()})
+
+
 def _check_bool(layer: int, part: str, entry: dict[str, Any], key: str) -> bool:
     value = entry.get(key, False)
     if not isinstance(value, bool):
@@ -227,7 +247,7 @@ def block_config_dict(
         "ffn_mult": ffn_mult if f.kind == "swiglu" else None,
         "intermediate_size": f.intermediate_size if f.kind == "swiglu" else None,
     }
-    return {"attention": attention, "ffn": ffn}
+    return _block_view({"attention": attention, "ffn": ffn})
 
 
 def _given_ffn_mult(block: dict[str, Any]) -> float | None:
@@ -328,6 +348,7 @@ class DeciLMConfig(LlamaConfig):
 __all__ = [
     "AttentionBlock",
     "BlockConfigError",
+    "BlockView",
     "DeciLMConfig",
     "FFNBlock",
     "LayerBlocks",

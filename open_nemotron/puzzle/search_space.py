@@ -277,16 +277,8 @@ def config_with_blocks(
     return DeciLMConfig.from_dict(data)
 
 
-def vllm_servable(attention: list[Variant], ffn: list[Variant]) -> list[str]:
-    """Why stock vLLM could not serve this architecture (empty when it can)."""
-    problems = []
-    if any(v.kind == "linear" for v in attention + ffn):
-        problems.append("linear sub-blocks")
-    counts = {v.size for v in attention if v.kind == "gqa"}
-    if len(counts) > 1:
-        problems.append(f"several KV-head counts {sorted(counts)}")
-    if not counts:
-        problems.append("no attention layer at all")
-    if attention and attention[0].kind == "no_op":
-        problems.append("no attention in layer 0")
-    return problems
+def vllm_servable(attention: list[Variant], ffn: list[Variant], hidden_size: int) -> list[str]:
+    """Why stock vLLM could not serve this architecture (empty when it can): model/compatibility.py's rule."""
+    from open_nemotron.model.compatibility import vllm_problems
+
+    return vllm_problems([LayerBlocks(a.block, f.block) for a, f in zip(attention, ffn, strict=True)], hidden_size)
