@@ -27,7 +27,7 @@ app = typer.Typer(
     "DeciLM format), bench-speed and bench-train (throughput), generate (one answer, reasoning on or off), datagen "
     "(reasoning on/off training data), sft (fine-tuning with the toggle), eval (accuracy with reasoning on and off), "
     "eval-mc (multiple-choice accuracy and retention), distill (knowledge distillation / continued pretraining of a "
-    "child), rl (RL prompt sets and pass rates), grpo and rloo (RL with verifiable rewards), rpo (reward-aware preference optimisation), fusion (FFN Fusion: analyze, fuse), serve (an OpenAI-compatible server with the reasoning toggle), "
+    "child), rl (RL prompt sets and pass rates), grpo and rloo (RL with verifiable rewards), rpo (reward-aware preference optimisation), fusion (FFN Fusion: analyze, fuse), serve (an OpenAI-compatible server with the reasoning toggle), export (a checkpoint for vLLM, a GGUF for llama.cpp), "
     "puzzle (Puzzle NAS: run, or one stage: calibration, build-library, score, costs, search, assemble, report).",
     epilog="Run `open-nemotron VERB --help` for a verb's options; README.md has a section and an example per verb.",
     no_args_is_help=True,
@@ -775,6 +775,42 @@ def fusion_fuse(
     )
     groups = ", ".join(f"{g['layers'][0]}-{g['layers'][-1]} (width {g['width']})" for g in summary["groups"])
     typer.echo(f"fused {groups}: {summary['layers_before']} -> {summary['layers_after']} layers; model in {out}")
+
+
+@app.command("export")
+@reports_user_errors
+def export(
+    model_spec: Annotated[str, typer.Argument(metavar="MODEL", help="Model to export.", show_default=False)],
+    to: Annotated[str, typer.Option("--to", help="Target engine: vllm (a checkpoint directory) or gguf (a file).")],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="Directory (vllm) or .gguf file (gguf) to write.")],
+    dtype: Annotated[
+        str | None,
+        typer.Option("--dtype", help="vllm: bfloat16 (default), float16, float32; gguf: f16 (default), f32, q8_0."),
+    ] = None,
+    tokenizer_pre: Annotated[
+        str | None,
+        typer.Option(
+            "--tokenizer-pre",
+            help="gguf: llama.cpp's pre-tokenizer name for this vocabulary (known ones are found on their own).",
+        ),
+    ] = None,
+) -> None:
+    """Write MODEL for another engine, refusing (with the layers and the reason) what that engine cannot run."""
+    from open_nemotron.export.gguf import export_gguf
+    from open_nemotron.export.vllm import export_vllm
+
+    if to == "vllm":
+        if tokenizer_pre is not None:
+            raise CliInputError("--tokenizer-pre applies to --to gguf only")
+        with _stderr_console().status(f"exporting {model_spec} for vLLM ..."):
+            written = export_vllm(model_spec, out, dtype=dtype or "bfloat16")
+        typer.echo(f"wrote {written}; serve it with: vllm serve {written}")
+    elif to == "gguf":
+        with _stderr_console().status(f"exporting {model_spec} to GGUF ..."):
+            written = export_gguf(model_spec, out, dtype=dtype or "f16", tokenizer_pre=tokenizer_pre)
+        typer.echo(f"wrote {written}; serve it with llama.cpp: llama-server -m {written} --jinja")
+    else:
+        raise CliInputError(f"--to {to!r}: expected vllm or gguf")
 
 
 rl_app = typer.Typer(
