@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from models_for_tests import save_tiny_llama
+from models_for_tests import save_tiny_llama, tiny_llama_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
@@ -419,9 +419,14 @@ def test_serve_engine_vllm_checks_before_starting(tiny_llama_dir: Path, tmp_path
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     converted = tmp_path / "converted"
     assert invoke("convert", tiny_llama_dir, "--out", converted, "--non-portable-ffn-widths").exit_code == 0
-    assert_one_line_error(invoke("serve", converted, *args), "'nemotron-nas' checkpoint")
+    assert_one_line_error(invoke("serve", converted, *args), "stock vLLM cannot serve", "not multiples of 256")
     execs = []
     monkeypatch.setattr(vllm_engine.os, "execvp", lambda file, argv: execs.append(argv))
+    portable = save_tiny_llama(tmp_path / "portable", tiny_llama_config(intermediate_size=256))
+    assert invoke("convert", portable, "--out", tmp_path / "portable-ours").exit_code == 0
+    assert invoke("serve", tmp_path / "portable-ours", *args).exit_code == 0  # our format, through vLLM's plugin
+    served = execs.pop()
+    assert served[served.index("serve") + 1] == str(tmp_path / "portable-ours")
     result = invoke("serve", tiny_llama_dir, *args, "--model-name", "m", "--reasoning-parser", "qwen3")
     assert result.exit_code == 0, result.output
     ((argv,),) = [execs]

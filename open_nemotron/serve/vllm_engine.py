@@ -2,9 +2,10 @@
 
 For users who outgrow one CPU: on a machine with a CUDA GPU and vLLM installed, the serve verb replaces its process
 with `vllm serve` for the same checkpoint and options (so SIGTERM / SIGINT reach vLLM directly). Checked before
-anything starts: vLLM importable, CUDA present, and a checkpoint vLLM can read. vLLM builds a model's config
-through transformers, which has no class for `nemotron-nas`, so today only Llama checkpoints (a parent) pass;
-children need the vLLM export (a later issue) and are refused with that reason rather than failing inside vLLM.
+anything starts: vLLM importable, CUDA present, and a checkpoint vLLM can run: a Llama, or our format when
+model/compatibility.py finds nothing vLLM lacks (vLLM reads our config class through the `vllm.general_plugins`
+entry point, open_nemotron/serve/vllm_plugin.py). A child vLLM could not run is refused with the layers and the reason
+rather than failing inside vLLM.
 
 Reasoning: vLLM's parsers (`--reasoning-parser`, e.g. `qwen3`, `deepseek_r1`) look the think tags up as single
 tokens of the vocabulary; SmolLM2's vocabulary spells `<think>` in several tokens, so with such a tokenizer leave
@@ -67,11 +68,13 @@ def check_vllm_can_serve(model_dir: str) -> None:
         raise VLLMUnavailableError("--engine vllm: no CUDA device here; vLLM serves on GPUs (use --engine ours)")
     model_type = read_config(Path(model_dir)).get("model_type")
     if model_type != "llama":
-        raise VLLMUnavailableError(
-            f"--engine vllm: {model_dir} is a {model_type!r} checkpoint; vLLM reads its config through "
-            "transformers, which has no class for it yet (the vLLM export is a later issue). Serve it with "
-            "--engine ours, or pass a Llama parent"
-        )
+        from open_nemotron.export.vllm import vllm_export_problems
+
+        problems = vllm_export_problems(model_dir)
+        if problems:
+            raise VLLMUnavailableError(
+                f"--engine vllm: stock vLLM cannot serve {model_dir}: " + "; ".join(problems) + " (use --engine ours)"
+            )
 
 
 def exec_vllm(
