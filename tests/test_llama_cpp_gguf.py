@@ -1,0 +1,58 @@
+"""Our GGUF run by llama.cpp itself (llama-cpp-python): greedy tokens equal ours. Skipped unless llama_cpp is
+installed, which `make check-gguf` does (it builds llama.cpp from source, ~11 min on 2 cores); never in `make test`'s
+default path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from models_for_tests import random_decilm
+from test_export import SERVABLE, _config, _save
+
+from open_nemotron.export.gguf import export_gguf
+from open_nemotron.model.generation import decode
+
+llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make check-gguf)")
+pytestmark = pytest.mark.llama_cpp
+
+
+def llama_cpp_greedy(path: Path, prompt: list[int], new_tokens: int) -> list[int]:
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(prompt) + new_tokens + 8, n_threads=2, verbose=False)
+    vocab = llm.n_vocab()
+    llm.eval(prompt)
+    out = []
+    for _ in range(new_tokens):
+        token = int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,))))
+        out.append(token)
+        llm.eval([token])
+    return out
+
+
+def test_llama_cpp_runs_a_heterogeneous_child_as_we_do(tmp_path: Path):
+    config = _config(SERVABLE)
+    model_dir = _save(tmp_path, config, "child")
+    path = export_gguf(model_dir, tmp_path / "child.gguf", dtype="f32", tokenizer_pre="gpt2")
+    ours = random_decilm(config, seed=3)
+    for seed in range(3):
+        prompt = torch.randint(3, config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(seed))
+        expected = decode(ours, prompt, max_new_tokens=16)[0, 12:].tolist()
+        assert llama_cpp_greedy(path, prompt[0].tolist(), 16) == expected
+
+
+@pytest.mark.slow
+def test_llama_cpp_runs_the_converted_parent_and_tokenizes_as_we_do(tmp_path: Path):
+    from open_nemotron.model.loading import convert, load_model, load_tokenizer, resolve_model_dir
+
+    converted = convert(resolve_model_dir("smollm2-135m"), tmp_path / "converted")
+    path = export_gguf(converted, tmp_path / "parent.gguf", dtype="f32")
+    tokenizer = load_tokenizer(converted)
+    model = load_model(converted, device="cpu")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, verbose=False)
+    for text in ["What is 12*7? Explain briefly.", "The capital of France is", "def fibonacci(n):"]:
+        ids = tokenizer(text)["input_ids"]
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
+        expected = decode(model, torch.tensor([ids]), max_new_tokens=12)[0, len(ids) :].tolist()
+        assert llama_cpp_greedy(path, ids, 12) == expected
