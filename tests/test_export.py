@@ -209,3 +209,32 @@ def test_export_cli_writes_both_targets_and_refuses_in_one_line(tmp_path: Path):
     ]:
         result = runner.invoke(app, ["export", str(model), *args])
         assert result.exit_code == 2 and fragment in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_the_vllm_recipe_yields_only_children_vllm_serves():
+    import itertools
+
+    import yaml
+
+    from open_nemotron.model.loading import load_deci_config
+    from open_nemotron.puzzle.config import config_from_dict
+    from open_nemotron.puzzle.search_space import build_search_space, vllm_servable
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "puzzle-vllm.yaml"
+    config = config_from_dict(yaml.safe_load(recipe.read_text()))
+    parent = load_deci_config(config.parent)
+    space = build_search_space(parent, config.search_space)
+    # Each layer's options are independent under vllm_compatible, so the rule holds for every child when it holds
+    # for every option in every layer beside the parent's other layers, and for the cheapest child.
+    for layer, (attention, ffn) in enumerate(zip(space.attention, space.ffn, strict=True)):
+        for a, f in itertools.product(attention, ffn):
+            chosen_a = [space.parent_variant(i, "attention") for i in range(space.num_layers)]
+            chosen_f = [space.parent_variant(i, "ffn") for i in range(space.num_layers)]
+            chosen_a[layer], chosen_f[layer] = a, f
+            assert vllm_servable(chosen_a, chosen_f, parent.hidden_size) == [], (layer, a.name, f.name)
+    cheapest = vllm_servable([a[-1] for a in space.attention], [f[-1] for f in space.ffn], parent.hidden_size)
+    assert cheapest == []
+    assert {v.name for f in space.ffn for v in f} == {f"ffn:swiglu_{w}" for w in (1536, 1024, 768, 512, 256)} | {
+        "ffn:no_op"
+    }
