@@ -5,7 +5,7 @@
 # (bench/grpo_curriculum.py), then RLOO on synthetic instruction prompts with the IF and reasoning evals before/after.
 # Every step is skipped when its output is complete and resumes after a kill. Run it alone on the machine:
 #   nohup bash bench/rl_chain.sh runs/rl-v3 > runs/rl-v3.log 2>&1 &
-# Knobs (environment): GRPO_STEPS (default 18: 198 s per step on 2026-12-02, a slow day, is 59 min), RLOO_STEPS (default 24), ARMS (default curriculum).
+# Knobs (environment): GRPO_STEPS (default 18: 198 s per step on 2026-12-02, a slow day, is 59 min), RLOO_STEPS (default 18: 170 s per step that day), ARMS (default curriculum).
 # The kept prompts (recipes/rl/grpo-kept.jsonl) are `rl pass-rate`'s output for this SFT model
 # (docs/benchmarks.md, "Pass rates of the SFT model"); remake them if the SFT recipe changes.
 set -euo pipefail
@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
 RUN=${1:-runs/rl-v3}
 GRPO_STEPS=${GRPO_STEPS:-18}
-RLOO_STEPS=${RLOO_STEPS:-24}
+RLOO_STEPS=${RLOO_STEPS:-18}
 ARMS=${ARMS:-curriculum}
 SFT=runs/reasoning-v3
 mkdir -p "$RUN"
