@@ -332,7 +332,7 @@ def build_trainer(config: DistillConfig, callbacks: list | None = None):
 def run(config: DistillConfig, callbacks: list | None = None) -> dict[str, Any]:
     """Distil (or continue pretraining); returns `distill.json`'s content. `callbacks`: extra
     `transformers.TrainerCallback`s (tests use one to kill a run after a checkpoint)."""
-    from open_nemotron.model.loading import atomic_directory, publish_directory
+    from open_nemotron.model.loading import save_checkpoint
     from open_nemotron.train.sft import train_resuming
 
     trainer, tokenizer, data, meta, max_steps = build_trainer(config, callbacks)
@@ -342,10 +342,7 @@ def run(config: DistillConfig, callbacks: list | None = None) -> dict[str, Any]:
 
     final = out / "final"
     student = trainer.model.eval()
-    tmp = atomic_directory(final)
-    student.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    publish_directory(tmp, final)
+    save_checkpoint(student, tokenizer, final)
 
     history = trainer.state.log_history
     curve = [

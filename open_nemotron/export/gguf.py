@@ -142,7 +142,7 @@ def _add_tokenizer(writer, tokenizer, vocab_size: int, tokenizer_pre: str) -> No
     for kind in ("bos", "eos", "unk", "pad"):
         token_id = getattr(tokenizer, f"{kind}_token_id", None)
         if token_id is not None:
-            getattr(writer, {"unk": "add_unk_token_id"}.get(kind, f"add_{kind}_token_id"))(token_id)
+            getattr(writer, f"add_{kind}_token_id")(token_id)
     writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
     template = tokenizer.chat_template
     if isinstance(template, dict):  # our reasoning templates: the inference one is llama.cpp's default

@@ -11,7 +11,6 @@ our `vllm.general_plugins` entry point (open_nemotron/serve/vllm_plugin.py) regi
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -36,13 +35,7 @@ def vllm_export_problems(model_dir: str | os.PathLike) -> list[str]:
 
 def export_vllm(model: str | os.PathLike, out: str | os.PathLike, dtype: str = "bfloat16") -> Path:
     """Write `model` (any spec we load) to `out` for vLLM; refuses with every reason when vLLM could not serve it."""
-    from open_nemotron.model.loading import (
-        atomic_directory,
-        load_model,
-        load_tokenizer,
-        publish_directory,
-        resolve_model_dir,
-    )
+    from open_nemotron.model.loading import load_model, load_tokenizer, resolve_model_dir, save_checkpoint
 
     if dtype not in DTYPES:
         raise ExportError(f"export --dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
@@ -51,17 +44,7 @@ def export_vllm(model: str | os.PathLike, out: str | os.PathLike, dtype: str = "
     if problems:
         raise ExportError(f"{model_dir}: stock vLLM cannot serve this model: " + "; ".join(problems))
     loaded = load_model(model_dir, dtype=DTYPES[dtype], device="cpu", implementation="ours")
-    tokenizer = load_tokenizer(model_dir)
-    out = Path(out)
-    tmp = atomic_directory(out)
-    try:
-        loaded.config.architectures = ["DeciLMForCausalLM"]
-        loaded.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        publish_directory(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return save_checkpoint(loaded, load_tokenizer(model_dir), out)
 
 
 __all__ = ["DTYPES", "ExportError", "export_vllm", "vllm_export_problems"]

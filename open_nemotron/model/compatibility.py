@@ -7,7 +7,7 @@ runs the model as we do. Puzzle's `vllm_compatible` search space and `open-nemot
 
 from __future__ import annotations
 
-from open_nemotron.model.configuration import LayerBlocks, ffn_width_is_portable
+from open_nemotron.model.configuration import LayerBlocks, non_portable_ffn_layers
 
 
 def _layers(indices: list[int]) -> str:
@@ -29,11 +29,7 @@ def vllm_problems(layers: list[LayerBlocks], hidden_size: int) -> list[str]:
     counts = sorted({layers[i].attention.num_key_value_heads for i in attention})
     if len(counts) > 1:
         problems.append(f"several KV-head counts {counts}: vLLM sizes every layer's KV cache from the first one")
-    odd = [
-        i
-        for i, b in enumerate(layers)
-        if b.ffn.kind == "swiglu" and not ffn_width_is_portable(b.ffn.intermediate_size, hidden_size)
-    ]
+    odd = non_portable_ffn_layers(layers, hidden_size)
     if odd:
         problems.append(
             f"FFN widths not multiples of 256 in {_layers(odd)}: vLLM rebuilds them from ffn_mult and would build "

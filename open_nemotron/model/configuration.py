@@ -68,6 +68,15 @@ def ffn_width_is_portable(intermediate_size: int, hidden_size: int) -> bool:
     return ffn_mult_to_intermediate_size(mult, hidden_size) == intermediate_size
 
 
+def non_portable_ffn_layers(layers: list[LayerBlocks], hidden_size: int) -> list[int]:
+    """Indices of the SwiGLU layers whose width other readers cannot rebuild from `ffn_mult`."""
+    return [
+        i
+        for i, b in enumerate(layers)
+        if b.ffn.kind == "swiglu" and not ffn_width_is_portable(b.ffn.intermediate_size, hidden_size)
+    ]
+
+
 def _portable_width_error(layer: int, intermediate_size: int, hidden_size: int) -> BlockConfigError:
     rebuilt = ffn_mult_to_intermediate_size(intermediate_size_to_ffn_mult(intermediate_size, hidden_size), hidden_size)
     below = intermediate_size // 256 * 256
@@ -299,11 +308,9 @@ class DeciLMConfig(LlamaConfig):
             raise BlockConfigError(
                 f"non_portable_ffn_widths = {self.non_portable_ffn_widths!r}: expected true or false"
             )
-        if not self.non_portable_ffn_widths:
-            for i, parsed in enumerate(parsed_layers):
-                size = parsed.ffn.intermediate_size
-                if parsed.ffn.kind == "swiglu" and not ffn_width_is_portable(size, self.hidden_size):
-                    raise _portable_width_error(i, size, self.hidden_size)
+        odd = [] if self.non_portable_ffn_widths else non_portable_ffn_layers(parsed_layers, self.hidden_size)
+        if odd:
+            raise _portable_width_error(odd[0], parsed_layers[odd[0]].ffn.intermediate_size, self.hidden_size)
         self.block_configs = [
             block_config_dict(parsed, self.num_attention_heads, self.hidden_size, _given_ffn_mult(raw))
             for parsed, raw in zip(parsed_layers, self.block_configs, strict=True)
@@ -356,5 +363,6 @@ __all__ = [
     "ffn_mult_to_intermediate_size",
     "ffn_width_is_portable",
     "intermediate_size_to_ffn_mult",
+    "non_portable_ffn_layers",
     "parse_block_config",
 ]

@@ -175,6 +175,19 @@ def publish_directory(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def save_checkpoint(model, tokenizer, out: str | os.PathLike) -> Path:
+    """Write a model and its tokenizer to `out` atomically: complete or not at all, a failed write leaves no temp."""
+    out = Path(out)
+    tmp = atomic_directory(out)
+    try:
+        model.save_pretrained(tmp)  # also records config.architectures = [the model's class]
+        tokenizer.save_pretrained(tmp)
+        publish_directory(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def gguf_to_hf_dir(gguf_path: Path, out_dir: Path, progress: bool = True) -> Path:
     """Dequantise a Llama GGUF to an fp32 safetensors checkpoint (atomic; ~40 s for SmolLM2-135M on 2 cores)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -384,19 +397,10 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, non_portable_ffn_wid
             "DeciLM code, vLLM and llama.cpp would build a different FFN from the converted config; expected a "
             "multiple of 256, or convert with --non-portable-ffn-widths (only open-nemotron then reads the output)"
         )
-    out = Path(out)
     model = load_model(model_dir, dtype=_saved_dtype(config), device="cpu", implementation="ours")
     tok = AutoTokenizer.from_pretrained(model_dir)
     install_reasoning_templates(tok)
-    tmp = atomic_directory(out)
-    try:
-        model.config.architectures = ["DeciLMForCausalLM"]
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        publish_directory(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return save_checkpoint(model, tok, out)
 
 
 def _saved_dtype(config: dict[str, Any]) -> torch.dtype:

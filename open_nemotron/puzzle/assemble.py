@@ -46,13 +46,3 @@ def assemble_child(parent_model, space: SearchSpace, library: Path, attention: l
     with torch.device(ref.device):
         child.model.rotary_emb = type(parent_model.model.rotary_emb)(config=config)
     return child.to(device=ref.device, dtype=ref.dtype).eval()
-
-
-def save_child(child, tokenizer, out_dir: Path) -> Path:
-    from open_nemotron.model.loading import atomic_directory, publish_directory
-
-    tmp = atomic_directory(out_dir)
-    child.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    publish_directory(tmp, out_dir)
-    return out_dir

@@ -222,7 +222,8 @@ class PuzzleRun:
     def assemble(self) -> dict[str, Any]:
         from open_nemotron.evaluate.throughput import SpeedConfig
         from open_nemotron.evaluate.throughput import run as bench_speed
-        from open_nemotron.puzzle.assemble import assemble_child, heldout_agreement, save_child
+        from open_nemotron.model.loading import save_checkpoint
+        from open_nemotron.puzzle.assemble import assemble_child, heldout_agreement
         from open_nemotron.puzzle.calibration import load_tokens
         from open_nemotron.puzzle.search_space import parse_variant
 
@@ -262,7 +263,7 @@ class PuzzleRun:
                 )
                 entry["decoupled"] = quality
                 entry.update(heldout_agreement(self.parent, child, reporting, self.config.score.batch_size))
-            save_child(child, self.tokenizer, out)
+            save_checkpoint(child, self.tokenizer, out)
             children.append(entry)
             del child
         if not children:

@@ -23,6 +23,8 @@ from open_nemotron.model.configuration import (
     LayerBlocks,
     block_config_dict,
     ffn_width_is_portable,
+    non_portable_ffn_layers,
+    parse_block_config,
 )
 
 ATTENTION = "attention"
@@ -185,11 +187,7 @@ def build_search_space(parent_config: DeciLMConfig, config: SearchSpaceConfig) -
     parents = parent_config.layers_blocks()
     num_heads = parent_config.num_attention_heads
     odd = sorted(
-        {
-            b.ffn.intermediate_size
-            for b in parents
-            if b.ffn.kind == "swiglu" and not ffn_width_is_portable(b.ffn.intermediate_size, parent_config.hidden_size)
-        }
+        {parents[i].ffn.intermediate_size for i in non_portable_ffn_layers(parents, parent_config.hidden_size)}
     )
     if odd and not config.non_portable_ffn_widths:
         raise SearchSpaceError(
@@ -268,10 +266,11 @@ def config_with_blocks(
     `non_portable_ffn_widths` when a width needs it: the search space, where that switch is given, is the gate."""
     data = parent_config.to_dict()
     data.update(block_configs=block_configs, **overrides)
-    blocks = DeciLMConfig.from_dict({**data, "non_portable_ffn_widths": True}).layers_blocks()
-    if not all(
-        ffn_width_is_portable(b.ffn.intermediate_size, data["hidden_size"]) for b in blocks if b.ffn.kind == "swiglu"
-    ):
+    layers = [
+        parse_block_config(i, b, hidden_size=data["hidden_size"], num_attention_heads=data["num_attention_heads"])
+        for i, b in enumerate(block_configs)
+    ]
+    if non_portable_ffn_layers(layers, data["hidden_size"]):
         data["non_portable_ffn_widths"] = True
     data.pop("layer_types", None)  # derived from block_configs
     return DeciLMConfig.from_dict(data)
