@@ -647,7 +647,12 @@ def eval_mc_command(
 @app.command()
 @reports_user_errors
 def serve(
-    model: Annotated[str, typer.Argument(help="Model spec (our format or a Llama parent, loaded into our class).")],
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="Model spec (our format or a Llama parent, loaded into our class); a .gguf file with --engine llama.cpp."
+        ),
+    ],
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8000,
     max_batch_size: Annotated[int, typer.Option("--max-batch-size", help="Requests decoded together (slots).")] = 8,
@@ -662,7 +667,12 @@ def serve(
         typer.Option("--shutdown-grace", help="Seconds in-flight requests may finish after SIGTERM before cancelling."),
     ] = 30.0,
     engine: Annotated[
-        str, typer.Option("--engine", help="ours (this package's engine) or vllm (vLLM's server, on a GPU).")
+        str,
+        typer.Option(
+            "--engine",
+            help="ours (this package's engine), vllm (vLLM's server, on a GPU) or llama.cpp (a GGUF file on CPU, "
+            "one request at a time; needs llama-cpp-python: make check-gguf).",
+        ),
     ] = "ours",
     reasoning_parser: Annotated[
         str | None,
@@ -678,10 +688,17 @@ def serve(
         raise CliInputError(f"--max-length {max_length}: expected at least 2")
     if not shutdown_grace >= 0:
         raise CliInputError(f"--shutdown-grace {shutdown_grace}: expected a number of seconds >= 0")
-    if engine not in ("ours", "vllm"):
-        raise CliInputError(f"--engine {engine!r}: expected ours or vllm")
+    if engine not in ("ours", "vllm", "llama.cpp"):
+        raise CliInputError(f"--engine {engine!r}: expected ours, vllm or llama.cpp")
     if reasoning_parser is not None and engine != "vllm":
-        raise CliInputError("--reasoning-parser is for --engine vllm (ours splits reasoning itself)")
+        raise CliInputError("--reasoning-parser is for --engine vllm (ours and llama.cpp split reasoning here)")
+    if engine == "llama.cpp":
+        if device not in (None, "cpu"):
+            raise CliInputError(f"--device {device!r}: --engine llama.cpp runs on the CPU (expected cpu or nothing)")
+        from open_nemotron.serve.server import serve_gguf
+
+        serve_gguf(model, host, port, max_length, queue_size, model_name, shutdown_grace)
+        return
     device = check_device(device)
     check_model_specs([model])
     if engine == "vllm":

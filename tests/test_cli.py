@@ -441,4 +441,20 @@ def test_serve_engine_vllm_checks_before_starting(tiny_llama_dir: Path, tmp_path
         "--reasoning-parser": "qwen3",
     }
     assert_one_line_error(invoke("serve", tiny_llama_dir, "--reasoning-parser", "qwen3"), "for --engine vllm")
-    assert_one_line_error(invoke("serve", tiny_llama_dir, "--engine", "tgi"), "expected ours or vllm")
+    assert_one_line_error(invoke("serve", tiny_llama_dir, "--engine", "tgi"), "expected ours, vllm or llama.cpp")
+
+
+def test_serve_engine_llama_cpp_refuses_before_starting(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """--engine llama.cpp serves a GGUF file on the CPU: a checkpoint directory, a GPU device or vLLM's parser
+    option get a one-line reason (and, without llama-cpp-python, how to install it)."""
+    import importlib.util
+
+    assert_one_line_error(invoke("serve", tiny_llama_dir, "--engine", "llama.cpp"), "a directory, not a GGUF file")
+    gguf = tmp_path / "child.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(12))
+    assert_one_line_error(invoke("serve", gguf, "--engine", "llama.cpp", "--device", "cuda"), "runs on the CPU")
+    assert_one_line_error(
+        invoke("serve", gguf, "--engine", "llama.cpp", "--reasoning-parser", "qwen3"), "for --engine vllm"
+    )
+    if importlib.util.find_spec("llama_cpp") is None:
+        assert_one_line_error(invoke("serve", gguf, "--engine", "llama.cpp"), "make check-gguf")

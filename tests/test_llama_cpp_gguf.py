@@ -56,3 +56,39 @@ def test_llama_cpp_runs_the_converted_parent_and_tokenizes_as_we_do(tmp_path: Pa
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
         expected = decode(model, torch.tensor([ids]), max_new_tokens=12)[0, len(ids) :].tolist()
         assert llama_cpp_greedy(path, ids, 12) == expected
+
+
+def test_serving_through_llama_cpp_follows_our_engine(tmp_path: Path):
+    """`serve --engine llama.cpp`'s engine and tokenizer over our GGUF: the chat prompt renders and tokenizes as
+    the checkpoint's own tokenizer does, and greedy and seeded requests give our engine's tokens and text."""
+    from tokenizers_for_tests import chatml_tokenizer
+
+    from open_nemotron.model.chat import ensure_reasoning_template
+    from open_nemotron.serve.engine import Engine, Request, SamplingParams
+    from open_nemotron.serve.llama_cpp_engine import load_gguf
+
+    config = _config(SERVABLE)
+    model_dir = _save(tmp_path, config, "child")
+    path = export_gguf(model_dir, tmp_path / "child.gguf", dtype="f32", tokenizer_pre="gpt2")
+    engine, gguf_tokenizer = load_gguf(path, 160)
+    ensure_reasoning_template(gguf_tokenizer)
+    tokenizer = chatml_tokenizer()
+    ensure_reasoning_template(tokenizer)
+    messages = [{"role": "system", "content": "detailed thinking off"}, {"role": "user", "content": "Hi, 12*7?"}]
+    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert gguf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == rendered
+    prompt = tokenizer.encode(rendered, add_special_tokens=False)
+    assert gguf_tokenizer.encode(rendered, add_special_tokens=False) == prompt
+    assert gguf_tokenizer.eos_token_id == tokenizer.eos_token_id
+
+    def requests():
+        return [
+            Request(prompt, SamplingParams(max_tokens=12, temperature=0)),
+            Request(prompt[:-2], SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=5)),
+        ]
+
+    ours = Engine(random_decilm(config, seed=3), max_batch_size=2, max_length=160, tokenizer=tokenizer).run(requests())
+    got = engine.run(requests())
+    assert [c.token_ids for c in got] == [c.token_ids for c in ours]
+    assert [c.text for c in got] == [c.text for c in ours]
+    assert engine.reused_tokens == len(prompt) - 2  # the second prompt is a prefix of what the cache held

@@ -122,10 +122,11 @@ def stop_token_ids(tokenizer: Any) -> list[int]:
         eot = end_of_turn_token(detect_chat_format(_default_template(tokenizer)))
     except UnsupportedChatFormatError:
         eot = None  # some other template: EOS is all we know
-    if eot is not None and eot in tokenizer.get_vocab():
-        eot_id = int(tokenizer.convert_tokens_to_ids(eot))
-        if eot_id not in ids:
-            ids.append(eot_id)
+    # The end-of-turn token counts when the vocabulary has it as one token. Asked through `encode` (special tokens
+    # parsed) so that a tokenizer without HF's vocabulary API (the GGUF one, serve/llama_cpp_engine.py) answers too.
+    eot_ids = tokenizer.encode(eot, add_special_tokens=False) if eot is not None else []
+    if len(eot_ids) == 1 and int(eot_ids[0]) not in ids:
+        ids.append(int(eot_ids[0]))
     if not ids:
         raise ChatGenerationError("tokenizer has no eos_token and its chat template has no known end-of-turn token")
     return ids

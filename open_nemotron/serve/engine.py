@@ -219,41 +219,26 @@ class SlotKVCache:
                 cache.update(keys[slot : slot + 1, :, :length], self.values[i][slot : slot + 1, :, :length], i)
 
 
-class Engine:
-    """Continuous batching over `max_batch_size` slots of `max_length` positions (prompt + new tokens) each."""
+class BaseEngine:
+    """What every engine shares: the request queue, per-request sampling (seeded generators, forced tokens), stop
+    tokens and strings, reasoning budgets and completions. A subclass computes the next-token logits in `step` (this
+    package's model over a slot KV cache: `Engine`; llama.cpp: `serve/llama_cpp_engine.py`), so every engine follows
+    the same rules token for token."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        max_batch_size: int = 8,
-        max_length: int = 512,
-        tokenizer=None,
-        prefix_reuse: bool = True,
-    ) -> None:
+    def __init__(self, max_batch_size: int, max_length: int, vocab_size: int, tokenizer=None) -> None:
         if max_batch_size < 1:
             raise EngineError(f"max_batch_size = {max_batch_size}: expected a positive integer")
         if max_length < 2:
             raise EngineError(f"max_length = {max_length}: expected at least 2")
-        if model.training:  # not switched here: no hidden state changes on the caller's model
-            raise EngineError("the model is in training mode (dropout would change every token): call model.eval()")
-        self.model = model
-        param = next(model.parameters())
-        self.device, self.dtype = param.device, param.dtype
         self.max_batch_size = max_batch_size
         self.max_length = max_length
-        self.cache = SlotKVCache(model.config, max_batch_size, max_length, self.dtype, self.device)
+        self.vocab_size = vocab_size
         self.tokenizer = tokenizer  # for stop strings, reasoning budgets and Completion.text
         self.waiting: deque[Request] = deque()
         self.running: dict[int, _Running] = {}  # slot -> request
         self._ids = itertools.count()
-        # Prefix reuse: every slot's keys/values stay valid while it runs and after it is freed; `held[slot]` are the
-        # tokens at its valid positions (the request's prompt and every generated token but the last). A new request
-        # reads the longest prefix any slot shares with its prompt (a free source becomes its slot; else the prefix
-        # is copied into a free slot) and prefills only the rest.
-        self.prefix_reuse = prefix_reuse
-        self.held: list[list[int]] = [[] for _ in range(max_batch_size)]
         self.prompt_tokens = 0  # prompt tokens admitted
-        self.reused_tokens = 0  # of those, read from a slot's kept keys/values instead of prefilled
+        self.reused_tokens = 0  # of those, read from kept keys/values instead of prefilled
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request: Request) -> str:
@@ -264,9 +249,8 @@ class Engine:
             raise EngineError(
                 f"prompt of {len(prompt)} tokens: expected at most {self.max_length - 1} (max_length {self.max_length})"
             )
-        vocab = self.model.config.vocab_size
-        if any(not 0 <= t < vocab for t in prompt):
-            raise EngineError(f"prompt_ids: expected token ids in [0, {vocab})")
+        if any(not 0 <= t < self.vocab_size for t in prompt):
+            raise EngineError(f"prompt_ids: expected token ids in [0, {self.vocab_size})")
         if self.tokenizer is None and (request.params.stop or request.params.max_reasoning_tokens is not None):
             raise EngineError(
                 "stop strings and max_reasoning_tokens need the engine's tokenizer: Engine(..., tokenizer=)"
@@ -305,6 +289,147 @@ class Engine:
                 if on_finish is not None:
                     on_finish(completion)
         return [done[i] for i in order]
+
+    def _sample(self, logits: torch.Tensor, states: list[_Running]) -> list[int]:
+        """The next token of each state from its row of `logits` [len(states), vocab]: forced tokens first, greedy
+        rows by one argmax, sampled rows with the same settings through one `candidate_distribution`, then one
+        draw per row from the request's own generator (`draw`)."""
+        chosen: list[int | None] = [None] * len(states)
+        greedy = [i for i, st in enumerate(states) if not st.forced and st.request.params.greedy]
+        if greedy:
+            for i, token in zip(greedy, logits[greedy].argmax(-1).tolist(), strict=True):
+                chosen[i] = token
+        groups: dict[tuple[float, int, float], list[int]] = {}
+        for i, st in enumerate(states):
+            p = st.request.params
+            if st.forced:
+                chosen[i] = st.forced.pop(0)
+            elif not p.greedy:
+                groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(i)
+        for (temperature, top_k, top_p), rows in groups.items():
+            probs, ids = candidate_distribution(logits[rows].float(), temperature, top_k, top_p)
+            for row, i in enumerate(rows):
+                chosen[i] = int(ids[row, draw(probs[row], states[i].generator)])
+        return chosen  # type: ignore[return-value]
+
+    def _prompt_opens_think(self, request: Request) -> bool:
+        """Whether the prompt ends inside a think block (a template that pre-fills `<think>`)."""
+        if self.tokenizer is None or request.params.max_reasoning_tokens is None:
+            return False
+        from open_nemotron.model.chat_template import THINK_CLOSE, THINK_OPEN
+
+        tail = self.tokenizer.decode(list(request.prompt_ids)[-32:])
+        return tail.rfind(THINK_OPEN) > tail.rfind(THINK_CLOSE)
+
+    def _think_close_ids(self) -> list[int]:
+        from open_nemotron.model.chat_template import THINK_CLOSE
+
+        return self.tokenizer.encode("\n" + THINK_CLOSE, add_special_tokens=False)
+
+    def _text(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def _track_reasoning(self, state: _Running) -> None:
+        """Count think-block tokens; at the budget, queue `</think>` to be written instead of sampled tokens."""
+        from open_nemotron.model.chat_template import THINK_CLOSE, THINK_OPEN
+
+        budget = state.request.params.max_reasoning_tokens
+        text = self.tokenizer.decode(state.tokens)
+        opened, closed = text.rfind(THINK_OPEN), text.rfind(THINK_CLOSE)
+        if opened > closed:
+            state.thinking = True
+        elif closed >= 0 and closed >= opened:
+            state.thinking = False
+        if state.thinking and not state.forced:
+            state.reasoning_tokens += 1
+            if state.reasoning_tokens >= budget:
+                state.forced = self._think_close_ids()
+
+    def _append(self, state: _Running, token: int) -> Completion | None:
+        state.tokens.append(token)
+        if state.request.on_token is not None:
+            state.request.on_token(token)
+        params = state.request.params
+        if params.max_reasoning_tokens is not None:
+            self._track_reasoning(state)
+        reason, text = None, None
+        if params.stop:  # decode every step only for requests that have stop strings
+            text = self._text(state.tokens)
+            cut = min((i for i in (text.find(stop) for stop in params.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                text, reason = text[:cut], "stop"
+        if reason is None and token in params.stop_token_ids and not state.forced:
+            reason = "stop"
+        elif reason is None and (
+            len(state.tokens) >= params.max_tokens or self._positions_used(state) >= self.max_length
+        ):
+            reason = "length"  # (the next step would write this token at position lengths[slot]: none left)
+        if reason is None:
+            return None
+        del self.running[state.slot]
+        if text is None and self.tokenizer is not None:
+            text = self._text(state.tokens)  # once, at the end
+        return self._completion(state, reason, text)
+
+    def _completion(self, state: _Running, reason: str, text: str | None) -> Completion:
+        return Completion(
+            state.request.request_id,
+            list(state.request.prompt_ids),
+            state.tokens,
+            reason,
+            text=text,
+            reasoning_tokens=state.reasoning_tokens,
+        )
+
+    # ------------------------------------------------------------------ for subclasses
+    def step(self) -> list[Completion]:
+        """Admit waiting requests, decode one token for every running one; the requests that finished."""
+        raise NotImplementedError
+
+    def _positions_used(self, state: _Running) -> int:
+        """Context positions `state`'s sequence holds now (its prompt and every token but the last)."""
+        raise NotImplementedError
+
+    def _new_state(self, request: Request, slot: int, device: torch.device | str = "cpu") -> _Running:
+        """A running request: its own generator (seeded, or freshly random) unless greedy, and whether its prompt
+        already opened a think block (a zero budget then closes it at once)."""
+        generator = None
+        if not request.params.greedy:
+            generator = torch.Generator(device=device)
+            if request.params.seed is not None:
+                generator.manual_seed(request.params.seed)
+            else:
+                generator.seed()  # a fresh random seed for this request only
+        state = _Running(request, slot, [], generator, thinking=self._prompt_opens_think(request))
+        if state.thinking and request.params.max_reasoning_tokens == 0:
+            state.forced = self._think_close_ids()
+        return state
+
+
+class Engine(BaseEngine):
+    """Continuous batching over `max_batch_size` slots of `max_length` positions (prompt + new tokens) each."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        max_batch_size: int = 8,
+        max_length: int = 512,
+        tokenizer=None,
+        prefix_reuse: bool = True,
+    ) -> None:
+        super().__init__(max_batch_size, max_length, model.config.vocab_size, tokenizer)
+        if model.training:  # not switched here: no hidden state changes on the caller's model
+            raise EngineError("the model is in training mode (dropout would change every token): call model.eval()")
+        self.model = model
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.cache = SlotKVCache(model.config, max_batch_size, max_length, self.dtype, self.device)
+        # Prefix reuse: every slot's keys/values stay valid while it runs and after it is freed; `held[slot]` are the
+        # tokens at its valid positions (the request's prompt and every generated token but the last). A new request
+        # reads the longest prefix any slot shares with its prompt (a free source becomes its slot; else the prefix
+        # is copied into a free slot) and prefills only the rest.
+        self.prefix_reuse = prefix_reuse
+        self.held: list[list[int]] = [[] for _ in range(max_batch_size)]
 
     # ------------------------------------------------------------------ one step
     @torch.inference_mode()
@@ -378,16 +503,7 @@ class Engine:
         for request, slot, _, reuse in admitted:
             self.prompt_tokens += len(request.prompt_ids)
             self.reused_tokens += reuse
-            generator = None
-            if not request.params.greedy:
-                generator = torch.Generator(device=self.device)
-                if request.params.seed is not None:
-                    generator.manual_seed(request.params.seed)
-                else:
-                    generator.seed()  # a fresh random seed for this request only
-            state = _Running(request, slot, [], generator, thinking=self._prompt_opens_think(request))
-            if state.thinking and request.params.max_reasoning_tokens == 0:
-                state.forced = self._think_close_ids()
+            state = self._new_state(request, slot, self.device)
             self.running[slot] = state
             states.append(state)
         rows = torch.stack([last_logits[state.slot] for state in states])
@@ -423,93 +539,5 @@ class Engine:
                 finished.append(completion)
         return finished
 
-    def _sample(self, logits: torch.Tensor, states: list[_Running]) -> list[int]:
-        """The next token of each state from its row of `logits` [len(states), vocab]: forced tokens first, greedy
-        rows by one argmax, sampled rows with the same settings through one `candidate_distribution`, then one
-        draw per row from the request's own generator (`draw`)."""
-        chosen: list[int | None] = [None] * len(states)
-        greedy = [i for i, st in enumerate(states) if not st.forced and st.request.params.greedy]
-        if greedy:
-            for i, token in zip(greedy, logits[greedy].argmax(-1).tolist(), strict=True):
-                chosen[i] = token
-        groups: dict[tuple[float, int, float], list[int]] = {}
-        for i, st in enumerate(states):
-            p = st.request.params
-            if st.forced:
-                chosen[i] = st.forced.pop(0)
-            elif not p.greedy:
-                groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(i)
-        for (temperature, top_k, top_p), rows in groups.items():
-            probs, ids = candidate_distribution(logits[rows].float(), temperature, top_k, top_p)
-            for row, i in enumerate(rows):
-                chosen[i] = int(ids[row, draw(probs[row], states[i].generator)])
-        return chosen  # type: ignore[return-value]
-
-    def _prompt_opens_think(self, request: Request) -> bool:
-        """Whether the prompt ends inside a think block (a template that pre-fills `<think>`)."""
-        if self.tokenizer is None or request.params.max_reasoning_tokens is None:
-            return False
-        from open_nemotron.model.chat_template import THINK_CLOSE, THINK_OPEN
-
-        tail = self.tokenizer.decode(list(request.prompt_ids)[-32:])
-        return tail.rfind(THINK_OPEN) > tail.rfind(THINK_CLOSE)
-
-    def _think_close_ids(self) -> list[int]:
-        from open_nemotron.model.chat_template import THINK_CLOSE
-
-        return self.tokenizer.encode("\n" + THINK_CLOSE, add_special_tokens=False)
-
-    def _text(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True)
-
-    def _track_reasoning(self, state: _Running) -> None:
-        """Count think-block tokens; at the budget, queue `</think>` to be written instead of sampled tokens."""
-        from open_nemotron.model.chat_template import THINK_CLOSE, THINK_OPEN
-
-        budget = state.request.params.max_reasoning_tokens
-        text = self.tokenizer.decode(state.tokens)
-        opened, closed = text.rfind(THINK_OPEN), text.rfind(THINK_CLOSE)
-        if opened > closed:
-            state.thinking = True
-        elif closed >= 0 and closed >= opened:
-            state.thinking = False
-        if state.thinking and not state.forced:
-            state.reasoning_tokens += 1
-            if state.reasoning_tokens >= budget:
-                state.forced = self._think_close_ids()
-
-    def _append(self, state: _Running, token: int) -> Completion | None:
-        state.tokens.append(token)
-        if state.request.on_token is not None:
-            state.request.on_token(token)
-        params = state.request.params
-        if params.max_reasoning_tokens is not None:
-            self._track_reasoning(state)
-        reason, text = None, None
-        if params.stop:  # decode every step only for requests that have stop strings
-            text = self._text(state.tokens)
-            cut = min((i for i in (text.find(stop) for stop in params.stop) if i >= 0), default=-1)
-            if cut >= 0:
-                text, reason = text[:cut], "stop"
-        if reason is None and token in params.stop_token_ids and not state.forced:
-            reason = "stop"
-        elif reason is None and (
-            len(state.tokens) >= params.max_tokens or int(self.cache.lengths[state.slot]) >= self.max_length
-        ):
-            reason = "length"  # (the next step would write this token at position lengths[slot]: none left)
-        if reason is None:
-            return None
-        del self.running[state.slot]
-        if text is None and self.tokenizer is not None:
-            text = self._text(state.tokens)  # once, at the end
-        return self._completion(state, reason, text)
-
-    def _completion(self, state: _Running, reason: str, text: str | None) -> Completion:
-        return Completion(
-            state.request.request_id,
-            list(state.request.prompt_ids),
-            state.tokens,
-            reason,
-            text=text,
-            reasoning_tokens=state.reasoning_tokens,
-        )
+    def _positions_used(self, state: _Running) -> int:
+        return int(self.cache.lengths[state.slot])

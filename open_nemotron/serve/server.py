@@ -40,7 +40,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from open_nemotron.model.chat_template import THINK_CLOSE, THINK_OPEN, THINKING_ON, split_reasoning
-from open_nemotron.serve.engine import Completion, Engine, EngineError, Request, SamplingParams
+from open_nemotron.serve.engine import BaseEngine, Completion, Engine, EngineError, Request, SamplingParams
 
 MAX_N = 8
 
@@ -95,7 +95,7 @@ class _Job:
 class EngineWorker:
     """The one thread that runs the engine. `submit` / `cancel` may be called from any thread."""
 
-    def __init__(self, engine: Engine, queue_size: int = 64) -> None:
+    def __init__(self, engine: BaseEngine, queue_size: int = 64) -> None:
         self.engine = engine
         self.queue_size = queue_size
         self._inbox: queue.Queue = queue.Queue()
@@ -300,7 +300,7 @@ def _deliver(batch: list) -> None:
         target.put_nowait(event)
 
 
-def create_app(engine: Engine, tokenizer, model_name: str, queue_size: int = 64, worker_thread: bool = True):
+def create_app(engine: BaseEngine, tokenizer, model_name: str, queue_size: int = 64, worker_thread: bool = True):
     """The FastAPI app serving `engine` (which must have `tokenizer`) as model `model_name`. `worker_thread`: the
     app starts the engine's thread itself; False leaves running `app.state.worker.run_here()` to the caller."""
     from fastapi import FastAPI
@@ -568,7 +568,40 @@ def serve(
     tokenizer = load_tokenizer(model_spec)
     ensure_reasoning_template(tokenizer)
     engine = Engine(model, max_batch_size=max_batch_size, max_length=max_length, tokenizer=tokenizer)
-    app = create_app(engine, tokenizer, model_name or str(model_spec), queue_size, worker_thread=False)
+    serve_engine(engine, tokenizer, model_name or str(model_spec), host, port, queue_size, shutdown_grace_s)
+
+
+def serve_gguf(
+    path: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_length: int = 2048,
+    queue_size: int = 64,
+    model_name: str | None = None,
+    shutdown_grace_s: float = 30.0,
+    threads: int | None = None,
+) -> None:
+    """Serve a GGUF file through llama.cpp (serve/llama_cpp_engine.py) with the same API, toggle and reasoning
+    split; one request decodes at a time."""
+    from open_nemotron.model.chat import ensure_reasoning_template
+    from open_nemotron.serve.llama_cpp_engine import load_gguf
+
+    engine, tokenizer = load_gguf(path, max_length, threads)
+    ensure_reasoning_template(tokenizer)  # a GGUF written elsewhere may carry its parent's plain template
+    serve_engine(engine, tokenizer, model_name or str(path), host, port, queue_size, shutdown_grace_s)
+
+
+def serve_engine(
+    engine: BaseEngine,
+    tokenizer,
+    model_name: str,
+    host: str,
+    port: int,
+    queue_size: int,
+    shutdown_grace_s: float,
+) -> None:
+    """Run the HTTP server over `engine` until SIGTERM / SIGINT, the engine on this (main) thread."""
+    app = create_app(engine, tokenizer, model_name, queue_size, worker_thread=False)
     server = draining_server(app, host, port, shutdown_grace_s, log_level="info")
     # The engine runs on this (main) thread, uvicorn's event loop on another; uvicorn installs no signal handlers
     # off the main thread, so ours do what its own would (a second signal forces the exit).
