@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from models_for_tests import random_decilm, tiny_llama_config
+from models_for_tests import TINY_VOCAB, random_decilm, tiny_llama_config
 from tokenizers_for_tests import chatml_tokenizer
 
 from open_nemotron.export.gguf import export_gguf
@@ -31,32 +31,37 @@ def _llama_cpp_permute(weights: np.ndarray, n_head: int, n_head_kv: int | None) 
     )
 
 
+# llama.cpp's loader refuses a BPE vocabulary without merges, so the exported test tokenizer has one (a 260th token).
+MERGES = (("\u0120", "t"),)  # "Ġt": a space then t
+
+
 def _config(blocks: list[dict], **overrides) -> DeciLMConfig:
+    overrides = {"vocab_size": TINY_VOCAB + len(MERGES), **overrides}
     cfg = tiny_llama_config(num_hidden_layers=len(blocks), intermediate_size=256, **overrides).to_dict()
     for key in ("model_type", "architectures", "transformers_version"):
         cfg.pop(key, None)
     return DeciLMConfig(**{**cfg, "block_configs": blocks})
 
 
-SERVABLE = [  # what both engines run: GQA with two KV counts, attention-free layers, narrower FFN, an empty layer
+SERVABLE = [  # what both engines run: GQA with two KV counts, an attention-free layer, an empty one, narrower FFN
     {"attention": {"n_heads_in_group": 3}, "ffn": {"intermediate_size": 256}},
     {"attention": {"no_op": True}, "ffn": {"intermediate_size": 512}},
+    {"attention": {"no_op": True}, "ffn": {"no_op": True}},  # not last: llama.cpp needs an FFN in the last layer
     {"attention": {"n_heads_in_group": 3}, "ffn": {"intermediate_size": 256}},
-    {"attention": {"no_op": True}, "ffn": {"no_op": True}},
 ]
 
 
 def _save(tmp_path: Path, config: DeciLMConfig, name: str) -> Path:
     out = tmp_path / name
     random_decilm(config, seed=3).save_pretrained(out)
-    chatml_tokenizer().save_pretrained(out)
+    chatml_tokenizer(merges=MERGES).save_pretrained(out)
     return out
 
 
 def test_engine_rules_name_the_layers():
     gqa, none, linear = AttentionBlock("gqa", 2), AttentionBlock("no_op"), AttentionBlock("linear")
     ffn, no_ffn, linear_ffn = FFNBlock("swiglu", 256), FFNBlock("no_op"), FFNBlock("linear")
-    ok = [LayerBlocks(gqa, ffn), LayerBlocks(none, ffn), LayerBlocks(none, no_ffn)]
+    ok = [LayerBlocks(gqa, ffn), LayerBlocks(none, no_ffn), LayerBlocks(none, ffn)]
     assert vllm_problems(ok, 48) == [] and llama_cpp_problems(ok) == []
     layers = [LayerBlocks(none, ffn), LayerBlocks(linear, ffn), LayerBlocks(gqa, no_ffn), LayerBlocks(gqa, linear_ffn)]
     assert vllm_problems(layers, 48) == [
@@ -75,6 +80,11 @@ def test_engine_rules_name_the_layers():
         "FFN widths not multiples of 256 in layer 0: vLLM rebuilds them from ffn_mult and would build other widths",
     ]
     assert llama_cpp_problems(mixed) == []  # our GGUF stores real widths and per-layer KV counts
+    # An empty last layer: deci.cpp loses the output-row selection there (found running llama.cpp on our GGUF).
+    assert llama_cpp_problems([LayerBlocks(gqa, ffn), LayerBlocks(none, no_ffn)]) == [
+        "no FFN in the last layer (1): llama.cpp's deci graph loses its output-row selection there and aborts on "
+        "prompts longer than one token"
+    ]
 
 
 def test_export_refuses_with_the_reason_and_writes_nothing(tmp_path: Path):
@@ -89,12 +99,12 @@ def test_export_refuses_with_the_reason_and_writes_nothing(tmp_path: Path):
     with pytest.raises(
         ExportError, match=r"llama.cpp cannot run this model: linear FFN in layer 2.*without an FFN in layer 1:"
     ):
-        export_gguf(model, tmp_path / "m.gguf", tokenizer_pre="gpt2")
+        export_gguf(model, tmp_path / "m.gguf", tokenizer_pre="gpt-2")
     assert not (tmp_path / "vllm").exists() and not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".m*"))
 
 
 def test_vllm_export_is_our_format_in_the_dtype_asked(tmp_path: Path):
-    config = _config([{**b} for b in SERVABLE[:3]], num_key_value_heads=2)
+    config = _config([{**b} for b in [SERVABLE[i] for i in (0, 1, 3)]], num_key_value_heads=2)
     model = _save(tmp_path, config, "child")
     out = export_vllm(model, tmp_path / "vllm", dtype="bfloat16")
     raw = json.loads((out / "config.json").read_text())
@@ -116,17 +126,17 @@ def test_gguf_has_llama_cpp_deci_fields_and_our_weights(tmp_path: Path):
     config = _config(SERVABLE)
     model_dir = _save(tmp_path, config, "child")
     ours = random_decilm(config, seed=3)
-    out = export_gguf(model_dir, tmp_path / "child.gguf", dtype="f32", tokenizer_pre="gpt2")
+    out = export_gguf(model_dir, tmp_path / "child.gguf", dtype="f32", tokenizer_pre="gpt-2")
     reader = GGUFReader(str(out))
     field = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
     assert field["general.architecture"] == "deci"
-    assert field["deci.attention.head_count"] == [6, 0, 6, 0]
-    assert field["deci.attention.head_count_kv"] == [2, 0, 2, 0]
-    assert field["deci.feed_forward_length"] == [256, 512, 256, 0]
+    assert field["deci.attention.head_count"] == [6, 0, 0, 6]
+    assert field["deci.attention.head_count_kv"] == [2, 0, 0, 2]
+    assert field["deci.feed_forward_length"] == [256, 512, 0, 256]
     assert field["deci.rope.freq_base"] == pytest.approx(config.rope_parameters["rope_theta"])
     assert field["deci.embedding_length"] == 48 and field["deci.block_count"] == 4
     tensors = {t.name: t for t in reader.tensors}
-    assert "blk.1.attn_norm.weight" not in tensors and "blk.3.ffn_norm.weight" not in tensors
+    assert "blk.1.attn_norm.weight" not in tensors and "blk.2.ffn_norm.weight" not in tensors
     state = ours.state_dict()
 
     def read(name: str) -> np.ndarray:
@@ -148,7 +158,7 @@ def test_gguf_has_llama_cpp_deci_fields_and_our_weights(tmp_path: Path):
     assert reader.fields["tokenizer.chat_template"].contents() == tok.chat_template
     # q8_0: rows quantised in blocks of 32, within the rounding of each block; rows of 48 (not a multiple of 32)
     # fall back to f16, norms stay f32
-    out8 = export_gguf(model_dir, tmp_path / "child-q8.gguf", dtype="q8_0", tokenizer_pre="gpt2")
+    out8 = export_gguf(model_dir, tmp_path / "child-q8.gguf", dtype="q8_0", tokenizer_pre="gpt-2")
     t8 = {t.name: t for t in GGUFReader(str(out8)).tensors}
     kinds = {name: t8[name].tensor_type.name for name in ("blk.1.ffn_down.weight", "blk.1.ffn_up.weight")}
     assert kinds == {"blk.1.ffn_down.weight": "Q8_0", "blk.1.ffn_up.weight": "F16"}
@@ -194,12 +204,12 @@ def test_export_cli_writes_both_targets_and_refuses_in_one_line(tmp_path: Path):
     from open_nemotron.cli import app
 
     runner = CliRunner()
-    model = _save(tmp_path, _config(SERVABLE[:3], num_key_value_heads=2), "child")
+    model = _save(tmp_path, _config([SERVABLE[i] for i in (0, 1, 3)], num_key_value_heads=2), "child")
     result = runner.invoke(app, ["export", str(model), "--to", "vllm", str(tmp_path / "v")])
     assert result.exit_code == 0 and "vllm serve" in result.stdout
     result = runner.invoke(
         app,
-        ["export", str(model), "--to", "gguf", str(tmp_path / "m.gguf"), "--dtype", "f32", "--tokenizer-pre", "gpt2"],
+        ["export", str(model), "--to", "gguf", str(tmp_path / "m.gguf"), "--dtype", "f32", "--tokenizer-pre", "gpt-2"],
     )
     assert result.exit_code == 0 and (tmp_path / "m.gguf").is_file()
     for args, fragment in [

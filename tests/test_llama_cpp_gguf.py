@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from models_for_tests import random_decilm
-from test_export import SERVABLE, _config, _save
+from test_export import MERGES, SERVABLE, _config, _save
 
 from open_nemotron.export.gguf import export_gguf
 from open_nemotron.model.generation import decode
@@ -34,7 +34,7 @@ def llama_cpp_greedy(path: Path, prompt: list[int], new_tokens: int) -> list[int
 def test_llama_cpp_runs_a_heterogeneous_child_as_we_do(tmp_path: Path):
     config = _config(SERVABLE)
     model_dir = _save(tmp_path, config, "child")
-    path = export_gguf(model_dir, tmp_path / "child.gguf", dtype="f32", tokenizer_pre="gpt2")
+    path = export_gguf(model_dir, tmp_path / "child.gguf", dtype="f32", tokenizer_pre="gpt-2")
     ours = random_decilm(config, seed=3)
     for seed in range(3):
         prompt = torch.randint(3, config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(seed))
@@ -69,10 +69,10 @@ def test_serving_through_llama_cpp_follows_our_engine(tmp_path: Path):
 
     config = _config(SERVABLE)
     model_dir = _save(tmp_path, config, "child")
-    path = export_gguf(model_dir, tmp_path / "child.gguf", dtype="f32", tokenizer_pre="gpt2")
+    path = export_gguf(model_dir, tmp_path / "child.gguf", dtype="f32", tokenizer_pre="gpt-2")
     engine, gguf_tokenizer = load_gguf(path, 160)
     ensure_reasoning_template(gguf_tokenizer)
-    tokenizer = chatml_tokenizer()
+    tokenizer = chatml_tokenizer(merges=MERGES)
     ensure_reasoning_template(tokenizer)
     messages = [{"role": "system", "content": "detailed thinking off"}, {"role": "user", "content": "Hi, 12*7?"}]
     rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -91,4 +91,6 @@ def test_serving_through_llama_cpp_follows_our_engine(tmp_path: Path):
     got = engine.run(requests())
     assert [c.token_ids for c in got] == [c.token_ids for c in ours]
     assert [c.text for c in got] == [c.text for c in ours]
-    assert engine.reused_tokens == len(prompt) - 2  # the second prompt is a prefix of what the cache held
+    # The second prompt is a prefix of what the cache holds: all of it is reused but its last token, which is
+    # evaluated again for the next-token logits.
+    assert engine.reused_tokens == len(prompt) - 3

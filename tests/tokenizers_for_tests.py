@@ -36,22 +36,27 @@ LLAMA3_SPECIAL_TOKENS = (
 )
 
 
-def _byte_tokenizer(special_tokens: tuple[str, ...]) -> Tokenizer:
-    # Special tokens first so their ids are small and stable.
+def _byte_tokenizer(special_tokens: tuple[str, ...], merges: tuple[tuple[str, str], ...] = ()) -> Tokenizer:
+    # Special tokens first so their ids are small and stable; merged tokens (if any) after the bytes.
     vocab = {token: i for i, token in enumerate(special_tokens)}
     for char in sorted(pre_tokenizers.ByteLevel.alphabet()):
         vocab[char] = len(vocab)
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    for left, right in merges:
+        vocab[left + right] = len(vocab)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=list(merges)))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens(list(special_tokens))
     return tokenizer
 
 
-def chatml_tokenizer(chat_template: str | None = SMOLLM2_CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
-    """A SmolLM2-like ChatML tokenizer (bos `<|im_start|>`, eos = pad `<|im_end|>`, as in SmolLM2's GGUF)."""
+def chatml_tokenizer(
+    chat_template: str | None = SMOLLM2_CHAT_TEMPLATE, merges: tuple[tuple[str, str], ...] = ()
+) -> PreTrainedTokenizerFast:
+    """A SmolLM2-like ChatML tokenizer (bos `<|im_start|>`, eos = pad `<|im_end|>`, as in SmolLM2's GGUF). `merges`:
+    BPE merges (each adds a token after the bytes), for readers that need some, such as llama.cpp's loader."""
     return PreTrainedTokenizerFast(
-        tokenizer_object=_byte_tokenizer(CHATML_SPECIAL_TOKENS),
+        tokenizer_object=_byte_tokenizer(CHATML_SPECIAL_TOKENS, merges),
         bos_token="<|im_start|>",
         eos_token="<|im_end|>",
         pad_token="<|im_end|>",

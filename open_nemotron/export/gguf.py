@@ -134,6 +134,10 @@ def _add_tokenizer(writer, tokenizer, vocab_size: int, tokenizer_pre: str) -> No
             tokens.append(token)
             types.append(TokenType.NORMAL)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    if not merges:  # llama.cpp's loader: "cannot find tokenizer merges in model file"
+        raise ExportError(
+            "export --to gguf: the tokenizer has no BPE merges, and llama.cpp's GPT-2 BPE loader needs them"
+        )
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(tokenizer_pre)
     writer.add_token_list(tokens)

@@ -53,6 +53,14 @@ def llama_cpp_problems(layers: list[LayerBlocks]) -> list[str]:
             f"attention without an FFN in {_layers(dropped)}: llama.cpp's deci graph skips such a layer's output "
             "(it handles only layers where both are no-op)"
         )
+    last = len(layers) - 1
+    if layers and layers[last].ffn.kind == "no_op" and last not in dropped:
+        # deci.cpp selects the output rows inside the last layer and then `continue`s past a layer without an FFN
+        # before keeping the selection: with a prompt of more than one token llama.cpp aborts (GGML_ASSERT(buffer)).
+        problems.append(
+            f"no FFN in the last layer ({last}): llama.cpp's deci graph loses its output-row selection there and "
+            "aborts on prompts longer than one token"
+        )
     return problems
 
 
