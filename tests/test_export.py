@@ -16,7 +16,12 @@ from tokenizers_for_tests import chatml_tokenizer
 
 from open_nemotron.export.gguf import export_gguf
 from open_nemotron.export.vllm import ExportError, export_vllm
-from open_nemotron.model.compatibility import llama_cpp_problems, vllm_problems
+from open_nemotron.model.compatibility import (
+    ZERO_FFN_WIDTH,
+    llama_cpp_problems,
+    llama_cpp_zero_ffn_layers,
+    vllm_problems,
+)
 from open_nemotron.model.configuration import AttentionBlock, DeciLMConfig, FFNBlock, LayerBlocks
 
 
@@ -58,6 +63,16 @@ def _save(tmp_path: Path, config: DeciLMConfig, name: str) -> Path:
     return out
 
 
+# FFN-less layers llama.cpp's deci graph runs differently from us, which the GGUF gets an all-zero FFN for:
+# attention without an FFN (layer 1) and an empty last layer (3).
+ZERO_FFN = [
+    {"attention": {"n_heads_in_group": 3}, "ffn": {"intermediate_size": 256}},
+    {"attention": {"n_heads_in_group": 3}, "ffn": {"no_op": True}},
+    {"attention": {"no_op": True}, "ffn": {"intermediate_size": 512}},
+    {"attention": {"no_op": True}, "ffn": {"no_op": True}},
+]
+
+
 def test_engine_rules_name_the_layers():
     gqa, none, linear = AttentionBlock("gqa", 2), AttentionBlock("no_op"), AttentionBlock("linear")
     ffn, no_ffn, linear_ffn = FFNBlock("swiglu", 256), FFNBlock("no_op"), FFNBlock("linear")
@@ -71,20 +86,17 @@ def test_engine_rules_name_the_layers():
     assert llama_cpp_problems(layers) == [
         "no attention in layer 0: llama.cpp's deci loader needs attention in the first layer",
         "linear FFN in layer 3: llama.cpp has no tensor for it",
-        "attention without an FFN in layer 2: llama.cpp's deci graph skips such a layer's output (it handles "
-        "only layers where both are no-op)",
     ]
+    # FFN-less layers deci.cpp would run differently (attention without an FFN; the last layer) get a zero FFN.
+    assert llama_cpp_zero_ffn_layers(layers) == [2]
+    assert llama_cpp_zero_ffn_layers(ok) == []
+    assert llama_cpp_zero_ffn_layers([LayerBlocks(gqa, ffn), LayerBlocks(none, no_ffn)]) == [1]
     mixed = [LayerBlocks(gqa, FFNBlock("swiglu", 70)), LayerBlocks(AttentionBlock("gqa", 1), ffn)]
     assert vllm_problems(mixed, 48) == [
         "several KV-head counts [1, 2]: vLLM sizes every layer's KV cache from the first one",
         "FFN widths not multiples of 256 in layer 0: vLLM rebuilds them from ffn_mult and would build other widths",
     ]
     assert llama_cpp_problems(mixed) == []  # our GGUF stores real widths and per-layer KV counts
-    # An empty last layer: deci.cpp loses the output-row selection there (found running llama.cpp on our GGUF).
-    assert llama_cpp_problems([LayerBlocks(gqa, ffn), LayerBlocks(none, no_ffn)]) == [
-        "no FFN in the last layer (1): llama.cpp's deci graph loses its output-row selection there and aborts on "
-        "prompts longer than one token"
-    ]
 
 
 def test_export_refuses_with_the_reason_and_writes_nothing(tmp_path: Path):
@@ -97,10 +109,25 @@ def test_export_refuses_with_the_reason_and_writes_nothing(tmp_path: Path):
     with pytest.raises(ExportError, match=r"stock vLLM cannot serve this model: linear attention or FFN in layer 2"):
         export_vllm(model, tmp_path / "vllm")
     with pytest.raises(
-        ExportError, match=r"llama.cpp cannot run this model: linear FFN in layer 2.*without an FFN in layer 1:"
+        ExportError, match=r"llama.cpp cannot run this model: linear FFN in layer 2: llama.cpp has no tensor for it$"
     ):
         export_gguf(model, tmp_path / "m.gguf", tokenizer_pre="gpt-2")
     assert not (tmp_path / "vllm").exists() and not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".m*"))
+
+
+def test_gguf_gives_layers_llama_cpp_would_run_differently_an_all_zero_ffn(tmp_path: Path):
+    from gguf import GGUFReader
+
+    out = export_gguf(_save(tmp_path, _config(ZERO_FFN), "child"), tmp_path / "c.gguf", "f32", tokenizer_pre="gpt-2")
+    reader = GGUFReader(str(out))
+    assert reader.fields["deci.feed_forward_length"].contents() == [256, ZERO_FFN_WIDTH, 512, ZERO_FFN_WIDTH]
+    tensors = {t.name: t for t in reader.tensors}
+    for layer in (1, 3):
+        assert not np.any(tensors[f"blk.{layer}.ffn_down.weight"].data)
+        assert not np.any(tensors[f"blk.{layer}.ffn_gate.weight"].data)
+        assert [int(d) for d in reversed(tensors[f"blk.{layer}.ffn_up.weight"].shape)] == [ZERO_FFN_WIDTH, 48]
+        np.testing.assert_array_equal(tensors[f"blk.{layer}.ffn_norm.weight"].data, np.ones(48, np.float32))
+    assert "blk.3.attn_norm.weight" not in tensors
 
 
 def test_vllm_export_is_our_format_in_the_dtype_asked(tmp_path: Path):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from models_for_tests import random_decilm
-from test_export import MERGES, SERVABLE, _config, _save
+from test_export import MERGES, SERVABLE, ZERO_FFN, _config, _save
 
 from open_nemotron.export.gguf import export_gguf
 from open_nemotron.model.generation import decode
@@ -31,8 +31,10 @@ def llama_cpp_greedy(path: Path, prompt: list[int], new_tokens: int) -> list[int
     return out
 
 
-def test_llama_cpp_runs_a_heterogeneous_child_as_we_do(tmp_path: Path):
-    config = _config(SERVABLE)
+@pytest.mark.parametrize("blocks", [SERVABLE, ZERO_FFN], ids=["servable", "zero-ffn-stand-ins"])
+def test_llama_cpp_runs_a_heterogeneous_child_as_we_do(tmp_path: Path, blocks):
+    """Including attention without an FFN and an empty last layer, which the GGUF gives an all-zero FFN."""
+    config = _config(blocks)
     model_dir = _save(tmp_path, config, "child")
     path = export_gguf(model_dir, tmp_path / "child.gguf", dtype="f32", tokenizer_pre="gpt-2")
     ours = random_decilm(config, seed=3)

@@ -4,7 +4,9 @@ architecture (NVIDIA's heterogeneous Llama), written with the `gguf` package.
 What llama.cpp's DECI converter and loader expect (notes/decilm-format.md §5):
 - per-layer arrays `deci.attention.head_count`, `deci.attention.head_count_kv` and `deci.feed_forward_length`:
   (H, kv, width) for GQA, (H, 0, ·) for linear attention (only `attn_output` is stored), (0, 0, ·) for none, and a
-  width of 0 for no FFN. We write each layer's real width, so it need not be a multiple of 256 here.
+  width of 0 for no FFN. We write each layer's real width, so it need not be a multiple of 256 here. Where deci.cpp
+  would run a layer without an FFN differently from us (attention without an FFN; the last layer), the layer gets an
+  all-zero 32-wide FFN instead, which adds exactly 0 (model/compatibility.py, `llama_cpp_zero_ffn_layers`).
 - q/k weights permuted from the HF rotary layout to llama.cpp's interleaved one, with each layer's own head counts.
 - RoPE base, llama3 scaling as a `rope_freqs` tensor, RMS epsilon, context length, head size.
 - the tokenizer: llama.cpp's own converter takes its sentencepiece path for any vocabulary size other than
@@ -25,6 +27,7 @@ import numpy as np
 import torch
 
 from open_nemotron.export.vllm import ExportError
+from open_nemotron.model.compatibility import ZERO_FFN_WIDTH, llama_cpp_zero_ffn_layers
 
 GGUF_DTYPES = ("f32", "f16", "q8_0")
 
@@ -190,7 +193,11 @@ def export_gguf(
         )
     n_head = [0 if b.attention.kind == "no_op" else heads for b in layers]
     n_head_kv = [b.attention.num_key_value_heads if b.attention.kind == "gqa" else 0 for b in layers]
-    n_ff = [b.ffn.intermediate_size if b.ffn.kind == "swiglu" else 0 for b in layers]
+    zero_ffn = set(llama_cpp_zero_ffn_layers(layers))  # FFN-less layers llama.cpp needs an (all-zero) FFN in
+    n_ff = [
+        b.ffn.intermediate_size if b.ffn.kind == "swiglu" else ZERO_FFN_WIDTH if i in zero_ffn else 0
+        for i, b in enumerate(layers)
+    ]
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -245,6 +252,12 @@ def export_gguf(
                 _add_tensor(writer, g + "ffn_norm.weight", state[p + "post_attention_layernorm.weight"], dtype)
                 for part in ("gate", "up", "down"):
                     _add_tensor(writer, g + f"ffn_{part}.weight", state[p + f"mlp.{part}_proj.weight"], dtype)
+            elif i in zero_ffn:  # down(silu(gate x) * up x) with zero weights adds exactly 0
+                hidden = config.hidden_size
+                _add_tensor(writer, g + "ffn_norm.weight", torch.ones(hidden), dtype)
+                _add_tensor(writer, g + "ffn_gate.weight", torch.zeros(ZERO_FFN_WIDTH, hidden), dtype)
+                _add_tensor(writer, g + "ffn_up.weight", torch.zeros(ZERO_FFN_WIDTH, hidden), dtype)
+                _add_tensor(writer, g + "ffn_down.weight", torch.zeros(hidden, ZERO_FFN_WIDTH), dtype)
         _add_tensor(writer, "output_norm.weight", state["model.norm.weight"], dtype)
         if not config.tie_word_embeddings:
             _add_tensor(writer, "output.weight", state["lm_head.weight"], dtype)

@@ -39,29 +39,33 @@ def vllm_problems(layers: list[LayerBlocks], hidden_size: int) -> list[str]:
 
 
 def llama_cpp_problems(layers: list[LayerBlocks]) -> list[str]:
-    """Why llama.cpp's `deci` architecture (src/models/deci.cpp and its loader) could not run these layers as we do.
-    Our GGUF writer stores every layer's real width, so widths need not be multiples of 256 there."""
+    """Why llama.cpp's `deci` architecture (src/models/deci.cpp and its loader) could not run these layers as we do,
+    even with the GGUF writer's stand-ins (`llama_cpp_zero_ffn_layers`). Our GGUF writer stores every layer's real
+    width, so widths need not be multiples of 256 there."""
     problems = []
     if layers and layers[0].attention.kind == "no_op":
         problems.append("no attention in layer 0: llama.cpp's deci loader needs attention in the first layer")
     linear_ffn = [i for i, b in enumerate(layers) if b.ffn.kind == "linear"]
     if linear_ffn:
         problems.append(f"linear FFN in {_layers(linear_ffn)}: llama.cpp has no tensor for it")
-    dropped = [i for i, b in enumerate(layers) if b.attention.kind != "no_op" and b.ffn.kind == "no_op"]
-    if dropped:
-        problems.append(
-            f"attention without an FFN in {_layers(dropped)}: llama.cpp's deci graph skips such a layer's output "
-            "(it handles only layers where both are no-op)"
-        )
-    last = len(layers) - 1
-    if layers and layers[last].ffn.kind == "no_op" and last not in dropped:
-        # deci.cpp selects the output rows inside the last layer and then `continue`s past a layer without an FFN
-        # before keeping the selection: with a prompt of more than one token llama.cpp aborts (GGML_ASSERT(buffer)).
-        problems.append(
-            f"no FFN in the last layer ({last}): llama.cpp's deci graph loses its output-row selection there and "
-            "aborts on prompts longer than one token"
-        )
     return problems
 
 
-__all__ = ["llama_cpp_problems", "vllm_problems"]
+# The width of the stand-in FFN: one q8_0 block, the least llama.cpp quantises.
+ZERO_FFN_WIDTH = 32
+
+
+def llama_cpp_zero_ffn_layers(layers: list[LayerBlocks]) -> list[int]:
+    """Layers without an FFN that llama.cpp's deci graph would run differently from us, which the GGUF writer
+    therefore gives a `ZERO_FFN_WIDTH`-wide FFN whose weights are all zero (it adds exactly 0, so the layer computes
+    what ours does):
+    - attention without an FFN: deci.cpp does `if (n_ff == 0) continue;` before `inpL = cur`, dropping the layer's
+      attention output;
+    - no FFN in the last layer: deci.cpp selects the output rows inside the last layer and the same `continue`
+      loses that selection, so llama.cpp aborts (GGML_ASSERT(buffer)) on any prompt longer than one token.
+    A layer with neither attention nor FFN elsewhere runs right as it is (nothing to drop)."""
+    last = len(layers) - 1
+    return [i for i, b in enumerate(layers) if b.ffn.kind == "no_op" and (b.attention.kind != "no_op" or i == last)]
+
+
+__all__ = ["ZERO_FFN_WIDTH", "llama_cpp_problems", "llama_cpp_zero_ffn_layers", "vllm_problems"]
