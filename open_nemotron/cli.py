@@ -1165,3 +1165,19 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+@app.command("run")
+@reports_user_errors
+def run_recipe(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML (recipes/demo.yaml).", show_default=False)],
+    run_dir: RunDirOption,
+    quiet: QuietOption = False,
+) -> None:
+    """One recipe from the parent to the report: convert, Puzzle, KD, fusion, SFT, GRPO, RLOO, eval, export
+    (docs/pipeline.md). Steps already done with the same settings are skipped; long ones resume after a kill."""
+    from open_nemotron.pipeline import load_recipe, run
+
+    loaded, base = load_recipe(recipe)
+    run(loaded, run_dir, base=base, progress=not quiet, echo=typer.echo)
+    typer.echo(f"report: {run_dir / 'report.md'}")

@@ -169,7 +169,7 @@ POSITIVE_INTS = {
 }
 
 
-def _check_value(path: str, value: Any, annotation: Any) -> Any:
+def _check_value(path: str, value: Any, annotation: Any, error: type[Exception] = PuzzleConfigError) -> Any:
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
@@ -180,57 +180,65 @@ def _check_value(path: str, value: Any, annotation: Any) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _check_value(path, value, arg)
-            except PuzzleConfigError as err:
+                return _check_value(path, value, arg, error)
+            except error as err:
                 errors.append(str(err))
-        raise PuzzleConfigError(errors[0] if len(errors) == 1 else f"{path} = {value!r}: expected {annotation}")
+        raise error(errors[0] if len(errors) == 1 else f"{path} = {value!r}: expected {annotation}")
     if origin is list:
         if not isinstance(value, list):
-            raise PuzzleConfigError(f"{path} = {value!r}: expected a list")
-        return [_check_value(f"{path}[{i}]", v, args[0]) for i, v in enumerate(value)]
+            raise error(f"{path} = {value!r}: expected a list")
+        return [_check_value(f"{path}[{i}]", v, args[0], error) for i, v in enumerate(value)]
+    if annotation is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise error(f"{path} = {value!r}: expected a mapping")
+        return dict(value)
+    if annotation is typing.Any:
+        return value
     if dataclasses.is_dataclass(annotation):
-        return build_section(annotation, value, path)
+        return build_section(annotation, value, path, error)
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise PuzzleConfigError(f"{path} = {value!r}: expected a number")
+            raise error(f"{path} = {value!r}: expected a number")
         return float(value)
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise PuzzleConfigError(f"{path} = {value!r}: expected an integer")
+            raise error(f"{path} = {value!r}: expected an integer")
         return value
     if annotation is bool:
         if not isinstance(value, bool):
-            raise PuzzleConfigError(f"{path} = {value!r}: expected true or false")
+            raise error(f"{path} = {value!r}: expected true or false")
         return value
     if annotation is str:
         if not isinstance(value, str):
-            raise PuzzleConfigError(f"{path} = {value!r}: expected a string")
+            raise error(f"{path} = {value!r}: expected a string")
         return value
-    raise PuzzleConfigError(f"{path}: unsupported field type {annotation}")
+    raise error(f"{path}: unsupported field type {annotation}")
 
 
-def build_section(cls: type, data: Any, path: str) -> Any:
+def build_section(cls: type, data: Any, path: str, error: type[Exception] = PuzzleConfigError) -> Any:
+    """`cls` (a dataclass) from the mapping `data`, every field checked against its type hint; errors (of type
+    `error`) name the field path, the value and what was expected. Also used for the recipe (pipeline.py)."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise PuzzleConfigError(f"{path or 'config'} = {data!r}: expected a mapping")
+        raise error(f"{path or 'config'} = {data!r}: expected a mapping")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
         name = f"{path + '.' if path else ''}{unknown[0]}"
         hint = f" ({RENAMED[name]})" if name in RENAMED else ""
-        raise PuzzleConfigError(f"{name}: unknown field{hint}; expected one of {', '.join(sorted(known))}")
+        raise error(f"{name}: unknown field{hint}; expected one of {', '.join(sorted(known))}")
     kwargs = {}
     for name, value in data.items():
         sub = f"{path}.{name}" if path else name
-        kwargs[name] = _check_value(sub, value, hints[name])
+        kwargs[name] = _check_value(sub, value, hints[name], error)
         if sub in POSITIVE_INTS and kwargs[name] < 1:
-            raise PuzzleConfigError(f"{sub} = {value!r}: expected a positive integer")
+            raise error(f"{sub} = {value!r}: expected a positive integer")
     try:
         return cls(**kwargs)
     except SearchSpaceError as err:
-        raise PuzzleConfigError(str(err)) from None
+        raise error(str(err)) from None
 
 
 def validate(config: PuzzleConfig) -> PuzzleConfig:

@@ -1,0 +1,753 @@
+"""`open-nemotron run RECIPE.yaml --run-dir DIR`: one recipe from a Llama parent to an efficient reasoning model,
+its evaluation, its exports and a report.
+
+Each stage calls the public `run` of its package and leaves its artifacts in DIR (docs/pipeline.md):
+
+    parent/                    the converted parent                                  convert
+    puzzle/                    Puzzle's run directory; the recipe's target child     puzzle
+    distill/                   global KD of the child from the parent                distill
+    fused/                     FFN Fusion of the child (optional)                    fusion
+    data/                      the SFT data                                          datagen
+    sft/<model>/               SFT of each model (child, parent)                     sft
+    rl-prompts.jsonl           task prompts for GRPO                                 rl-prompts
+    pass-rate/<model>/         pass rates of each SFT model; kept.jsonl              pass-rate
+    grpo/<model>/              GRPO (pass-rate curriculum)                           grpo
+    if-prompts.jsonl           synthetic instruction prompts for RLOO                if-prompts
+    rloo/<model>/              RLOO for instruction following                        rloo
+    eval/                      reasoning.json, if.json, mc.json, speed.json          eval
+    export/                    child.gguf, child-vllm/ (or the refusal's reason)     export
+    report.md, report.json     the story, with plots                                 report
+    stages.json                per step: settings digest, seconds, finished
+
+A step (a stage, or a stage for one model: `sft:child`) is skipped when `stages.json` says it finished with the same
+settings digest (its recipe section plus the digests of the steps it reads); otherwise it runs, and the long ones
+resume inside from their own checkpoints (Puzzle per library entry, KD / SFT / GRPO / RLOO from the last Trainer
+checkpoint, pass rates per chunk). Every model and result is written atomically, so a kill at any moment leaves
+either a finished artifact or none, and rerunning completes the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from open_nemotron.errors import OpenNemotronError
+from open_nemotron.utils import atomic_write_text
+
+MODELS = ("child", "parent")
+
+
+class RecipeError(OpenNemotronError, ValueError):
+    """A recipe that cannot be used as written: the field path, the value and what was expected."""
+
+
+# ------------------------------------------------------------------------------------------------ the recipe
+@dataclass
+class RLPromptsSection:
+    """GRPO's task prompts (`rl prompts`): training-seed items, decontaminated against the held-out suite."""
+
+    tasks: list[str] = field(
+        default_factory=lambda: ["chain_sum", "basic_arithmetic", "simple_equations", "leg_counting", "gcd"]
+    )
+    per_task: int = 40
+    difficulty: str = "easy"
+    on_fraction: float = 0.5
+
+
+@dataclass
+class IFPromptsSection:
+    """RLOO's synthetic instruction prompts (`rl prompts --instructions`), never from an eval suite."""
+
+    instructions: int = 200
+    min_instructions: int = 1
+    max_instructions: int = 3
+    on_fraction: float = 0.0
+
+
+@dataclass
+class EvalSection:
+    """What is measured: reasoning on/off (EvalConfig fields), instruction following on an IFEval-format suite,
+    multiple-choice retention (eval-mc task files) and decode speed (SpeedConfig fields)."""
+
+    reasoning: dict = field(default_factory=dict)
+    if_suite: str | None = "recipes/if-heldout.jsonl"
+    if_options: dict = field(default_factory=dict)
+    mc_tasks: list[str] = field(default_factory=list)
+    mc_limit: int | None = 200
+    speed: dict = field(default_factory=lambda: {"batch_sizes": [1, 16]})
+
+
+@dataclass
+class ExportSection:
+    gguf_dtype: str | None = "f16"  # null: no GGUF
+    vllm_dtype: str | None = "bfloat16"  # null: no vLLM checkpoint
+
+
+@dataclass
+class Recipe:
+    """One YAML file (recipes/demo.yaml). Sections set to null are skipped; `puzzle: null` makes the parent itself
+    the model that goes on as "child" is then absent (models: [parent])."""
+
+    parent: str = "smollm2-135m"
+    seed: int = 0
+    device: str | None = None
+    non_portable_ffn_widths: bool = False
+    puzzle: str | None = None  # a Puzzle YAML, relative to the recipe (its `parent` is the converted parent)
+    child: str | None = None  # the Puzzle target whose child goes on
+    distill: dict | None = None  # DistillConfig fields (null: no KD)
+    fusion: dict | None = None  # FuseConfig fields runs / max_width / exclude_last (null: no fusion)
+    models: list[str] = field(default_factory=lambda: list(MODELS))
+    datagen: dict | None = field(default_factory=dict)  # DatagenConfig fields (null: no SFT, no RL)
+    sft: dict = field(default_factory=dict)  # SFTRunConfig fields
+    rl_prompts: RLPromptsSection | None = field(default_factory=RLPromptsSection)  # null: no GRPO
+    pass_rate: dict | None = field(default_factory=dict)  # PassRateConfig fields (null: all prompts, no curriculum)
+    grpo: dict | None = field(default_factory=dict)  # RLConfig fields (null: no GRPO)
+    if_prompts: IFPromptsSection | None = field(default_factory=IFPromptsSection)  # null: no RLOO
+    rloo: dict | None = field(default_factory=dict)  # RLConfig fields (null: no RLOO)
+    eval: EvalSection = field(default_factory=EvalSection)
+    export: ExportSection = field(default_factory=ExportSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def stage_config(cls: type, section: dict, path: str, owned: dict[str, Any]) -> Any:
+    """`cls` (a stage's config dataclass) from a recipe section plus the fields the recipe sets itself (`owned`),
+    every field's type and the stage's own range checks applied; errors name the field path."""
+    from open_nemotron.puzzle.config import build_section
+
+    clash = sorted(set(section) & set(owned))
+    if clash:
+        raise RecipeError(f"{path}.{clash[0]}: set by the recipe itself; remove it from the recipe")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(section) - names)
+    if unknown:
+        expected = ", ".join(sorted(names - set(owned)))
+        raise RecipeError(f"{path}.{unknown[0]}: unknown field; expected one of {expected}")
+    try:
+        return build_section(cls, {**section, **owned}, path, RecipeError)
+    except RecipeError:
+        raise
+    except OpenNemotronError as err:  # the stage's own range checks (its __post_init__): "stage: field = ..."
+        _, _, rest = str(err).partition(": ")
+        field_name = rest.split(" ", 1)[0]
+        raise RecipeError(f"{path}.{rest}" if field_name in names else f"{path}: {err}") from None
+
+
+# The fields of each stage's config that the run sets itself (paths, models, the device): a recipe may not.
+OWNED = {
+    "distill": ("student", "teacher", "output_dir", "device"),
+    "fusion": ("model", "out_dir", "device"),
+    "datagen": ("out_dir",),
+    "sft": ("model", "data", "output_dir", "device"),
+    "pass_rate": ("model", "prompts", "output_dir", "device"),
+    "grpo": ("model", "prompts", "output_dir", "algorithm", "device"),
+    "rloo": ("model", "prompts", "output_dir", "algorithm", "device"),
+    "eval.reasoning": ("models", "json_out", "device"),
+    "eval.if_options": ("models", "suite", "json_out", "device"),
+    "eval.speed": ("models", "json_out", "device"),
+}
+
+
+def _placeholders(section: str) -> dict[str, Any]:
+    """Stand-ins for OWNED[section], so a section is fully checked when the recipe is loaded."""
+    values: dict[str, Any] = {"device": None, "models": ["<run>"], "algorithm": section}
+    return {key: values.get(key, "<run>") for key in OWNED[section]}
+
+
+def load_recipe(path: str | Path) -> tuple[Recipe, Path]:
+    """The recipe at `path`, every field checked (the stages' own configs included), and the directory relative
+    paths in it are read from."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: no such recipe file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    return recipe_from_dict(data, path.parent), path.parent
+
+
+def recipe_from_dict(data: dict[str, Any], base: Path = Path(".")) -> Recipe:
+    from open_nemotron.puzzle.config import build_section
+
+    recipe = build_section(Recipe, data, "", RecipeError)
+    check_recipe(recipe, base)
+    return recipe
+
+
+def check_recipe(recipe: Recipe, base: Path) -> None:
+    """Cross-field checks, and every stage section built into its stage's config (types and ranges)."""
+    from open_nemotron.data.datagen import DatagenConfig
+    from open_nemotron.distill.kd import DistillConfig
+    from open_nemotron.evaluate.reasoning_eval import EvalConfig
+    from open_nemotron.evaluate.throughput import SpeedConfig
+    from open_nemotron.export.gguf import GGUF_DTYPES
+    from open_nemotron.fusion.stage import FuseConfig
+    from open_nemotron.train.pass_rate import PassRateConfig
+    from open_nemotron.train.rl import RLConfig
+    from open_nemotron.train.sft import SFTRunConfig
+
+    bad = [m for m in recipe.models if m not in MODELS]
+    if bad or not recipe.models or len(set(recipe.models)) != len(recipe.models):
+        raise RecipeError(f"models = {recipe.models}: expected distinct names from {', '.join(MODELS)}")
+    if recipe.puzzle is None:
+        if "child" in recipe.models:
+            raise RecipeError("models: 'child' needs a puzzle section (a Puzzle YAML); expected models: [parent]")
+        for name in ("child", "distill", "fusion"):
+            if getattr(recipe, name) is not None:
+                raise RecipeError(f"{name}: needs a puzzle section (there is no child without Puzzle)")
+    else:
+        puzzle = (base / recipe.puzzle) if not Path(recipe.puzzle).is_absolute() else Path(recipe.puzzle)
+        if not puzzle.is_file():
+            raise RecipeError(f"puzzle = {recipe.puzzle!r}: no such Puzzle YAML (relative to the recipe)")
+        if not recipe.child:
+            raise RecipeError("child: missing; expected the name of a Puzzle target (search.targets[].name)")
+    if recipe.distill is not None:
+        stage_config(DistillConfig, recipe.distill, "distill", _placeholders("distill"))
+    if recipe.fusion is not None:
+        stage_config(FuseConfig, recipe.fusion, "fusion", _placeholders("fusion"))
+    if recipe.datagen is not None:
+        stage_config(DatagenConfig, recipe.datagen, "datagen", _placeholders("datagen"))
+        stage_config(SFTRunConfig, recipe.sft, "sft", _placeholders("sft"))
+    elif recipe.grpo is not None or recipe.rloo is not None:
+        raise RecipeError("datagen: null skips SFT, and GRPO / RLOO start from the SFT models: set grpo and rloo null")
+    if recipe.pass_rate is not None:
+        stage_config(PassRateConfig, recipe.pass_rate, "pass_rate", _placeholders("pass_rate"))
+    for name in ("grpo", "rloo"):
+        section = getattr(recipe, name)
+        if section is not None:
+            stage_config(RLConfig, section, name, _placeholders(name))
+    if recipe.grpo is not None and recipe.rl_prompts is None:
+        raise RecipeError("rl_prompts: null, but grpo is set: GRPO needs its task prompts")
+    if recipe.rloo is not None and recipe.if_prompts is None:
+        raise RecipeError("if_prompts: null, but rloo is set: RLOO needs its instruction prompts")
+    if recipe.rl_prompts is not None and not recipe.rl_prompts.tasks:
+        raise RecipeError("rl_prompts.tasks = []: expected at least one task")
+    ip = recipe.if_prompts
+    if ip is not None and not 1 <= ip.min_instructions <= ip.max_instructions:
+        raise RecipeError(
+            f"if_prompts: min_instructions = {ip.min_instructions}, max_instructions = {ip.max_instructions}: "
+            "expected 1 <= min <= max"
+        )
+    ev = recipe.eval
+    stage_config(EvalConfig, ev.reasoning, "eval.reasoning", _placeholders("eval.reasoning"))
+    stage_config(EvalConfig, ev.if_options, "eval.if_options", _placeholders("eval.if_options"))
+    stage_config(SpeedConfig, ev.speed, "eval.speed", _placeholders("eval.speed"))
+    for i, task in enumerate(ev.mc_tasks):
+        if not (base / task).is_file() and not Path(task).is_file():
+            raise RecipeError(f"eval.mc_tasks[{i}] = {task!r}: no such task file (make mc-tasks writes them)")
+    if ev.if_suite is not None and not (base / ev.if_suite).is_file() and not Path(ev.if_suite).is_file():
+        raise RecipeError(f"eval.if_suite = {ev.if_suite!r}: no such IFEval-format file")
+    ex = recipe.export
+    if ex.gguf_dtype is not None and ex.gguf_dtype not in GGUF_DTYPES:
+        raise RecipeError(f"export.gguf_dtype = {ex.gguf_dtype!r}: expected one of {', '.join(GGUF_DTYPES)} or null")
+    if ex.vllm_dtype is not None and ex.vllm_dtype not in ("bfloat16", "float16", "float32"):
+        raise RecipeError(f"export.vllm_dtype = {ex.vllm_dtype!r}: expected bfloat16, float16, float32 or null")
+
+
+# ------------------------------------------------------------------------------------------------ the run
+class RecipeRun:
+    """One run directory: the recipe, the stage bookkeeping (`stages.json`) and where each artifact lives."""
+
+    def __init__(self, recipe: Recipe, run_dir: str | Path, base: Path = Path("."), progress: bool = True) -> None:
+        self.recipe, self.base, self.progress = recipe, Path(base), progress
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.dir / "recipe.json", json.dumps(recipe.to_dict(), indent=1))
+
+    def path(self, relative: str) -> Path:
+        """A path the recipe gives, relative to the recipe file (or as given when that does not exist)."""
+        candidate = self.base / relative
+        return candidate if candidate.exists() or not Path(relative).exists() else Path(relative)
+
+    # -- bookkeeping
+    def stages(self) -> dict[str, Any]:
+        path = self.dir / "stages.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def digest(self, settings: Any, upstream: tuple[str, ...]) -> str:
+        state = self.stages()
+        ups = [state.get(u, {}).get("digest", "") for u in upstream]
+        text = json.dumps([settings, ups], sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def step(self, name: str, settings: Any, upstream: tuple[str, ...], fn: Callable[[], Any]) -> bool:
+        """Run `fn` unless `name` finished with the same digest; returns whether it ran."""
+        digest = self.digest(settings, upstream)
+        entry = self.stages().get(name, {})
+        if entry.get("finished") and entry.get("digest") == digest:
+            return False
+        start = time.perf_counter()
+        fn()
+        state = self.stages()
+        state[name] = {
+            "digest": digest,
+            "seconds": round(time.perf_counter() - start, 2),
+            "finished": True,
+            "at": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+        atomic_write_text(self.dir / "stages.json", json.dumps(state, indent=1))
+        return True
+
+    # -- where things are
+    @property
+    def parent_dir(self) -> Path:
+        return self.dir / "parent"
+
+    def child_dir(self) -> Path:
+        """The child as it goes on: fused if fusion ran, else distilled, else Puzzle's."""
+        r = self.recipe
+        if r.fusion is not None:
+            return self.dir / "fused"
+        if r.distill is not None:
+            return self.dir / "distill" / "final"
+        return self.dir / "puzzle" / "children" / str(r.child)
+
+    def base_model(self, name: str) -> Path:
+        return self.child_dir() if name == "child" else self.parent_dir
+
+    def sft_model(self, name: str) -> Path:
+        return self.dir / "sft" / name / "final" if self.recipe.datagen is not None else self.base_model(name)
+
+    def grpo_model(self, name: str) -> Path:
+        return self.dir / "grpo" / name / "final" if self.recipe.grpo is not None else self.sft_model(name)
+
+    def final_model(self, name: str) -> Path:
+        return self.dir / "rloo" / name / "final" if self.recipe.rloo is not None else self.grpo_model(name)
+
+    def model_upstream(self, name: str) -> str:
+        """The step that last wrote `name`'s base model."""
+        r = self.recipe
+        if name == "parent":
+            return "convert"
+        return "fusion" if r.fusion is not None else "distill" if r.distill is not None else "puzzle"
+
+
+# ------------------------------------------------------------------------------------------------ the stages
+# Each stage yields its steps: (name, settings, upstream steps, function). The settings and the upstream digests make
+# the step's digest; the function writes the step's artifacts (atomically, resuming where the stage supports it).
+Step = tuple[str, Any, tuple[str, ...], Callable[[], Any]]
+
+
+def _with_seed(section: dict, recipe: Recipe) -> dict:
+    return {"seed": recipe.seed, **section}
+
+
+def convert_stage(rr: RecipeRun) -> list[Step]:
+    r = rr.recipe
+
+    def convert() -> None:
+        import shutil
+
+        from open_nemotron.model.loading import convert, resolve_model_dir
+
+        if rr.parent_dir.exists():  # an older parent of other settings: this step's digest changed
+            shutil.rmtree(rr.parent_dir)
+        convert(resolve_model_dir(r.parent), rr.parent_dir, non_portable_ffn_widths=r.non_portable_ffn_widths)
+
+    return [("convert", {"parent": r.parent, "non_portable": r.non_portable_ffn_widths}, (), convert)]
+
+
+def puzzle_stage(rr: RecipeRun) -> list[Step]:
+    r = rr.recipe
+    if r.puzzle is None:
+        return []
+    import yaml
+
+    settings = yaml.safe_load(rr.path(r.puzzle).read_text()) or {}
+
+    def puzzle() -> None:
+        from open_nemotron.puzzle.config import config_from_dict
+        from open_nemotron.puzzle.pipeline import run as run_puzzle
+
+        config = config_from_dict({**settings, "parent": str(rr.parent_dir), "device": r.device})
+        run_puzzle(config, rr.dir / "puzzle", progress=rr.progress, echo=lambda line: None)
+        child = rr.dir / "puzzle" / "children" / str(r.child)
+        if not (child / "config.json").is_file():
+            made = sorted(p.name for p in (rr.dir / "puzzle" / "children").glob("*") if p.is_dir())
+            raise RecipeError(f"child = {r.child!r}: Puzzle made no such child; it made {', '.join(made) or 'none'}")
+
+    return [("puzzle", {"puzzle": settings, "child": r.child, "device": r.device}, ("convert",), puzzle)]
+
+
+def distill_stage(rr: RecipeRun) -> list[Step]:
+    from open_nemotron.distill.kd import DistillConfig
+
+    r = rr.recipe
+    if r.distill is None:
+        return []
+    owned = {
+        "student": str(rr.dir / "puzzle" / "children" / str(r.child)),
+        "teacher": str(rr.parent_dir),
+        "output_dir": str(rr.dir / "distill"),
+        "device": r.device,
+    }
+    section = _with_seed(r.distill, r)
+
+    def distill() -> None:
+        from open_nemotron.distill.kd import run as run_distill
+
+        run_distill(stage_config(DistillConfig, section, "distill", owned))
+
+    return [("distill", section, ("puzzle",), distill)]
+
+
+def fusion_stage(rr: RecipeRun) -> list[Step]:
+    from open_nemotron.fusion.stage import FuseConfig
+
+    r = rr.recipe
+    if r.fusion is None:
+        return []
+    source = rr.dir / "distill" / "final" if r.distill is not None else rr.dir / "puzzle" / "children" / str(r.child)
+    owned = {"model": str(source), "out_dir": str(rr.dir / "fused"), "device": r.device}
+
+    def fuse() -> None:
+        from open_nemotron.fusion.stage import fuse_stage
+
+        fuse_stage(stage_config(FuseConfig, r.fusion, "fusion", owned))
+
+    return [("fusion", r.fusion, ("distill" if r.distill is not None else "puzzle",), fuse)]
+
+
+def datagen_stage(rr: RecipeRun) -> list[Step]:
+    from open_nemotron.data.datagen import DatagenConfig
+
+    r = rr.recipe
+    if r.datagen is None:
+        return []
+    section = _with_seed(r.datagen, r)
+
+    def datagen() -> None:
+        from open_nemotron.data.datagen import run as run_datagen
+
+        run_datagen(stage_config(DatagenConfig, section, "datagen", {"out_dir": str(rr.dir / "data")}), rr.progress)
+
+    return [("datagen", section, (), datagen)]
+
+
+def sft_stage(rr: RecipeRun) -> list[Step]:
+    from open_nemotron.train.sft import SFTRunConfig
+
+    r = rr.recipe
+    if r.datagen is None:
+        return []
+    section = _with_seed(r.sft, r)
+    steps = []
+    for name in r.models:
+        owned = {
+            "model": str(rr.base_model(name)),
+            "data": str(rr.dir / "data" / "data.jsonl"),
+            "output_dir": str(rr.dir / "sft" / name),
+            "device": r.device,
+        }
+
+        def sft(owned=owned) -> None:
+            from open_nemotron.train.sft import run as run_sft
+
+            run_sft(stage_config(SFTRunConfig, section, "sft", owned))
+
+        steps.append((f"sft:{name}", section, (rr.model_upstream(name), "datagen"), sft))
+    return steps
+
+
+def rl_prompts_stage(rr: RecipeRun) -> list[Step]:
+    r = rr.recipe
+    steps: list[Step] = []
+    if r.grpo is not None and r.rl_prompts is not None:
+        p = r.rl_prompts
+
+        def task_prompts() -> None:
+            from open_nemotron.train.rl_data import save_rows, task_rows
+
+            rows, _ = task_rows(p.tasks, p.per_task, seed=r.seed, difficulty=p.difficulty, on_fraction=p.on_fraction)
+            save_rows(rr.dir / "rl-prompts.jsonl", rows)
+
+        steps.append(("rl-prompts", {**dataclasses.asdict(p), "seed": r.seed}, (), task_prompts))
+    if r.rloo is not None and r.if_prompts is not None:
+        q = r.if_prompts
+        suites = [str(rr.path(r.eval.if_suite))] if r.eval.if_suite else []
+
+        def instruction_prompts() -> None:
+            from open_nemotron.train.rl_data import instruction_rows, save_rows
+
+            rows = instruction_rows(
+                q.instructions,
+                seed=r.seed,
+                on_fraction=q.on_fraction,
+                min_instructions=q.min_instructions,
+                max_instructions=q.max_instructions,
+                exclude_suites=suites,  # never train on a file given to eval
+            )
+            save_rows(rr.dir / "if-prompts.jsonl", rows)
+
+        steps.append(
+            ("if-prompts", {**dataclasses.asdict(q), "seed": r.seed, "exclude": suites}, (), instruction_prompts)
+        )
+    return steps
+
+
+def pass_rate_stage(rr: RecipeRun) -> list[Step]:
+    from open_nemotron.train.pass_rate import PassRateConfig
+
+    r = rr.recipe
+    if r.grpo is None or r.pass_rate is None:
+        return []
+    section = _with_seed(r.pass_rate, r)
+    steps = []
+    for name in r.models:
+        owned = {
+            "model": str(rr.sft_model(name)),
+            "prompts": str(rr.dir / "rl-prompts.jsonl"),
+            "output_dir": str(rr.dir / "pass-rate" / name),
+            "device": r.device,
+        }
+
+        def pass_rate(owned=owned) -> None:
+            from open_nemotron.train.pass_rate import run as run_pass_rate
+
+            run_pass_rate(stage_config(PassRateConfig, section, "pass_rate", owned), rr.progress)
+
+        steps.append((f"pass-rate:{name}", section, (f"sft:{name}", "rl-prompts"), pass_rate))
+    return steps
+
+
+def _rl_steps(rr: RecipeRun, algorithm: str) -> list[Step]:
+    from open_nemotron.train.rl import RLConfig
+
+    r = rr.recipe
+    section = getattr(r, algorithm)
+    if section is None:
+        return []
+    section = _with_seed(section, r)
+    if algorithm == "grpo" and r.pass_rate is None:
+        section = {"curriculum": False, **section}  # no pass rates: random order
+    steps = []
+    for name in r.models:
+        if algorithm == "grpo":
+            start, up = rr.sft_model(name), f"sft:{name}"
+            if r.pass_rate is not None:
+                prompts, prompt_step = rr.dir / "pass-rate" / name / "kept.jsonl", f"pass-rate:{name}"
+            else:
+                prompts, prompt_step = rr.dir / "rl-prompts.jsonl", "rl-prompts"
+        else:
+            start = rr.grpo_model(name)
+            up = f"grpo:{name}" if r.grpo is not None else f"sft:{name}"
+            prompts, prompt_step = rr.dir / "if-prompts.jsonl", "if-prompts"
+        owned = {
+            "model": str(start),
+            "prompts": str(prompts),
+            "output_dir": str(rr.dir / algorithm / name),
+            "algorithm": algorithm,
+            "device": r.device,
+        }
+
+        def train(owned=owned) -> None:
+            from open_nemotron.train.rl import run as run_rl
+
+            run_rl(stage_config(RLConfig, section, algorithm, owned))
+
+        steps.append((f"{algorithm}:{name}", section, (up, prompt_step), train))
+    return steps
+
+
+def grpo_stage(rr: RecipeRun) -> list[Step]:
+    return _rl_steps(rr, "grpo")
+
+
+def rloo_stage(rr: RecipeRun) -> list[Step]:
+    return _rl_steps(rr, "rloo")
+
+
+def evaluated_models(rr: RecipeRun) -> dict[str, str]:
+    """label -> model directory for the reasoning and IF evals: each model after SFT and after RL."""
+    out: dict[str, str] = {}
+    for name in rr.recipe.models:
+        out[f"{name} after SFT" if rr.recipe.datagen is not None else name] = str(rr.sft_model(name))
+        final = rr.final_model(name)
+        if final != rr.sft_model(name):
+            out[f"{name} after RL"] = str(final)
+    return out
+
+
+def model_steps(rr: RecipeRun) -> tuple[str, ...]:
+    """The steps that write the models `evaluated_models` lists."""
+    r, ups = rr.recipe, []
+    for name in r.models:
+        ups.append(rr.model_upstream(name))
+        for stage, on in (("sft", r.datagen), ("grpo", r.grpo), ("rloo", r.rloo)):
+            if on is not None:
+                ups.append(f"{stage}:{name}")
+    return tuple(dict.fromkeys(ups))
+
+
+def retention_models(rr: RecipeRun) -> dict[str, str]:
+    """label -> model for multiple-choice retention and KL: the parent first, then the child at each healing step."""
+    r = rr.recipe
+    out = {"parent": str(rr.parent_dir)}
+    if r.puzzle is not None:
+        out["child (Puzzle)"] = str(rr.dir / "puzzle" / "children" / str(r.child))
+        if r.distill is not None:
+            out["child after KD"] = str(rr.dir / "distill" / "final")
+        if r.fusion is not None:
+            out["child fused"] = str(rr.dir / "fused")
+    return out
+
+
+def eval_stage(rr: RecipeRun) -> list[Step]:
+    from open_nemotron.evaluate.multiple_choice import MCConfig
+    from open_nemotron.evaluate.reasoning_eval import EvalConfig
+    from open_nemotron.evaluate.throughput import SpeedConfig
+
+    r, ev, out = rr.recipe, rr.recipe.eval, rr.dir / "eval"
+    models = evaluated_models(rr)
+    ups = model_steps(rr)
+    steps: list[Step] = []
+
+    def reasoning() -> None:
+        from open_nemotron.evaluate.reasoning_eval import run as run_eval
+
+        owned = {"models": list(models.values()), "json_out": str(out / "reasoning.json"), "device": r.device}
+        run_eval(stage_config(EvalConfig, _with_seed(ev.reasoning, r), "eval.reasoning", owned), rr.progress)
+
+    steps.append(("eval:reasoning", {"eval": _with_seed(ev.reasoning, r), "models": models}, ups, reasoning))
+    if ev.if_suite is not None:
+        suite = str(rr.path(ev.if_suite))
+
+        def instructions() -> None:
+            from open_nemotron.evaluate.reasoning_eval import run as run_eval
+
+            owned = {
+                "models": list(models.values()),
+                "suite": suite,
+                "json_out": str(out / "if.json"),
+                "device": r.device,
+            }
+            run_eval(stage_config(EvalConfig, _with_seed(ev.if_options, r), "eval.if_options", owned), rr.progress)
+
+        steps.append(("eval:if", {"eval": ev.if_options, "suite": suite, "models": models}, ups, instructions))
+    healing = retention_models(rr)
+    heal_ups = ("convert",) if r.puzzle is None else tuple(dict.fromkeys(("convert", rr.model_upstream("child"))))
+    if ev.mc_tasks:
+        tasks = [str(rr.path(t)) for t in ev.mc_tasks]
+
+        def multiple_choice() -> None:
+            from open_nemotron.evaluate.multiple_choice import run as run_mc
+
+            config = MCConfig(
+                models=list(healing.values()),
+                tasks=tasks,
+                limit=ev.mc_limit,
+                device=r.device,
+                json_out=str(out / "mc.json"),
+            )
+            run_mc(config, rr.progress)
+
+        steps.append(("eval:mc", {"tasks": tasks, "limit": ev.mc_limit, "models": healing}, heal_ups, multiple_choice))
+    speed_models = {"parent": str(rr.parent_dir)}
+    if r.puzzle is not None:
+        speed_models["child"] = str(rr.child_dir())
+
+    def speed() -> None:
+        from open_nemotron.evaluate.throughput import run as run_speed
+
+        owned = {
+            "models": [f"ours:{m}" for m in speed_models.values()],
+            "json_out": str(out / "speed.json"),
+            "device": r.device,
+        }
+        run_speed(stage_config(SpeedConfig, ev.speed, "eval.speed", owned), rr.progress)
+
+    steps.append(("eval:speed", {"speed": ev.speed, "models": speed_models}, heal_ups, speed))
+    return steps
+
+
+def export_stage(rr: RecipeRun) -> list[Step]:
+    r, ex = rr.recipe, rr.recipe.export
+    name = "child" if "child" in r.models else r.models[0]
+    model = rr.final_model(name)
+    out = rr.dir / "export"
+
+    def export() -> None:
+        from open_nemotron.export.gguf import export_gguf
+        from open_nemotron.export.vllm import ExportError, export_vllm
+
+        result: dict[str, Any] = {"model": str(model), "name": name}
+        for target, dtype, write in (
+            ("gguf", ex.gguf_dtype, lambda d: export_gguf(model, out / f"{name}.gguf", dtype=d)),
+            ("vllm", ex.vllm_dtype, lambda d: export_vllm(model, out / f"{name}-vllm", dtype=d)),
+        ):
+            if dtype is None:
+                continue
+            try:
+                result[target] = {"path": str(write(dtype)), "dtype": dtype}
+            except ExportError as err:  # what the engine cannot run is a finding for the report, not a failure
+                result[target] = {"refused": str(err), "dtype": dtype}
+        atomic_write_text(out / "export.json", json.dumps(result, indent=1))
+
+    ups = tuple(s for s in model_steps(rr) if s.endswith(f":{name}")) or (rr.model_upstream(name),)
+    return [("export", {"export": dataclasses.asdict(ex), "model": str(model)}, ups, export)]
+
+
+def report_stage(rr: RecipeRun) -> list[Step]:
+    def report() -> None:
+        from open_nemotron.report import write_report
+
+        write_report(rr)
+
+    # The report reads every other step's output: their digests are its inputs, so it reruns after any of them.
+    upstream = tuple(step[0] for stage in STAGES if stage is not report_stage for step in stage(rr))
+    return [("report", {}, upstream, report)]
+
+
+STAGES: tuple[Callable[[RecipeRun], list[Step]], ...] = (
+    convert_stage,
+    puzzle_stage,
+    distill_stage,
+    fusion_stage,
+    datagen_stage,
+    sft_stage,
+    rl_prompts_stage,
+    pass_rate_stage,
+    grpo_stage,
+    rloo_stage,
+    eval_stage,
+    export_stage,
+    report_stage,
+)
+
+
+def _say(progress: bool) -> Callable[[str], None]:
+    from open_nemotron.puzzle.progress import step_printer
+
+    return step_printer(progress)
+
+
+def run(
+    recipe: Recipe,
+    run_dir: str | Path,
+    base: Path = Path("."),
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Every stage in order, each skipped when done with the same settings; returns report.json's content."""
+    rr = RecipeRun(recipe, run_dir, base, progress)
+    say = _say(progress)
+    for stage in STAGES:
+        for name, settings, upstream, fn in stage(rr):
+            start = time.perf_counter()
+            say(f"{name}: checking")
+            ran = rr.step(name, settings, upstream, fn)
+            echo(f"{name:>16}: {f'{time.perf_counter() - start:7.1f} s' if ran else 'up to date'}")
+    return json.loads((rr.dir / "report.json").read_text())
+
+
+__all__ = ["Recipe", "RecipeError", "RecipeRun", "load_recipe", "recipe_from_dict", "run"]
