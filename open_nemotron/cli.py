@@ -1163,10 +1163,6 @@ def main() -> None:
     app()
 
 
-if __name__ == "__main__":
-    main()
-
-
 @app.command("run")
 @reports_user_errors
 def run_recipe(
@@ -1181,3 +1177,7 @@ def run_recipe(
     loaded, base = load_recipe(recipe)
     run(loaded, run_dir, base=base, progress=not quiet, echo=typer.echo)
     typer.echo(f"report: {run_dir / 'report.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -155,6 +155,31 @@ OWNED = {
 }
 
 
+def stage_config_classes() -> dict[str, type]:
+    """The config class each stage section of a recipe is built into (OWNED's keys)."""
+    from open_nemotron.data.datagen import DatagenConfig
+    from open_nemotron.distill.kd import DistillConfig
+    from open_nemotron.evaluate.reasoning_eval import EvalConfig
+    from open_nemotron.evaluate.throughput import SpeedConfig
+    from open_nemotron.fusion.stage import FuseConfig
+    from open_nemotron.train.pass_rate import PassRateConfig
+    from open_nemotron.train.rl import RLConfig
+    from open_nemotron.train.sft import SFTRunConfig
+
+    return {
+        "distill": DistillConfig,
+        "fusion": FuseConfig,
+        "datagen": DatagenConfig,
+        "sft": SFTRunConfig,
+        "pass_rate": PassRateConfig,
+        "grpo": RLConfig,
+        "rloo": RLConfig,
+        "eval.reasoning": EvalConfig,
+        "eval.if_options": EvalConfig,
+        "eval.speed": SpeedConfig,
+    }
+
+
 def _placeholders(section: str) -> dict[str, Any]:
     """Stand-ins for OWNED[section], so a section is fully checked when the recipe is loaded."""
     values: dict[str, Any] = {"device": None, "models": ["<run>"], "algorithm": section}
