@@ -305,22 +305,39 @@ class RecipeRun:
         text = json.dumps([settings, ups], sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
-    def step(self, name: str, settings: Any, upstream: tuple[str, ...], fn: Callable[[], Any]) -> bool:
-        """Run `fn` unless `name` finished with the same digest; returns whether it ran."""
-        digest = self.digest(settings, upstream)
-        entry = self.stages().get(name, {})
+    def _record(self, name: str, entry: dict[str, Any]) -> None:
+        state = self.stages()
+        state[name] = entry
+        atomic_write_text(self.dir / "stages.json", json.dumps(state, indent=1))
+
+    def step(self, step: Step) -> bool:
+        """Run a step unless it finished with the same digest; returns whether it ran. A step that started under
+        other settings first loses its outputs (its checkpoints would resume the old settings); one that started
+        under these settings and was killed resumes from them."""
+        import shutil
+
+        digest = self.digest(step.settings, step.upstream)
+        entry = self.stages().get(step.name, {})
         if entry.get("finished") and entry.get("digest") == digest:
             return False
+        if entry and entry.get("digest") != digest:
+            for path in step.outputs:
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+        self._record(step.name, {"digest": digest, "finished": False, "started": time.strftime("%Y-%m-%d %H:%M:%S")})
         start = time.perf_counter()
-        fn()
-        state = self.stages()
-        state[name] = {
-            "digest": digest,
-            "seconds": round(time.perf_counter() - start, 2),
-            "finished": True,
-            "at": time.strftime("%Y-%m-%d %H:%M:%S"),
-        }
-        atomic_write_text(self.dir / "stages.json", json.dumps(state, indent=1))
+        step.run()
+        self._record(
+            step.name,
+            {
+                "digest": digest,
+                "seconds": round(time.perf_counter() - start, 2),
+                "finished": True,
+                "at": time.strftime("%Y-%m-%d %H:%M:%S"),
+            },
+        )
         return True
 
     # -- where things are
@@ -358,9 +375,17 @@ class RecipeRun:
 
 
 # ------------------------------------------------------------------------------------------------ the stages
-# Each stage yields its steps: (name, settings, upstream steps, function). The settings and the upstream digests make
-# the step's digest; the function writes the step's artifacts (atomically, resuming where the stage supports it).
-Step = tuple[str, Any, tuple[str, ...], Callable[[], Any]]
+@dataclass
+class Step:
+    """One unit of bookkeeping. `settings` and the digests of the `upstream` steps make its digest; `run` writes its
+    artifacts (atomically, resuming where its stage supports it); `outputs` are removed when it restarts under other
+    settings."""
+
+    name: str
+    settings: Any
+    upstream: tuple[str, ...]
+    run: Callable[[], Any]
+    outputs: tuple[Path, ...] = ()
 
 
 def _with_seed(section: dict, recipe: Recipe) -> dict:
@@ -379,7 +404,7 @@ def convert_stage(rr: RecipeRun) -> list[Step]:
             shutil.rmtree(rr.parent_dir)
         convert(resolve_model_dir(r.parent), rr.parent_dir, non_portable_ffn_widths=r.non_portable_ffn_widths)
 
-    return [("convert", {"parent": r.parent, "non_portable": r.non_portable_ffn_widths}, (), convert)]
+    return [Step("convert", {"parent": r.parent, "non_portable": r.non_portable_ffn_widths}, (), convert)]
 
 
 def puzzle_stage(rr: RecipeRun) -> list[Step]:
@@ -394,14 +419,16 @@ def puzzle_stage(rr: RecipeRun) -> list[Step]:
         from open_nemotron.puzzle.config import config_from_dict
         from open_nemotron.puzzle.pipeline import run as run_puzzle
 
-        config = config_from_dict({**settings, "parent": str(rr.parent_dir), "device": r.device})
+        device = {"device": r.device} if r.device is not None else {}  # else the Puzzle YAML's own
+        config = config_from_dict({**settings, "parent": str(rr.parent_dir), **device})
         run_puzzle(config, rr.dir / "puzzle", progress=rr.progress, echo=lambda line: None)
         child = rr.dir / "puzzle" / "children" / str(r.child)
         if not (child / "config.json").is_file():
             made = sorted(p.name for p in (rr.dir / "puzzle" / "children").glob("*") if p.is_dir())
             raise RecipeError(f"child = {r.child!r}: Puzzle made no such child; it made {', '.join(made) or 'none'}")
 
-    return [("puzzle", {"puzzle": settings, "child": r.child, "device": r.device}, ("convert",), puzzle)]
+    # Puzzle keeps its own per-stage digests (puzzle/stages.json): a changed section reruns only what it affects.
+    return [Step("puzzle", {"puzzle": settings, "child": r.child, "device": r.device}, ("convert",), puzzle)]
 
 
 def distill_stage(rr: RecipeRun) -> list[Step]:
@@ -423,7 +450,7 @@ def distill_stage(rr: RecipeRun) -> list[Step]:
 
         run_distill(stage_config(DistillConfig, section, "distill", owned))
 
-    return [("distill", section, ("puzzle",), distill)]
+    return [Step("distill", section, ("puzzle",), distill, (rr.dir / "distill",))]
 
 
 def fusion_stage(rr: RecipeRun) -> list[Step]:
@@ -440,7 +467,8 @@ def fusion_stage(rr: RecipeRun) -> list[Step]:
 
         fuse_stage(stage_config(FuseConfig, r.fusion, "fusion", owned))
 
-    return [("fusion", r.fusion, ("distill" if r.distill is not None else "puzzle",), fuse)]
+    upstream = ("distill" if r.distill is not None else "puzzle",)
+    return [Step("fusion", r.fusion, upstream, fuse, (rr.dir / "fused",))]
 
 
 def datagen_stage(rr: RecipeRun) -> list[Step]:
@@ -456,7 +484,7 @@ def datagen_stage(rr: RecipeRun) -> list[Step]:
 
         run_datagen(stage_config(DatagenConfig, section, "datagen", {"out_dir": str(rr.dir / "data")}), rr.progress)
 
-    return [("datagen", section, (), datagen)]
+    return [Step("datagen", section, (), datagen, (rr.dir / "data",))]
 
 
 def sft_stage(rr: RecipeRun) -> list[Step]:
@@ -480,7 +508,8 @@ def sft_stage(rr: RecipeRun) -> list[Step]:
 
             run_sft(stage_config(SFTRunConfig, section, "sft", owned))
 
-        steps.append((f"sft:{name}", section, (rr.model_upstream(name), "datagen"), sft))
+        ups = (rr.model_upstream(name), "datagen")
+        steps.append(Step(f"sft:{name}", section, ups, sft, (rr.dir / "sft" / name,)))
     return steps
 
 
@@ -496,7 +525,7 @@ def rl_prompts_stage(rr: RecipeRun) -> list[Step]:
             rows, _ = task_rows(p.tasks, p.per_task, seed=r.seed, difficulty=p.difficulty, on_fraction=p.on_fraction)
             save_rows(rr.dir / "rl-prompts.jsonl", rows)
 
-        steps.append(("rl-prompts", {**dataclasses.asdict(p), "seed": r.seed}, (), task_prompts))
+        steps.append(Step("rl-prompts", {**dataclasses.asdict(p), "seed": r.seed}, (), task_prompts))
     if r.rloo is not None and r.if_prompts is not None:
         q = r.if_prompts
         suites = [str(rr.path(r.eval.if_suite))] if r.eval.if_suite else []
@@ -514,9 +543,8 @@ def rl_prompts_stage(rr: RecipeRun) -> list[Step]:
             )
             save_rows(rr.dir / "if-prompts.jsonl", rows)
 
-        steps.append(
-            ("if-prompts", {**dataclasses.asdict(q), "seed": r.seed, "exclude": suites}, (), instruction_prompts)
-        )
+        settings = {**dataclasses.asdict(q), "seed": r.seed, "exclude": suites}
+        steps.append(Step("if-prompts", settings, (), instruction_prompts))
     return steps
 
 
@@ -541,7 +569,8 @@ def pass_rate_stage(rr: RecipeRun) -> list[Step]:
 
             run_pass_rate(stage_config(PassRateConfig, section, "pass_rate", owned), rr.progress)
 
-        steps.append((f"pass-rate:{name}", section, (f"sft:{name}", "rl-prompts"), pass_rate))
+        ups = (f"sft:{name}", "rl-prompts")
+        steps.append(Step(f"pass-rate:{name}", section, ups, pass_rate, (rr.dir / "pass-rate" / name,)))
     return steps
 
 
@@ -580,7 +609,8 @@ def _rl_steps(rr: RecipeRun, algorithm: str) -> list[Step]:
 
             run_rl(stage_config(RLConfig, section, algorithm, owned))
 
-        steps.append((f"{algorithm}:{name}", section, (up, prompt_step), train))
+        outputs = (rr.dir / algorithm / name,)
+        steps.append(Step(f"{algorithm}:{name}", section, (up, prompt_step), train, outputs))
     return steps
 
 
@@ -643,7 +673,7 @@ def eval_stage(rr: RecipeRun) -> list[Step]:
         owned = {"models": list(models.values()), "json_out": str(out / "reasoning.json"), "device": r.device}
         run_eval(stage_config(EvalConfig, _with_seed(ev.reasoning, r), "eval.reasoning", owned), rr.progress)
 
-    steps.append(("eval:reasoning", {"eval": _with_seed(ev.reasoning, r), "models": models}, ups, reasoning))
+    steps.append(Step("eval:reasoning", {"eval": _with_seed(ev.reasoning, r), "models": models}, ups, reasoning))
     if ev.if_suite is not None:
         suite = str(rr.path(ev.if_suite))
 
@@ -658,7 +688,7 @@ def eval_stage(rr: RecipeRun) -> list[Step]:
             }
             run_eval(stage_config(EvalConfig, _with_seed(ev.if_options, r), "eval.if_options", owned), rr.progress)
 
-        steps.append(("eval:if", {"eval": ev.if_options, "suite": suite, "models": models}, ups, instructions))
+        steps.append(Step("eval:if", {"eval": ev.if_options, "suite": suite, "models": models}, ups, instructions))
     healing = retention_models(rr)
     heal_ups = ("convert",) if r.puzzle is None else tuple(dict.fromkeys(("convert", rr.model_upstream("child"))))
     if ev.mc_tasks:
@@ -676,7 +706,8 @@ def eval_stage(rr: RecipeRun) -> list[Step]:
             )
             run_mc(config, rr.progress)
 
-        steps.append(("eval:mc", {"tasks": tasks, "limit": ev.mc_limit, "models": healing}, heal_ups, multiple_choice))
+        settings = {"tasks": tasks, "limit": ev.mc_limit, "models": healing}
+        steps.append(Step("eval:mc", settings, heal_ups, multiple_choice))
     speed_models = {"parent": str(rr.parent_dir)}
     if r.puzzle is not None:
         speed_models["child"] = str(rr.child_dir())
@@ -691,7 +722,7 @@ def eval_stage(rr: RecipeRun) -> list[Step]:
         }
         run_speed(stage_config(SpeedConfig, ev.speed, "eval.speed", owned), rr.progress)
 
-    steps.append(("eval:speed", {"speed": ev.speed, "models": speed_models}, heal_ups, speed))
+    steps.append(Step("eval:speed", {"speed": ev.speed, "models": speed_models}, heal_ups, speed))
     return steps
 
 
@@ -719,7 +750,7 @@ def export_stage(rr: RecipeRun) -> list[Step]:
         atomic_write_text(out / "export.json", json.dumps(result, indent=1))
 
     ups = tuple(s for s in model_steps(rr) if s.endswith(f":{name}")) or (rr.model_upstream(name),)
-    return [("export", {"export": dataclasses.asdict(ex), "model": str(model)}, ups, export)]
+    return [Step("export", {"export": dataclasses.asdict(ex), "model": str(model)}, ups, export, (out,))]
 
 
 def report_stage(rr: RecipeRun) -> list[Step]:
@@ -729,8 +760,8 @@ def report_stage(rr: RecipeRun) -> list[Step]:
         write_report(rr)
 
     # The report reads every other step's output: their digests are its inputs, so it reruns after any of them.
-    upstream = tuple(step[0] for stage in STAGES if stage is not report_stage for step in stage(rr))
-    return [("report", {}, upstream, report)]
+    upstream = tuple(step.name for stage in STAGES if stage is not report_stage for step in stage(rr))
+    return [Step("report", {}, upstream, report)]
 
 
 STAGES: tuple[Callable[[RecipeRun], list[Step]], ...] = (
@@ -767,10 +798,11 @@ def run(
     rr = RecipeRun(recipe, run_dir, base, progress)
     say = _say(progress)
     for stage in STAGES:
-        for name, settings, upstream, fn in stage(rr):
+        for step in stage(rr):
+            name = step.name
             start = time.perf_counter()
             say(f"{name}: checking")
-            ran = rr.step(name, settings, upstream, fn)
+            ran = rr.step(step)
             echo(f"{name:>16}: {f'{time.perf_counter() - start:7.1f} s' if ran else 'up to date'}")
     return json.loads((rr.dir / "report.json").read_text())
 

@@ -159,7 +159,7 @@ def test_a_run_killed_mid_stage_completes_with_the_same_artifacts(finished, tmp_
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     stages = json.loads((run_dir / "stages.json").read_text())
-    assert "grpo:child" not in stages and not (run_dir / "report.json").exists()
+    assert not stages["grpo:child"]["finished"] and not (run_dir / "report.json").exists()
     _finish(_run(recipe, run_dir))
     assert _artifacts(run_dir) == _artifacts(reference_dir)
 
