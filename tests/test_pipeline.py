@@ -51,7 +51,7 @@ def tiny_recipe(root: Path) -> Path:
         },
         "fusion": None,
         "datagen": {"tasks": ["chain_sum"], "n_per_task": 4, "difficulties": ["easy"]},
-        "sft": {"max_steps": 2, "batch_size": 2, "max_length": 96, "save_steps": 1, "logging_steps": 1},
+        "sft": {"max_steps": 2, "batch_size": 2, "max_length": 1536, "save_steps": 1, "logging_steps": 1},
         "rl_prompts": {"tasks": ["chain_sum"], "per_task": 4},
         "pass_rate": {"samples": 2, "max_new_tokens": 6, "batch_size": 8},
         "grpo": {**rl, "learning_rate": 0.001},

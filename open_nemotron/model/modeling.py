@@ -449,6 +449,8 @@ class DeciLMModel(DeciLMPreTrainedModel):
                 (start + k for k, lay in enumerate(layers) if getattr(lay, "attention_kind", None) == "gqa"), None
             )
             past = 0 if cached is None else cache.get_seq_length(cached)
+            if cached is None:  # no layer attends over positions (linear / no-op attention only): nothing to mask
+                attention_mask = None
         packed = False  # only caller-given positions can restart (checking costs a device sync: skipped otherwise)
         if position_ids is None:
             if attention_mask is not None and not bool(attention_mask.all()):
