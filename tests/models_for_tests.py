@@ -91,3 +91,15 @@ def left_padded(batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         mask[row, : 2 * row] = 0
         ids[row, : 2 * row] = 2
     return ids, mask
+
+
+def no_gqa_decilm(seed: int = 0):
+    """Linear and no-op attention only (a Puzzle child under a tight budget): a model that keeps no keys/values."""
+    cfg = heterogeneous_config().to_dict()
+    for key in ("model_type", "architectures", "transformers_version"):
+        cfg.pop(key, None)
+    blocks = [
+        {"attention": {"replace_with_linear": True}, "ffn": {"intermediate_size": 70}},
+        {"attention": {"no_op": True}, "ffn": {"intermediate_size": 33}},
+    ]
+    return random_decilm(DeciLMConfig(**{**cfg, "num_hidden_layers": 2, "block_configs": blocks}), seed=seed)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models_for_tests import TINY_VOCAB, heterogeneous_config, random_decilm
+from models_for_tests import TINY_VOCAB, heterogeneous_config, no_gqa_decilm, random_decilm
 
 from open_nemotron.model.generation import process_logits
 from open_nemotron.serve.engine import (
@@ -313,16 +313,7 @@ def test_prefix_choice_picks_the_slot_with_the_longest_shared_prefix():
 def test_a_model_without_any_gqa_layer_decodes_on_the_engine():
     """Only linear and no-op attention (a Puzzle child under a tight budget): no layer reads the cache, so the
     engine's key mask has nothing to apply to; tokens equal sequential generation."""
-    from open_nemotron.model.configuration import DeciLMConfig
-
-    cfg = heterogeneous_config().to_dict()
-    for key in ("model_type", "architectures", "transformers_version"):
-        cfg.pop(key, None)
-    blocks = [
-        {"attention": {"replace_with_linear": True}, "ffn": {"intermediate_size": 70}},
-        {"attention": {"no_op": True}, "ffn": {"intermediate_size": 33}},
-    ]
-    model = random_decilm(DeciLMConfig(**{**cfg, "num_hidden_layers": 2, "block_configs": blocks}), seed=4)
+    model = no_gqa_decilm(seed=4)
     prompts = _prompts(3, seed=6)
     got = Engine(model, max_batch_size=2, max_length=32).run(
         [Request(p, SamplingParams(max_tokens=5, temperature=0)) for p in prompts]

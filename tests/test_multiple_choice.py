@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from models_for_tests import heterogeneous_config, random_decilm, random_llama, tiny_llama_config
+from models_for_tests import heterogeneous_config, no_gqa_decilm, random_decilm, random_llama, tiny_llama_config
 from tokenizers_for_tests import chatml_tokenizer
 
 from open_nemotron.evaluate.multiple_choice import (
@@ -33,9 +33,14 @@ def _direct_logprob(model, tokenizer, query: str, choice: str) -> float:
     return sum(float(logprobs[i - 1, whole[i]]) for i in range(len(context), len(whole)))
 
 
-@pytest.mark.parametrize("kind", ["ours", "llama"])
+@pytest.mark.parametrize("kind", ["ours", "llama", "no-gqa"])
 def test_choice_logprobs_equal_one_full_pass_per_choice(kind):
-    model = random_decilm(heterogeneous_config(), seed=2) if kind == "ours" else random_llama(tiny_llama_config())
+    makers = {
+        "ours": lambda: random_decilm(heterogeneous_config(), seed=2),
+        "llama": lambda: random_llama(tiny_llama_config()),
+        "no-gqa": lambda: no_gqa_decilm(seed=2),
+    }
+    model = makers[kind]()
     tok = chatml_tokenizer()
     _, items = load_task(SAMPLE)
     for item in items:

@@ -94,6 +94,8 @@ def choice_logprobs(model: Any, tokenizer: Any, item: MCItem) -> list[float]:
     out = model(torch.tensor([context], device=device), use_cache=True)
     first = torch.log_softmax(out.logits[0, -1].float(), -1)
     cache = getattr(out, CACHE_OUTPUT_FIELD)
+    if cache is None:  # a model that keeps no keys/values (no GQA layer): nothing to share, one row per choice
+        return [_logprob_alone(model, ctx, cont, device) for ctx, cont in splits]
     conts = [cont for _, cont in splits]
     width = max(len(c) for c in conts)
     n = len(conts)

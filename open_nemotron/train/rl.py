@@ -334,8 +334,9 @@ def render_markdown(result: dict[str, Any]) -> str:
     last = next((h for h in reversed(history) if "reward" in h), {})
     rows = []
     for key in ["reward"] + sorted(k for k in last if k.startswith("rewards/") and k.endswith("/mean")):
-        if key in first:
-            rows.append(f"| {key} | {first[key]:.3f} | {last[key]:.3f} |")
+        if key in first:  # TRL logs None for a reward that applied to no row of that step
+            cells = ("—" if v is None else f"{v:.3f}" for v in (first[key], last.get(key)))
+            rows.append(f"| {key} | {' | '.join(cells)} |")
     return "\n".join(
         [
             f"# {c['algorithm'].upper()}: {c['model']}",
