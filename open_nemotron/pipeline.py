@@ -86,6 +86,7 @@ class EvalSection:
 @dataclass
 class ExportSection:
     gguf_dtype: str | None = "f16"  # null: no GGUF
+    gguf_tokenizer_pre: str | None = None  # llama.cpp's pre-tokenizer name when the exporter does not know it
     vllm_dtype: str | None = "bfloat16"  # null: no vLLM checkpoint
 
 
@@ -283,8 +284,11 @@ def check_recipe(recipe: Recipe, base: Path) -> None:
 class RecipeRun:
     """One run directory: the recipe, the stage bookkeeping (`stages.json`) and where each artifact lives."""
 
-    def __init__(self, recipe: Recipe, run_dir: str | Path, base: Path = Path("."), progress: bool = True) -> None:
+    def __init__(
+        self, recipe: Recipe, run_dir: str | Path, base: Path = Path("."), progress: bool = True, puzzle_timer=None
+    ) -> None:
         self.recipe, self.base, self.progress = recipe, Path(base), progress
+        self.puzzle_timer = puzzle_timer  # Puzzle's costs timer (None: wall time); tests pass a deterministic one
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.dir / "recipe.json", json.dumps(recipe.to_dict(), indent=1))
@@ -421,7 +425,7 @@ def puzzle_stage(rr: RecipeRun) -> list[Step]:
 
         device = {"device": r.device} if r.device is not None else {}  # else the Puzzle YAML's own
         config = config_from_dict({**settings, "parent": str(rr.parent_dir), **device})
-        run_puzzle(config, rr.dir / "puzzle", progress=rr.progress, echo=lambda line: None)
+        run_puzzle(config, rr.dir / "puzzle", progress=rr.progress, echo=lambda line: None, timer=rr.puzzle_timer)
         child = rr.dir / "puzzle" / "children" / str(r.child)
         if not (child / "config.json").is_file():
             made = sorted(p.name for p in (rr.dir / "puzzle" / "children").glob("*") if p.is_dir())
@@ -738,7 +742,11 @@ def export_stage(rr: RecipeRun) -> list[Step]:
 
         result: dict[str, Any] = {"model": str(model), "name": name}
         for target, dtype, write in (
-            ("gguf", ex.gguf_dtype, lambda d: export_gguf(model, out / f"{name}.gguf", dtype=d)),
+            (
+                "gguf",
+                ex.gguf_dtype,
+                lambda d: export_gguf(model, out / f"{name}.gguf", dtype=d, tokenizer_pre=ex.gguf_tokenizer_pre),
+            ),
             ("vllm", ex.vllm_dtype, lambda d: export_vllm(model, out / f"{name}-vllm", dtype=d)),
         ):
             if dtype is None:
@@ -793,9 +801,11 @@ def run(
     base: Path = Path("."),
     progress: bool = True,
     echo: Callable[[str], None] = print,
+    puzzle_timer=None,
 ) -> dict[str, Any]:
-    """Every stage in order, each skipped when done with the same settings; returns report.json's content."""
-    rr = RecipeRun(recipe, run_dir, base, progress)
+    """Every stage in order, each skipped when done with the same settings; returns report.json's content.
+    `puzzle_timer`: Puzzle's costs timer (default: wall time); a test passes a deterministic one."""
+    rr = RecipeRun(recipe, run_dir, base, progress, puzzle_timer)
     say = _say(progress)
     for stage in STAGES:
         for step in stage(rr):
