@@ -92,8 +92,8 @@ class ExportSection:
 
 @dataclass
 class Recipe:
-    """One YAML file (recipes/demo.yaml). Sections set to null are skipped; `puzzle: null` makes the parent itself
-    the model that goes on as "child" is then absent (models: [parent])."""
+    """One YAML file (recipes/demo.yaml). A section set to null is skipped. Without `puzzle` there is no child, and
+    the parent alone goes through SFT, RL and the evals (`models: [parent]`)."""
 
     parent: str = "smollm2-135m"
     seed: int = 0
