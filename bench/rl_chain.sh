@@ -5,7 +5,7 @@
 # (bench/grpo_curriculum.py), then RLOO on synthetic instruction prompts with the IF and reasoning evals before/after.
 # Every step is skipped when its output is complete and resumes after a kill. Run it alone on the machine:
 #   nohup bash bench/rl_chain.sh runs/rl-v3 > runs/rl-v3.log 2>&1 &
-# Knobs (environment): GRPO_STEPS (default 18: 198 s per step on 2026-12-02, a slow day, is 59 min), RLOO_STEPS (default 18: 170 s per step that day), ARMS (default curriculum).
+# Knobs (environment): GRPO_STEPS (default 18: 198 s per step on 2026-12-02, a slow day, is 59 min), RLOO_STEPS (default 18: 170 s per step that day), ARMS (default curriculum), PREFERENCE=1 (RPO vs DPO, below).
 # The kept prompts (recipes/rl/grpo-kept.jsonl) are `rl pass-rate`'s output for this SFT model
 # (docs/benchmarks.md, "Pass rates of the SFT model"); remake them if the SFT recipe changes.
 set -euo pipefail
@@ -39,4 +39,20 @@ stamp "RLOO ($RLOO_STEPS steps) on synthetic instruction prompts"
     --suite recipes/if-heldout.jsonl --samples 2 --max-new-tokens-on 384 --max-new-tokens-off 256 --json "$RUN/rloo-if.json"
 [ -f "$RUN/rloo-reasoning.json" ] || "$BIN/open-nemotron" eval "$SFT/sft/final" "$RUN/rloo/final" --suite heldout \
     --limit 210 --samples 2 --max-new-tokens-on 320 --max-new-tokens-off 96 --json "$RUN/rloo-reasoning.json"
+
+# RPO vs DPO (PREFERENCE=1): NVIDIA's RPO samples and scores online pairs on the kept GRPO prompts (best vs worst of
+# 4, kept in rpo/pairs.jsonl); TRL's DPO then trains on exactly those pairs at the same budget; one paired held-out
+# eval scores the SFT model and both. PREF_STEPS (default 30) and PREF_LR (default 2e-6, not tuned) are the budget.
+if [ "${PREFERENCE:-0}" = 1 ]; then
+    PREF_STEPS=${PREF_STEPS:-30}
+    PREF_LR=${PREF_LR:-2e-6}
+    stamp "RPO vs DPO ($PREF_STEPS steps each, lr $PREF_LR) on the same pairs"
+    [ -f "$RUN/rpo/final/config.json" ] || "$BIN/open-nemotron" rpo "$SFT/sft/final" --prompts recipes/rl/grpo-kept.jsonl \
+        --out "$RUN/rpo" --samples 4 --lr "$PREF_LR" --max-steps "$PREF_STEPS" --save-steps 10
+    [ -f "$RUN/dpo/final/config.json" ] || "$BIN/open-nemotron" rpo "$SFT/sft/final" --pairs "$RUN/rpo/pairs.jsonl" \
+        --method dpo --out "$RUN/dpo" --lr "$PREF_LR" --max-steps "$PREF_STEPS" --save-steps 10
+    [ -f "$RUN/preference-reasoning.json" ] || "$BIN/open-nemotron" eval "$SFT/sft/final" "$RUN/rpo/final" \
+        "$RUN/dpo/final" --suite heldout --limit 210 --samples 2 --max-new-tokens-on 320 --max-new-tokens-off 96 \
+        --json "$RUN/preference-reasoning.json"
+fi
 stamp "done"
