@@ -187,19 +187,28 @@ def _placeholders(section: str) -> dict[str, Any]:
     return {key: values.get(key, "<run>") for key in OWNED[section]}
 
 
+def recipe_path(base: Path, relative: str) -> Path:
+    """A path a recipe gives: relative to the recipe file, or as given (from the working directory) when only that
+    exists."""
+    candidate = base / relative
+    return candidate if candidate.exists() or not Path(relative).exists() else Path(relative)
+
+
+def _section(recipe: Recipe, key: str) -> dict | None:
+    """The recipe section `key` ("sft", "eval.speed", ...)."""
+    value: Any = recipe
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
 def load_recipe(path: str | Path) -> tuple[Recipe, Path]:
     """The recipe at `path`, every field checked (the stages' own configs included), and the directory relative
     paths in it are read from."""
-    import yaml
+    from open_nemotron.puzzle.config import read_yaml
 
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"{path}: no such recipe file")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise RecipeError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    return recipe_from_dict(data, path.parent), path.parent
+    return recipe_from_dict(read_yaml(path, RecipeError, "recipe file"), path.parent), path.parent
 
 
 def recipe_from_dict(data: dict[str, Any], base: Path = Path(".")) -> Recipe:
@@ -212,15 +221,7 @@ def recipe_from_dict(data: dict[str, Any], base: Path = Path(".")) -> Recipe:
 
 def check_recipe(recipe: Recipe, base: Path) -> None:
     """Cross-field checks, and every stage section built into its stage's config (types and ranges)."""
-    from open_nemotron.data.datagen import DatagenConfig
-    from open_nemotron.distill.kd import DistillConfig
-    from open_nemotron.evaluate.reasoning_eval import EvalConfig
-    from open_nemotron.evaluate.throughput import SpeedConfig
     from open_nemotron.export.gguf import GGUF_DTYPES
-    from open_nemotron.fusion.stage import FuseConfig
-    from open_nemotron.train.pass_rate import PassRateConfig
-    from open_nemotron.train.rl import RLConfig
-    from open_nemotron.train.sft import SFTRunConfig
 
     bad = [m for m in recipe.models if m not in MODELS]
     if bad or not recipe.models or len(set(recipe.models)) != len(recipe.models):
@@ -232,26 +233,16 @@ def check_recipe(recipe: Recipe, base: Path) -> None:
             if getattr(recipe, name) is not None:
                 raise RecipeError(f"{name}: needs a puzzle section (there is no child without Puzzle)")
     else:
-        puzzle = (base / recipe.puzzle) if not Path(recipe.puzzle).is_absolute() else Path(recipe.puzzle)
-        if not puzzle.is_file():
+        if not (base / recipe.puzzle).is_file():  # (an absolute path stays itself under `/`)
             raise RecipeError(f"puzzle = {recipe.puzzle!r}: no such Puzzle YAML (relative to the recipe)")
         if not recipe.child:
             raise RecipeError("child: missing; expected the name of a Puzzle target (search.targets[].name)")
-    if recipe.distill is not None:
-        stage_config(DistillConfig, recipe.distill, "distill", _placeholders("distill"))
-    if recipe.fusion is not None:
-        stage_config(FuseConfig, recipe.fusion, "fusion", _placeholders("fusion"))
-    if recipe.datagen is not None:
-        stage_config(DatagenConfig, recipe.datagen, "datagen", _placeholders("datagen"))
-        stage_config(SFTRunConfig, recipe.sft, "sft", _placeholders("sft"))
-    elif recipe.grpo is not None or recipe.rloo is not None:
+    for key, cls in stage_config_classes().items():  # every stage section, built into its stage's config
+        section = _section(recipe, key)
+        if section is not None and (key != "sft" or recipe.datagen is not None):  # no datagen: no SFT
+            stage_config(cls, section, key, _placeholders(key))
+    if recipe.datagen is None and (recipe.grpo is not None or recipe.rloo is not None):
         raise RecipeError("datagen: null skips SFT, and GRPO / RLOO start from the SFT models: set grpo and rloo null")
-    if recipe.pass_rate is not None:
-        stage_config(PassRateConfig, recipe.pass_rate, "pass_rate", _placeholders("pass_rate"))
-    for name in ("grpo", "rloo"):
-        section = getattr(recipe, name)
-        if section is not None:
-            stage_config(RLConfig, section, name, _placeholders(name))
     if recipe.grpo is not None and recipe.rl_prompts is None:
         raise RecipeError("rl_prompts: null, but grpo is set: GRPO needs its task prompts")
     if recipe.rloo is not None and recipe.if_prompts is None:
@@ -265,13 +256,10 @@ def check_recipe(recipe: Recipe, base: Path) -> None:
             "expected 1 <= min <= max"
         )
     ev = recipe.eval
-    stage_config(EvalConfig, ev.reasoning, "eval.reasoning", _placeholders("eval.reasoning"))
-    stage_config(EvalConfig, ev.if_options, "eval.if_options", _placeholders("eval.if_options"))
-    stage_config(SpeedConfig, ev.speed, "eval.speed", _placeholders("eval.speed"))
     for i, task in enumerate(ev.mc_tasks):
-        if not (base / task).is_file() and not Path(task).is_file():
+        if not recipe_path(base, task).is_file():
             raise RecipeError(f"eval.mc_tasks[{i}] = {task!r}: no such task file (make mc-tasks writes them)")
-    if ev.if_suite is not None and not (base / ev.if_suite).is_file() and not Path(ev.if_suite).is_file():
+    if ev.if_suite is not None and not recipe_path(base, ev.if_suite).is_file():
         raise RecipeError(f"eval.if_suite = {ev.if_suite!r}: no such IFEval-format file")
     ex = recipe.export
     if ex.gguf_dtype is not None and ex.gguf_dtype not in GGUF_DTYPES:
@@ -294,9 +282,7 @@ class RecipeRun:
         atomic_write_text(self.dir / "recipe.json", json.dumps(recipe.to_dict(), indent=1))
 
     def path(self, relative: str) -> Path:
-        """A path the recipe gives, relative to the recipe file (or as given when that does not exist)."""
-        candidate = self.base / relative
-        return candidate if candidate.exists() or not Path(relative).exists() else Path(relative)
+        return recipe_path(self.base, relative)
 
     # -- bookkeeping
     def stages(self) -> dict[str, Any]:
@@ -415,9 +401,9 @@ def puzzle_stage(rr: RecipeRun) -> list[Step]:
     r = rr.recipe
     if r.puzzle is None:
         return []
-    import yaml
+    from open_nemotron.puzzle.config import read_yaml
 
-    settings = yaml.safe_load(rr.path(r.puzzle).read_text()) or {}
+    settings = read_yaml(rr.path(r.puzzle), RecipeError, "Puzzle YAML")
 
     def puzzle() -> None:
         from open_nemotron.puzzle.config import config_from_dict
@@ -680,6 +666,7 @@ def eval_stage(rr: RecipeRun) -> list[Step]:
     steps.append(Step("eval:reasoning", {"eval": _with_seed(ev.reasoning, r), "models": models}, ups, reasoning))
     if ev.if_suite is not None:
         suite = str(rr.path(ev.if_suite))
+        if_options = _with_seed(ev.if_options, r)  # the run's section is the digest's: a new seed reruns it
 
         def instructions() -> None:
             from open_nemotron.evaluate.reasoning_eval import run as run_eval
@@ -690,9 +677,9 @@ def eval_stage(rr: RecipeRun) -> list[Step]:
                 "json_out": str(out / "if.json"),
                 "device": r.device,
             }
-            run_eval(stage_config(EvalConfig, _with_seed(ev.if_options, r), "eval.if_options", owned), rr.progress)
+            run_eval(stage_config(EvalConfig, if_options, "eval.if_options", owned), rr.progress)
 
-        steps.append(Step("eval:if", {"eval": ev.if_options, "suite": suite, "models": models}, ups, instructions))
+        steps.append(Step("eval:if", {"eval": if_options, "suite": suite, "models": models}, ups, instructions))
     healing = retention_models(rr)
     heal_ups = ("convert",) if r.puzzle is None else tuple(dict.fromkeys(("convert", rr.model_upstream("child"))))
     if ev.mc_tasks:

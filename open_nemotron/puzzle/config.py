@@ -306,17 +306,21 @@ def parse_shard(shard: str) -> tuple[int, int]:
     return k, n
 
 
-def load_config(path: str | Path) -> PuzzleConfig:
+def read_yaml(path: str | Path, error: type[Exception] = PuzzleConfigError, what: str = "config file") -> Any:
+    """A YAML file's content (an empty file: {}); a missing file or bad YAML is an `error` naming the file."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
-        raise PuzzleConfigError(f"{path}: no such config file")
+        raise error(f"{path}: no such {what}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise PuzzleConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    return validate(build_section(PuzzleConfig, data, ""))
+        raise error(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+
+
+def load_config(path: str | Path) -> PuzzleConfig:
+    return validate(build_section(PuzzleConfig, read_yaml(path), ""))
 
 
 def config_from_dict(data: dict[str, Any]) -> PuzzleConfig:
