@@ -241,3 +241,72 @@ def test_the_vllm_plugin_entry_point_registers_our_config():
     from transformers import AutoConfig
 
     assert type(AutoConfig.for_model("nemotron-nas")) is DeciLMConfig
+
+
+def _views_match_shapes(raw: dict, model: DeciLMForCausalLM) -> None:
+    """Every reader's per-layer view of `raw` (a config.json) equals the shapes `model` actually has."""
+    heads, kv, widths = actual_shapes(model)
+    assert [k for k, _ in vllm_view(raw)] == kv
+    assert [w for _, w in vllm_view(raw)] == widths
+    base = _rope_base(model)  # recovered from float32 frequencies: equal to ~1e-6
+    nvidia_widths, nvidia_base = nvidia_51b_view(raw)
+    assert nvidia_widths == widths and nvidia_base == pytest.approx(base, rel=1e-5)
+    assert puzzletron_view(raw) == widths
+    *llama_cpp_shapes, llama_cpp_base = llama_cpp_view(raw)
+    assert tuple(llama_cpp_shapes) == (heads, kv, widths) and llama_cpp_base == pytest.approx(base, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_readers_agree_with_the_default_parent_and_a_puzzle_child_of_it(tmp_path: Path):
+    """The real default parent, and a child built from its default search space with every width and KV option
+    (our config written as Puzzle's assembly writes it, shapes from a model built on the meta device)."""
+    from open_nemotron.model.loading import load_deci_config, resolve_model_dir
+    from open_nemotron.puzzle.search_space import build_search_space, child_block_configs, config_with_blocks
+
+    converted = convert(resolve_model_dir("smollm2-135m"), tmp_path / "parent")
+    raw = json.loads((converted / "config.json").read_text())
+    parent = DeciLMForCausalLM.from_pretrained(converted).eval()
+    _views_match_shapes(raw, parent)
+    assert raw["rope_theta"] == 100000.0 and _rope_base(parent) == pytest.approx(100000.0, rel=1e-5)
+
+    space = build_search_space(load_deci_config(converted), SearchSpaceConfig(attention_linear=False, ffn_linear=False))
+    # Layer i takes the (i mod k)-th option of each list: every width and KV-head option occurs, no-ops included.
+    attention = [options[i % len(options)] for i, options in enumerate(space.attention)]
+    ffn = [options[(i // 2) % len(options)] for i, options in enumerate(space.ffn)]
+    assert attention[0].block.kind != "no_op"  # what llama.cpp and vLLM need in layer 0
+    child_config = config_with_blocks(parent.config, child_block_configs(parent.config, attention, ffn))
+    child_config.save_pretrained(tmp_path / "child")
+    child_raw = json.loads((tmp_path / "child" / "config.json").read_text())
+    with torch.device("meta"):
+        child = DeciLMForCausalLM(DeciLMConfig.from_pretrained(tmp_path / "child"))
+    child.model.rotary_emb = type(child.model.rotary_emb)(config=child.config)  # real frequencies, on the CPU
+    _views_match_shapes(child_raw, child)
+    widths = set(actual_shapes(child)[2])
+    assert {0, 256, 512, 768, 1024, 1536} <= widths, widths
+
+
+def test_readers_agree_with_a_fused_child(tmp_path: Path):
+    """A child whose attention-free runs FFN Fusion merged: fewer layers, wider FFNs, still read alike."""
+    from open_nemotron.fusion import FusionPlan, fuse
+
+    blocks = [
+        {"attention": {"n_heads_in_group": 2}, "ffn": {"intermediate_size": 512}},
+        {"attention": {"no_op": True}, "ffn": {"intermediate_size": 256}},
+        {"attention": {"no_op": True}, "ffn": {"intermediate_size": 768}},
+        {"attention": {"no_op": True}, "ffn": {"no_op": True}},
+        {"attention": {"n_heads_in_group": 4}, "ffn": {"intermediate_size": 256}},
+        {"attention": {"no_op": True}, "ffn": {"intermediate_size": 512}},
+        {"attention": {"no_op": True}, "ffn": {"intermediate_size": 512}},
+    ]
+    cfg = tiny_llama_config(
+        num_hidden_layers=len(blocks), hidden_size=64, num_attention_heads=4, num_key_value_heads=2, rope_theta=5e5
+    )
+    cfg = {k: v for k, v in cfg.to_dict().items() if k not in ("model_type", "architectures", "transformers_version")}
+    torch.manual_seed(0)
+    child = DeciLMForCausalLM(DeciLMConfig(**cfg, block_configs=blocks)).eval()
+    fused = fuse(child, FusionPlan(((1, 2, 3), (5, 6))))
+    fused.save_pretrained(tmp_path / "fused")
+    raw = json.loads((tmp_path / "fused" / "config.json").read_text())
+    loaded = DeciLMForCausalLM.from_pretrained(tmp_path / "fused").eval()
+    assert raw["num_hidden_layers"] == 4 and actual_shapes(loaded)[2] == [512, 1024, 256, 1024]
+    _views_match_shapes(raw, loaded)

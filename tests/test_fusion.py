@@ -210,3 +210,13 @@ def test_fusion_cli(model, tmp_path):
         app, ["fusion", "fuse", str(tmp_path / "child"), "--out", str(tmp_path / "x"), "--runs", "0-1"]
     )
     assert result.exit_code == 2 and "layer 0 has gqa attention" in result.output
+
+
+def test_fused_model_keeps_the_source_generation_config(model):
+    """A trained source carries `config.use_cache = False` (the Trainer's); the fused model must not turn that into
+    cache-less generation: it keeps the source's generation config as it is."""
+    model.config.use_cache = False
+    model.generation_config.temperature, model.generation_config.eos_token_id = 0.6, [2, 7]
+    fused = fuse(model, FusionPlan(((1, 2, 3, 4),)))
+    assert fused.generation_config.to_dict() == model.generation_config.to_dict()
+    assert fused.generation_config.use_cache is not False

@@ -4,6 +4,8 @@ what LlamaForCausalLM produces on the same weights, with and without a padding m
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from models_for_tests import (
@@ -183,3 +185,23 @@ def test_cache_has_no_kv_layers_where_attention_is_not_gqa():
     assert cache.get_seq_length(1) == 4 and cache.get_seq_length(0) == 4  # a no-KV layer answers for the first KV
     with pytest.raises(RuntimeError, match="cannot store"):
         cache.update(k, k, 1)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["no-mask", "left-padded"])
+def test_a_model_whose_generation_config_turns_the_cache_off(padded):
+    """What a Trainer-trained model can carry: generation_config.use_cache False. A GenerationConfig that leaves
+    use_cache unset (TRL's GRPO passes one) then generates without a cache, as transformers resolves it, and must
+    give the cached tokens: it once got our cache anyway and failed on the first full-sequence step."""
+    from transformers import GenerationConfig
+
+    model = random_decilm(heterogeneous_config(), seed=4)
+    kwargs = dict(**_inputs(padded), pad_token_id=2)
+    expected = model.generate(**kwargs, max_new_tokens=6, do_sample=False)
+    model.generation_config.use_cache = False
+    asked = GenerationConfig(max_new_tokens=6, do_sample=False, repetition_penalty=1.1)  # not plain: transformers
+    assert asked.use_cache is None
+    model.generation_config.use_cache = True
+    with_cache = model.generate(**kwargs, generation_config=copy.deepcopy(asked))
+    model.generation_config.use_cache = False
+    assert torch.equal(model.generate(**kwargs, generation_config=copy.deepcopy(asked)), with_cache)
+    assert torch.equal(model.generate(**kwargs, max_new_tokens=6, do_sample=False), expected)  # our loop refuses it too

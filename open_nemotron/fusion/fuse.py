@@ -17,6 +17,7 @@ original layers it stands for), which distillation uses to align it with its par
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,6 +154,9 @@ def _rebuild(model, layer_groups: list[tuple[int, ...]], new_layers: list[dict[s
         state.update({f"model.layers.{n}.{k}": v for k, v in entry["state"].items()})
     new.load_state_dict(state, strict=True, assign=True)
     new.tie_weights()
+    # The source's sampling defaults and special ids, not ones derived afresh from its config (a Trainer leaves
+    # `config.use_cache = False`, which a derived generation config would turn into cache-less generation).
+    new.generation_config = copy.deepcopy(model.generation_config)
     with torch.device(ref.device):
         new.model.rotary_emb = type(model.model.rotary_emb)(config=new_config)
     return new.to(device=ref.device, dtype=ref.dtype).eval()

@@ -578,17 +578,20 @@ class DeciLMForCausalLM(DeciLMPreTrainedModel, GenerationMixin):
         (`generation.decode`: same tokens, much less per-step overhead). Anything else (beams, streamers, logits
         processors, dict outputs, ...) and `fast_decode=False` go to transformers' implementation, with our own
         `DeciLMCache` unless the caller brings a cache or asks for another kind."""
-        from open_nemotron.model.generation import decode, plain_decode_request
+        from open_nemotron.model.generation import decode, merged_generation_config, plain_decode_request
 
         request = plain_decode_request(self, inputs, generation_config, kwargs) if fast_decode else None
         if request is not None:
             return decode(self, **request)
-        config = generation_config if generation_config is not None else self.generation_config
+        # Decide on the settings transformers will use: a field the given config leaves unset comes from the model's
+        # own generation config (a trained model's may say use_cache False; a cache handed over anyway would then
+        # be read as holding the past of every full-sequence step).
+        config, _ = merged_generation_config(self, generation_config, kwargs)
         wants_kv_cache = (
-            kwargs.get("use_cache", config.use_cache) is not False
+            config.use_cache is not False
             # transformers' StaticCache hands attention max-length buffers (for torch.compile); our layers attend
             # over what is cached, so "static" gets our cache too: same tokens (the fast loop's cache is static).
-            and kwargs.get("cache_implementation", config.cache_implementation) in (None, "dynamic", "static")
+            and config.cache_implementation in (None, "dynamic", "static")
             and kwargs.get("cache") is None
             and kwargs.get("past_key_values") is None
             and self.model.first_cached_layer is not None
