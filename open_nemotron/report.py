@@ -113,15 +113,15 @@ def _exports(rr) -> dict[str, Any] | None:
     if export is None:
         return None
     commands = {
-        "gguf": "open-nemotron serve {path} --engine llama.cpp",
-        "vllm": "vllm serve {path}   (or: open-nemotron serve {path} --engine vllm)",
+        "gguf": ["open-nemotron serve {path} --engine llama.cpp"],
+        "vllm": ["vllm serve {path}", "open-nemotron serve {path} --engine vllm"],
     }
     out = {"model": export["model"], "ours": f"open-nemotron serve {export['model']}"}
     for target in ("gguf", "vllm"):
         if target in export:
             entry = dict(export[target])
             if "path" in entry:
-                entry["serve"] = commands[target].format(path=entry["path"])
+                entry["serve"] = [c.format(path=entry["path"]) for c in commands[target]]
             out[target] = entry
     return out
 
@@ -185,6 +185,14 @@ def plot_reasoning(path: Path, reasoning: dict[str, Any]) -> None:
         ax.bar(xs, values, width, yerr=errors, capsize=3, label=f"reasoning {mode}")
     ax.set_xticks(range(len(labels)), labels, rotation=15, fontsize=8)
     ax.set_ylabel("held-out accuracy")
+    # Accuracy lives in [0, 1]: an all-zero smoke run must not draw an axis symmetric around 0.
+    tops = [
+        reasoning["models"][m][mode]["ci95"][1]
+        for m in labels
+        for mode in ("on", "off")
+        if mode in reasoning["models"][m]
+    ]
+    ax.set_ylim(0, min(1.0, max([0.1, *(1.15 * t for t in tops)])))
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -258,7 +266,8 @@ def render_markdown(report: dict[str, Any], images: dict[str, str]) -> str:
             if target in exports:
                 e = exports[target]
                 if "path" in e:
-                    lines.append(f"- {target} ({e['dtype']}): `{e['path']}`; serve: `{e['serve']}`")
+                    serve = " or ".join(f"`{c}`" for c in e["serve"])
+                    lines.append(f"- {target} ({e['dtype']}): `{e['path']}`; serve: {serve}")
                 else:
                     lines.append(f"- {target}: refused: {e['refused']}")
         lines.append("")

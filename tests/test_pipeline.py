@@ -183,10 +183,22 @@ def test_a_run_killed_mid_stage_completes_with_the_same_artifacts(finished, tmp_
     assert _artifacts(run_dir) == _artifacts(reference_dir)
 
 
-def test_recipes_in_the_repository_load():
+def test_recipes_in_the_repository_load(tmp_path):
+    """Each recipe validates, given the files `make demo` writes before it runs (the multiple-choice tasks of
+    `make mc-tasks`, which a fresh clone lacks): a copy of recipes/ beside stand-in task files."""
+    import shutil
+
+    shutil.copytree(REPO / "recipes", tmp_path / "recipes")
+    (tmp_path / "runs" / "mc-tasks").mkdir(parents=True)
+    for task in ("arc_easy", "piqa", "hellaswag"):
+        (tmp_path / "runs" / "mc-tasks" / f"{task}.jsonl").write_text(
+            '{"query": "q", "choices": ["a", "b"], "gold": 0}\n'
+        )
     for name in ("demo.yaml", "demo-quick.yaml", "llama-3.1-8b.yaml"):
-        recipe, _ = load_recipe(REPO / "recipes" / name)
+        recipe, _ = load_recipe(tmp_path / "recipes" / name)
         assert recipe.models
+    demo, _ = load_recipe(tmp_path / "recipes" / "demo.yaml")
+    assert len(demo.eval.mc_tasks) == 3
 
 
 @pytest.mark.parametrize(
