@@ -237,6 +237,8 @@ def check_recipe(recipe: Recipe, base: Path) -> None:
             raise RecipeError(f"puzzle = {recipe.puzzle!r}: no such Puzzle YAML (relative to the recipe)")
         if not recipe.child:
             raise RecipeError("child: missing; expected the name of a Puzzle target (search.targets[].name)")
+        if recipe.distill is not None:
+            _check_distill_text(recipe, base)
     for key, cls in stage_config_classes().items():  # every stage section, built into its stage's config
         section = _section(recipe, key)
         if section is not None and (key != "sft" or recipe.datagen is not None):  # no datagen: no SFT
@@ -382,6 +384,28 @@ def _with_seed(section: dict, recipe: Recipe) -> dict:
     return {"seed": recipe.seed, **section}
 
 
+def distill_section(recipe: Recipe) -> dict:
+    """KD's section with its seed: its own, else the recipe's + 1. KD's default data is text the parent writes,
+    seeded as Puzzle's calibration text is; with Puzzle's seed the two would be the same documents, and KD's
+    reporting KL would be measured on text Puzzle chose the child with."""
+    return {"seed": recipe.seed + 1, **recipe.distill}
+
+
+def _check_distill_text(recipe: Recipe, base: Path) -> None:
+    """Refuse KD text that is Puzzle's calibration text (same source, same seed): held out means held out."""
+    from open_nemotron.puzzle.config import read_yaml
+
+    section = distill_section(recipe)
+    calibration = read_yaml(recipe_path(base, recipe.puzzle), RecipeError, "Puzzle YAML").get("calibration") or {}
+    same_text = section.get("data", "parent") == "parent" and calibration.get("source", "parent") == "parent"
+    if same_text and section["seed"] == calibration.get("seed", 0):
+        raise RecipeError(
+            f"distill.seed = {section['seed']}: the seed of Puzzle's calibration text ({recipe.puzzle}: "
+            "calibration.seed); KD's training and reporting text would be the documents Puzzle chose the child on: "
+            "expected another seed"
+        )
+
+
 def convert_stage(rr: RecipeRun) -> list[Step]:
     r = rr.recipe
 
@@ -433,7 +457,7 @@ def distill_stage(rr: RecipeRun) -> list[Step]:
         "output_dir": str(rr.dir / "distill"),
         "device": r.device,
     }
-    section = _with_seed(r.distill, r)
+    section = distill_section(r)
 
     def distill() -> None:
         from open_nemotron.distill.kd import run as run_distill

@@ -17,7 +17,7 @@ import yaml
 from models_for_tests import save_tiny_llama, tiny_llama_config
 from test_puzzle_pipeline import TEXT, tiny_config_dict
 
-from open_nemotron.pipeline import RecipeError, load_recipe, recipe_from_dict
+from open_nemotron.pipeline import RecipeError, distill_section, load_recipe, recipe_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -183,22 +183,26 @@ def test_a_run_killed_mid_stage_completes_with_the_same_artifacts(finished, tmp_
     assert _artifacts(run_dir) == _artifacts(reference_dir)
 
 
-def test_recipes_in_the_repository_load(tmp_path):
-    """Each recipe validates, given the files `make demo` writes before it runs (the multiple-choice tasks of
-    `make mc-tasks`, which a fresh clone lacks): a copy of recipes/ beside stand-in task files."""
+def recipes_with_task_files(root: Path) -> Path:
+    """A copy of recipes/ beside stand-in multiple-choice task files where `make mc-tasks` writes them (a fresh
+    clone has none; `make demo` writes them before it runs): the recipes' own paths then resolve."""
     import shutil
 
-    shutil.copytree(REPO / "recipes", tmp_path / "recipes")
-    (tmp_path / "runs" / "mc-tasks").mkdir(parents=True)
+    shutil.copytree(REPO / "recipes", root / "recipes")
+    (root / "runs" / "mc-tasks").mkdir(parents=True)
     for task in ("arc_easy", "piqa", "hellaswag"):
-        (tmp_path / "runs" / "mc-tasks" / f"{task}.jsonl").write_text(
-            '{"query": "q", "choices": ["a", "b"], "gold": 0}\n'
-        )
+        (root / "runs" / "mc-tasks" / f"{task}.jsonl").write_text('{"query": "q", "choices": ["a", "b"], "gold": 0}\n')
+    return root / "recipes"
+
+
+def test_recipes_in_the_repository_load(tmp_path):
+    recipes = recipes_with_task_files(tmp_path)
     for name in ("demo.yaml", "demo-quick.yaml", "llama-3.1-8b.yaml"):
-        recipe, _ = load_recipe(tmp_path / "recipes" / name)
+        recipe, _ = load_recipe(recipes / name)
         assert recipe.models
-    demo, _ = load_recipe(tmp_path / "recipes" / "demo.yaml")
+    demo, _ = load_recipe(recipes / "demo.yaml")
     assert len(demo.eval.mc_tasks) == 3
+    assert distill_section(demo)["seed"] == 1  # other text than Puzzle's calibration (seed 0)
 
 
 @pytest.mark.parametrize(
@@ -217,11 +221,14 @@ def test_recipes_in_the_repository_load(tmp_path):
         ({"seed": "x"}, "seed = 'x': expected an integer"),
         ({"puzzle": None}, "models: 'child' needs a puzzle section"),
         ({"datagen": None}, "datagen: null skips SFT"),
+        ({"distill": {"seed": 0}}, "distill.seed = 0: the seed of Puzzle's calibration text"),
+        ({"seed": -1}, "distill.seed = 0: the seed of Puzzle's calibration text"),
     ],
 )
-def test_a_bad_recipe_is_refused_with_the_field(patch, message):
-    base = yaml.safe_load((REPO / "recipes" / "demo.yaml").read_text())
+def test_a_bad_recipe_is_refused_with_the_field(patch, message, tmp_path):
+    recipes = recipes_with_task_files(tmp_path)
+    base = yaml.safe_load((recipes / "demo.yaml").read_text())
     data = {**base, **patch}
     with pytest.raises(RecipeError) as err:
-        recipe_from_dict(data, REPO / "recipes")
+        recipe_from_dict(data, recipes)
     assert message in str(err.value)
