@@ -99,6 +99,9 @@ class Recipe:
     seed: int = 0
     device: str | None = None
     non_portable_ffn_widths: bool = False
+    # Trainer checkpoints (weights + optimiser state, ~3x the model each) only serve resuming a killed step: a
+    # finished step's are removed unless kept (the demo's would take ~20 GB).
+    keep_checkpoints: bool = False
     puzzle: str | None = None  # a Puzzle YAML, relative to the recipe (its `parent` is the converted parent)
     child: str | None = None  # the Puzzle target whose child goes on
     distill: dict | None = None  # DistillConfig fields (null: no KD)
@@ -330,6 +333,10 @@ class RecipeRun:
                 "at": time.strftime("%Y-%m-%d %H:%M:%S"),
             },
         )
+        if not self.recipe.keep_checkpoints:  # after "finished" is on disk: a kill here leaves only spare files
+            for path in step.outputs:
+                for checkpoint in sorted(path.glob("checkpoint-*")) if path.is_dir() else ():
+                    shutil.rmtree(checkpoint, ignore_errors=True)
         return True
 
     # -- where things are

@@ -151,6 +151,9 @@ def test_every_stage_runs_and_the_report_tells_the_story(finished):
     stages = json.loads((run_dir / "stages.json").read_text())
     for step in ("convert", "puzzle", "distill", "sft:child", "sft:parent", "pass-rate:child", "grpo:parent"):
         assert stages[step]["finished"]
+    # Finished Trainer steps keep their results, not their resume state (keep_checkpoints is off by default).
+    for trained in ("distill", "sft/child", "grpo/parent", "rloo/child"):
+        assert (run_dir / trained / "final").is_dir() and not list((run_dir / trained).glob("checkpoint-*"))
 
 
 @pytest.mark.slow
