@@ -335,7 +335,7 @@ class RecipeRun:
         )
         if not self.recipe.keep_checkpoints:  # after "finished" is on disk: a kill here leaves only spare files
             for path in step.outputs:
-                for checkpoint in sorted(path.glob("checkpoint-*")) if path.is_dir() else ():
+                for checkpoint in path.glob("checkpoint-*"):  # nothing for a missing directory or a file
                     shutil.rmtree(checkpoint, ignore_errors=True)
         return True
 

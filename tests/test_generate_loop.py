@@ -196,11 +196,9 @@ def test_a_model_whose_generation_config_turns_the_cache_off(padded):
 
     model = random_decilm(heterogeneous_config(), seed=4)
     kwargs = dict(**_inputs(padded), pad_token_id=2)
-    expected = model.generate(**kwargs, max_new_tokens=6, do_sample=False)
-    model.generation_config.use_cache = False
     asked = GenerationConfig(max_new_tokens=6, do_sample=False, repetition_penalty=1.1)  # not plain: transformers
     assert asked.use_cache is None
-    model.generation_config.use_cache = True
+    expected = model.generate(**kwargs, max_new_tokens=6, do_sample=False)
     with_cache = model.generate(**kwargs, generation_config=copy.deepcopy(asked))
     model.generation_config.use_cache = False
     assert torch.equal(model.generate(**kwargs, generation_config=copy.deepcopy(asked)), with_cache)
