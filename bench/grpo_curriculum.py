@@ -10,6 +10,11 @@ on it), paired against the SFT model with bootstrap intervals, per mode and per 
     .venv/bin/python bench/grpo_curriculum.py runs/reasoning-v3/sft/final --prompts runs/rl-v2/pass-rate/kept.jsonl \\
         --out runs/rl-v2/grpo --max-steps 40 --arms curriculum,random
 
+With `--select-on-validation N`, each arm's saved checkpoints (and its final model) are first scored on N prompts of
+the validation suite (the held-out suite's tasks at other seeds, sharing no question with it), and the one with the
+best reasoning-on accuracy among those keeping toggle compliance >= 0.97 in both modes goes to the held-out eval: a
+checkpoint is chosen without reading the suite it is reported on.
+
 Writes `OUT/result.json`, `OUT/result.md` and `OUT/curves.png` (training reward and completion length of each arm
 against the step). Run it alone on the machine.
 """
@@ -56,6 +61,50 @@ def train_arm(args: argparse.Namespace, arm: str) -> dict:
         seed=args.seed,
     )
     return run_rl(config)
+
+
+MIN_COMPLIANCE = 0.97  # the issue's bar for toggle compliance in both modes
+
+
+def eval_config(args: argparse.Namespace, models: list[str], suite: str, limit: int, json_out: Path) -> EvalConfig:
+    return EvalConfig(
+        models=models,
+        suite=suite,
+        samples=args.eval_samples,
+        limit=limit,
+        max_new_tokens_on=args.max_new_tokens_on,
+        max_new_tokens_off=args.max_new_tokens_off,
+        json_out=str(json_out),
+    )
+
+
+def checkpoints(arm_dir: Path, max_steps: int) -> list[str]:
+    """The arm's saved checkpoints in step order, then its final model (a checkpoint of the last step is the final
+    model's twin and is left out)."""
+    saved = sorted(arm_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    earlier = [p for p in saved if int(p.name.split("-")[1]) < max_steps and (p / "config.json").is_file()]
+    return [str(p) for p in earlier] + [str(arm_dir / "final")]
+
+
+def select_on_validation(args: argparse.Namespace, arms: list[str]) -> tuple[dict[str, str], dict]:
+    """Per arm, the checkpoint with the best validation accuracy with reasoning on among those that keep compliance
+    >= MIN_COMPLIANCE in both modes (the final model when none does). Scored in one eval with the SFT model beside
+    them, for reference; the SFT model itself is not a candidate."""
+    out = Path(args.out)
+    candidates = {arm: checkpoints(out / arm, args.max_steps) for arm in arms}
+    models = [args.model] + [c for arm in arms for c in candidates[arm]]
+    validation = run_eval(eval_config(args, models, "validation", args.select_on_validation, out / "validation.json"))
+    chosen = {}
+    for arm in arms:
+
+        def key(spec: str) -> tuple[bool, float]:
+            m = validation["models"][spec]
+            ok = min(m["on"]["compliance"], m["off"]["compliance"]) >= MIN_COMPLIANCE
+            return ok, m["on"]["accuracy"]
+
+        best = max(candidates[arm], key=key)  # max keeps the first of equals: the earlier checkpoint
+        chosen[arm] = best if key(best)[0] else candidates[arm][-1]
+    return chosen, validation
 
 
 def plot(arms: dict[str, dict], path: Path, window: int) -> None:
@@ -124,6 +173,22 @@ def render(result: dict) -> str:
             for mode in ("on", "off"):
                 per_task = result["eval"]["models"][spec][mode]["per_task"]
                 lines.append(f"| {name} | {mode} | " + " | ".join(f"{per_task[t]:.3f}" for t in tasks) + " |")
+    validation = result.get("validation")
+    if validation:
+        lines += [
+            "",
+            f"Checkpoints chosen on the validation suite ({validation['suite_size']} prompts; the held-out eval above "
+            "read only the chosen ones):",
+            "",
+            "| model | on | on compliance | off | off compliance |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for spec, m in validation["models"].items():
+            mark = " (chosen)" if spec in result["specs"].values() and spec != result["model"] else ""
+            lines.append(
+                f"| `{spec}`{mark} | {m['on']['accuracy']:.3f} | {m['on']['compliance']:.3f} | "
+                f"{m['off']['accuracy']:.3f} | {m['off']['compliance']:.3f} |"
+            )
     lines += ["", "![curves](curves.png)", ""]
     return "\n".join(lines)
 
@@ -147,6 +212,13 @@ def main() -> None:
     parser.add_argument("--max-new-tokens-on", type=int, default=320)
     parser.add_argument("--max-new-tokens-off", type=int, default=96)
     parser.add_argument("--smooth", type=int, default=5, help="running-mean window of the plotted curves")
+    parser.add_argument(
+        "--select-on-validation",
+        type=int,
+        default=0,
+        metavar="N",
+        help="choose each arm's checkpoint on N validation prompts before the held-out eval (0: the final model)",
+    )
     parser.add_argument("--no-eval", action="store_true", help="train the arms only")
     args = parser.parse_args()
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
@@ -163,18 +235,13 @@ def main() -> None:
     plot(trained, out / "curves.png", args.smooth)
     if args.no_eval:
         return
-    specs = {"sft": args.model, **{arm: trained[arm]["final_model"] for arm in arms}}
-    evaluation = run_eval(
-        EvalConfig(
-            models=list(specs.values()),
-            suite="heldout",
-            samples=args.eval_samples,
-            limit=args.eval_limit,
-            max_new_tokens_on=args.max_new_tokens_on,
-            max_new_tokens_off=args.max_new_tokens_off,
-            json_out=str(out / "eval.json"),
-        )
-    )
+    validation = None
+    if args.select_on_validation:
+        chosen, validation = select_on_validation(args, arms)
+    else:
+        chosen = {arm: trained[arm]["final_model"] for arm in arms}
+    specs = {"sft": args.model, **chosen}
+    evaluation = run_eval(eval_config(args, list(specs.values()), "heldout", args.eval_limit, out / "eval.json"))
     result = {
         "benchmark": "grpo_curriculum",
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -185,6 +252,7 @@ def main() -> None:
         "specs": specs,
         "train_seconds": {arm: trained[arm]["train_seconds"] for arm in arms},
         "eval": evaluation,
+        "validation": validation,
     }
     write_result(out / "result.json", result, render(result))
     print(render(result))

@@ -566,7 +566,9 @@ def eval_command(
     suite: Annotated[
         str,
         typer.Option(
-            "--suite", help="'heldout', a GSM8K/MATH-style jsonl or an IFEval-format jsonl (four IFEval accuracies)."
+            "--suite",
+            help="'heldout' (report on it), 'validation' (choose on it: same tasks, other seeds), a GSM8K/MATH-style "
+            "jsonl or an IFEval-format jsonl (four IFEval accuracies).",
         ),
     ] = "heldout",
     reasoning: Annotated[str, typer.Option("--reasoning", help="Modes to evaluate: on,off / on / off.")] = "on,off",

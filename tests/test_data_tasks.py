@@ -16,6 +16,8 @@ from open_nemotron.data.tasks import (
     HELDOUT_TASKS,
     MATH_SCORER,
     TASKS,
+    VALIDATION_EXCLUDES_HELDOUT,
+    VALIDATION_SEED_START,
     HeldoutSeedError,
     TaskError,
     TaskItem,
@@ -24,6 +26,7 @@ from open_nemotron.data.tasks import (
     load_math_jsonl,
     make_items,
     score_answer,
+    validation_suite,
 )
 
 
@@ -50,9 +53,17 @@ def test_items_are_deterministic_per_seed():
 def test_heldout_seeds_are_refused_for_training():
     with pytest.raises(HeldoutSeedError):
         make_items("gcd", 1, seed=HELDOUT_SEED_START)
-    with pytest.raises(HeldoutSeedError, match="below 1000000000"):
-        make_items("gcd", 10, seed=HELDOUT_SEED_START - 5)  # the range would reach into the reserved seeds
-    make_items("gcd", 5, seed=HELDOUT_SEED_START - 5)  # the last training seeds are fine
+    with pytest.raises(HeldoutSeedError):
+        make_items("gcd", 1, seed=VALIDATION_SEED_START)
+    with pytest.raises(HeldoutSeedError, match="below 900000000"):
+        make_items("gcd", 10, seed=VALIDATION_SEED_START - 5)  # the range would reach into the reserved seeds
+    make_items("gcd", 5, seed=VALIDATION_SEED_START - 5)  # the last training seeds are fine
+    # Validation seeds sit between the two: neither below them nor into the held-out range.
+    with pytest.raises(HeldoutSeedError, match="validation"):
+        make_items("gcd", 1, split="validation", seed=VALIDATION_SEED_START - 1)
+    with pytest.raises(HeldoutSeedError, match="validation"):
+        make_items("gcd", 10, split="validation", seed=HELDOUT_SEED_START - 5)
+    assert make_items("gcd", 5, split="validation", seed=HELDOUT_SEED_START - 5)[-1].split == "validation"
     with pytest.raises(TaskError):
         make_items("gcd", 1, seed=-HELDOUT_SEED_START)  # Python seeds from abs(seed): a back door otherwise
     with pytest.raises(HeldoutSeedError):
@@ -61,6 +72,20 @@ def test_heldout_seeds_are_refused_for_training():
         make_items("no_such_task", 1)
     with pytest.raises(TaskError, match="difficulty"):
         make_items("gcd", 1, difficulty="extreme")
+
+
+def test_validation_suite_is_fixed_and_shares_no_question_with_the_heldout_suite():
+    suite = validation_suite(30)
+    assert suite == validation_suite(30)
+    assert validation_suite(4) == [i for t in HELDOUT_TASKS for i in [j for j in suite if j.task == t][:4]]
+    assert [i.task for i in suite] == [t for t in HELDOUT_TASKS for _ in range(30)]
+    assert all(i.split == "validation" and VALIDATION_SEED_START <= i.seed < HELDOUT_SEED_START for i in suite)
+    assert all(i.difficulty == HELDOUT_DIFFICULTY for i in suite)
+    heldout = {(i.task, i.question) for i in heldout_suite(VALIDATION_EXCLUDES_HELDOUT)}
+    assert not heldout & {(i.task, i.question) for i in suite}
+    # At easy difficulty some seeds do draw a held-out question: they were skipped, not kept.
+    drawn = [i for t in HELDOUT_TASKS for i in make_items(t, 30, split="validation", seed=VALIDATION_SEED_START)]
+    assert heldout & {(i.task, i.question) for i in drawn}
 
 
 def test_heldout_suite_is_fixed_and_disjoint_from_training():
@@ -237,3 +262,17 @@ def test_a_bug_on_our_side_propagates():
     broken = dataclasses.replace(item, entry={"question": item.question})  # no "answer": the scorer's KeyError
     with pytest.raises(KeyError):
         score_answer(broken, f"\\boxed{{{item.answer}}}")
+
+
+def test_eval_suites_by_name_are_balanced_across_tasks():
+    from open_nemotron.errors import OpenNemotronError
+    from open_nemotron.evaluate.reasoning_eval import load_suite
+
+    for name, split in (("heldout", "heldout"), ("validation", "validation")):
+        items = load_suite(name, limit=8)
+        # Two rounds over the six tasks, cut at 8: every task once, then the first two again.
+        assert [i.task for i in items] == [*HELDOUT_TASKS, *HELDOUT_TASKS[:2]]
+        assert all(i.split == split for i in items)
+    assert load_suite("validation", limit=8)[0] == validation_suite(1)[0]
+    with pytest.raises(OpenNemotronError, match="'heldout', 'validation'"):
+        load_suite("valid")

@@ -372,8 +372,10 @@ def test_generate_counts_failures_and_retries_them_next_run(stub: StubOpenAI, tm
 
 def test_generate_refuses_heldout_items_and_bad_modes(tmp_path: Path) -> None:
     teacher = BuiltinSolverTeacher()
-    with pytest.raises(GenerationError, match="held-out"):
+    with pytest.raises(GenerationError, match="heldout items"):
         generate_to_jsonl(teacher, [math_item("q", split="heldout")], tmp_path / "x.jsonl")
+    with pytest.raises(GenerationError, match="validation items"):
+        generate_to_jsonl(teacher, [math_item("p"), math_item("q", split="validation")], tmp_path / "x.jsonl")
     with pytest.raises(GenerationError, match="reasoning modes"):
         generate_to_jsonl(teacher, [math_item("q")], tmp_path / "x.jsonl", ("maybe",))
     assert not (tmp_path / "x.jsonl").exists()

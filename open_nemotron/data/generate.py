@@ -6,7 +6,8 @@ once (one JSON line, flushed), keyed by a stable id (`example_id`: a hash of tas
 the rest. A last line without its newline (the process was killed mid-write) is cut off and counted, as are
 complete lines that do not parse; the file is never rewritten otherwise.
 
-Held-out items (``split == "heldout"``) are refused: no training path draws from the held-out suite.
+Validation and held-out items (``split`` "validation" / "heldout") are refused: no training path draws from the
+suites that settings are chosen on and results reported on.
 """
 
 from __future__ import annotations
@@ -210,11 +211,11 @@ def generate_to_jsonl(
         raise GenerationError(f"reasoning modes = {list(reasoning_modes)!r}: expected a non-empty subset of on, off")
     if batch_size < 1:
         raise GenerationError(f"batch_size = {batch_size}: expected a positive integer")
-    heldout = [item for item in items if item.split == "heldout"]
+    heldout = [item for item in items if item.split in ("heldout", "validation")]
     if heldout:
         raise GenerationError(
-            f"{len(heldout)} of the items are held-out (first: task {heldout[0].task!r}, seed {heldout[0].seed}): "
-            "expected training items only; the held-out suite is for evaluation"
+            f"{len(heldout)} of the items are {heldout[0].split} items (first: task {heldout[0].task!r}, seed "
+            f"{heldout[0].seed}): expected training items only; the validation and held-out suites are for evaluation"
         )
     if category is None or isinstance(category, str):
         fixed = category

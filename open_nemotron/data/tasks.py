@@ -2,9 +2,10 @@
 
 Each registry task names a reasoning-gym dataset and its config kwargs at three difficulties. Every item is made
 from its own seed (``reasoning_gym.create_dataset(name, size=1, seed=item.seed, **kwargs)[0]``), so an item is
-reproducible from ``(task, difficulty, seed)`` alone. Seeds from `HELDOUT_SEED_START` up are reserved for the
-held-out suite: ``make_items(split="train")`` refuses any range that reaches them, so no training path can draw a
-held-out item. (reasoning-gym seeds ``random.Random(seed + index)`` and Python seeds from ``abs(seed)``, which is why
+reproducible from ``(task, difficulty, seed)`` alone. Seeds from `VALIDATION_SEED_START` up are reserved: those below
+`HELDOUT_SEED_START` for the validation suite (what a stage may choose a setting or a checkpoint on), those from it up
+for the held-out suite (what results are reported on). ``make_items(split="train")`` refuses any range that reaches
+them, so no training path can draw a validation or held-out item. (reasoning-gym seeds ``random.Random(seed + index)`` and Python seeds from ``abs(seed)``, which is why
 negative seeds are refused too.) Questions get a one-line instruction to put the final answer in ``\\boxed{}``.
 
 Scoring extracts the final answer (`extract_final_answer`) and asks the task's own reasoning-gym scorer, or
@@ -26,7 +27,8 @@ from open_nemotron.errors import OpenNemotronError
 from open_nemotron.model.chat_template import split_reasoning
 
 DIFFICULTIES = ("easy", "medium", "hard")
-SPLITS = ("train", "heldout")
+SPLITS = ("train", "validation", "heldout")
+VALIDATION_SEED_START = 9 * 10**8
 HELDOUT_SEED_START = 10**9
 # Difficulty used for every held-out task, and how many items per task `heldout_suite()` gives by default.
 # Easy: the level at which a 135M parent can keep written steps exact (at medium, both modes score ~2%).
@@ -70,7 +72,7 @@ class TaskItem:
     question: str  # the user message, answer-format instruction included
     answer: str  # gold final answer
     entry: dict  # the source entry (reasoning-gym dict, JSON-able) used for scoring
-    split: str  # "train" | "heldout"
+    split: str  # "train" | "validation" | "heldout"
     seed: int
     difficulty: str  # "easy" | "medium" | "hard" (math jsonl: the row's level, or "unrated")
 
@@ -197,7 +199,8 @@ def with_instruction(question: str) -> str:
 def make_items(task: str, n: int, *, split: str = "train", seed: int = 0, difficulty: str = "easy") -> list[TaskItem]:
     """`n` items of `task` at `difficulty`, from seeds ``seed, seed + 1, …, seed + n - 1`` (deterministic).
 
-    ``split="train"`` needs ``0 <= seed`` and ``seed + n <= HELDOUT_SEED_START``; ``split="heldout"`` needs
+    ``split="train"`` needs ``0 <= seed`` and ``seed + n <= VALIDATION_SEED_START``; ``split="validation"`` needs
+    ``VALIDATION_SEED_START <= seed`` and ``seed + n <= HELDOUT_SEED_START``; ``split="heldout"`` needs
     ``seed >= HELDOUT_SEED_START``. Anything else raises (`HeldoutSeedError` for a reserved-range violation).
     """
     spec = _spec(task)
@@ -207,10 +210,16 @@ def make_items(task: str, n: int, *, split: str = "train", seed: int = 0, diffic
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise TaskError(f"seed = {seed!r}: expected a non-negative integer (Python seeds from abs(seed))")
     if split == "train":
-        if seed + n > HELDOUT_SEED_START:
+        if seed + n > VALIDATION_SEED_START:
             raise HeldoutSeedError(
                 f"seed = {seed} with n = {n} reaches seed {seed + n - 1}: training seeds must stay below "
-                f"{HELDOUT_SEED_START} (seeds from there up are the held-out suite's)"
+                f"{VALIDATION_SEED_START} (seeds from there up are the validation and held-out suites')"
+            )
+    elif split == "validation":
+        if seed < VALIDATION_SEED_START or seed + n > HELDOUT_SEED_START:
+            raise HeldoutSeedError(
+                f"seed = {seed} with n = {n} for split 'validation': expected seeds in "
+                f"[{VALIDATION_SEED_START}, {HELDOUT_SEED_START})"
             )
     elif split == "heldout":
         if seed < HELDOUT_SEED_START:
@@ -247,6 +256,40 @@ def heldout_suite(n_per_task: int | None = None) -> list[TaskItem]:
     for task in HELDOUT_TASKS:
         items += make_items(task, n, split="heldout", seed=HELDOUT_SEED_START, difficulty=HELDOUT_DIFFICULTY)
     return items
+
+
+def validation_suite(n_per_task: int | None = None) -> list[TaskItem]:
+    """The validation suite: the held-out suite's tasks and difficulty, seeds from `VALIDATION_SEED_START`, for
+    choosing a setting or a checkpoint so that the held-out suite stays unread until the result is reported.
+
+    At easy difficulty a question can repeat across seeds, so items whose question is in the first
+    `VALIDATION_EXCLUDES_HELDOUT` held-out items of their task are skipped (and the next seed taken): the two suites
+    share no question. Prefix-stable like `heldout_suite`.
+    """
+    n = HELDOUT_N_PER_TASK if n_per_task is None else n_per_task
+    items = []
+    for task in HELDOUT_TASKS:
+        heldout = {item.question for item in _heldout_items(task, VALIDATION_EXCLUDES_HELDOUT)}
+        kept: list[TaskItem] = []
+        seed = VALIDATION_SEED_START
+        while len(kept) < n:
+            # Draw in chunks: one create_dataset call per item either way, chunks only bound the overshoot.
+            chunk = make_items(
+                task, max(n - len(kept), 1), split="validation", seed=seed, difficulty=HELDOUT_DIFFICULTY
+            )
+            kept += [item for item in chunk if item.question not in heldout][: n - len(kept)]
+            seed += len(chunk)
+        items += kept
+    return items
+
+
+# Held-out items per task a validation item must not repeat: more than any eval here reads (--limit 1200 at most).
+VALIDATION_EXCLUDES_HELDOUT = 200
+
+
+@cache
+def _heldout_items(task: str, n: int) -> tuple[TaskItem, ...]:
+    return tuple(make_items(task, n, split="heldout", seed=HELDOUT_SEED_START, difficulty=HELDOUT_DIFFICULTY))
 
 
 # ---------------------------------------------------------------------------------------------------------------

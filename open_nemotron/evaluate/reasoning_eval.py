@@ -33,7 +33,7 @@ MODES = ("on", "off")
 @dataclass
 class EvalConfig:
     models: list[str]
-    suite: str = "heldout"  # "heldout" or a GSM8K/MATH-style jsonl path
+    suite: str = "heldout"  # "heldout", "validation" (for choosing, never reporting) or a jsonl path
     reasoning: list[str] = field(default_factory=lambda: ["on", "off"])
     samples: int = 4  # K samples per prompt with reasoning on
     limit: int | None = None  # first N prompts of the suite
@@ -91,20 +91,21 @@ def load_suite(suite: str, limit: int | None = None) -> list:
 
         return load_ifeval(suite, limit).examples
 
-    if suite == "heldout":
+    if suite in ("heldout", "validation"):
+        make_suite = tasks.heldout_suite if suite == "heldout" else tasks.validation_suite
         if limit:
             # Balanced across tasks: the first ceil(limit / tasks) items of every task, interleaved, cut to `limit`.
             per_task = -(-limit // len(tasks.HELDOUT_TASKS))
             by_task: dict[str, list] = {}
-            for item in tasks.heldout_suite(n_per_task=per_task):
+            for item in make_suite(n_per_task=per_task):
                 by_task.setdefault(item.task, []).append(item)
             interleaved = [group[i] for i in range(per_task) for group in by_task.values() if i < len(group)]
             return interleaved[:limit]
-        items = tasks.heldout_suite()
+        items = make_suite()
     elif suite.endswith(".jsonl") and Path(suite).is_file():
         items = tasks.load_math_jsonl(suite)
     else:
-        raise OpenNemotronError(f"eval: suite '{suite}': expected 'heldout' or an existing .jsonl file")
+        raise OpenNemotronError(f"eval: suite '{suite}': expected 'heldout', 'validation' or an existing .jsonl file")
     return items[:limit] if limit else items
 
 
