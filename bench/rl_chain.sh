@@ -5,7 +5,7 @@
 # (bench/grpo_curriculum.py), then RLOO on synthetic instruction prompts with the IF and reasoning evals before/after.
 # Every step is skipped when its output is complete and resumes after a kill. Run it alone on the machine:
 #   nohup bash bench/rl_chain.sh runs/rl-v3 > runs/rl-v3.log 2>&1 &
-# Knobs (environment): GRPO_STEPS (default 18: 198 s per step on 2026-12-02, a slow day, is 59 min), RLOO_STEPS (default 18: 170 s per step that day), ARMS (default curriculum), PREFERENCE=1 (RPO vs DPO, below).
+# Knobs (environment): GRPO_LR (default 1e-5; 5e-5 lowered held-out accuracy, docs/benchmarks.md), GRPO_STEPS (default 18: 198 s per step on 2026-12-02, a slow day, is 59 min), RLOO_STEPS (default 18: 170 s per step that day), ARMS (default curriculum), PREFERENCE=1 (RPO vs DPO, below).
 # The kept prompts (recipes/rl/grpo-kept.jsonl) are `rl pass-rate`'s output for this SFT model
 # (docs/benchmarks.md, "Pass rates of the SFT model"); remake them if the SFT recipe changes.
 set -euo pipefail
@@ -13,6 +13,7 @@ cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
 RUN=${1:-runs/rl-v3}
 GRPO_STEPS=${GRPO_STEPS:-18}
+GRPO_LR=${GRPO_LR:-1e-5}
 RLOO_STEPS=${RLOO_STEPS:-18}
 ARMS=${ARMS:-curriculum}
 SFT=runs/reasoning-v3
@@ -27,7 +28,7 @@ stamp "SFT model"
 
 stamp "GRPO ($ARMS, $GRPO_STEPS steps) and the held-out eval"
 [ -f "$RUN/grpo/result.json" ] || "$BIN/python" bench/grpo_curriculum.py "$SFT/sft/final" \
-    --prompts recipes/rl/grpo-kept.jsonl --out "$RUN/grpo" --arms "$ARMS" --max-steps "$GRPO_STEPS"
+    --prompts recipes/rl/grpo-kept.jsonl --out "$RUN/grpo" --arms "$ARMS" --max-steps "$GRPO_STEPS" --lr "$GRPO_LR"
 
 stamp "RLOO ($RLOO_STEPS steps) on synthetic instruction prompts"
 [ -f "$RUN/if-prompts.jsonl" ] || "$BIN/open-nemotron" rl prompts --tasks '' --instructions 200 \
