@@ -5,8 +5,9 @@ from its own seed (``reasoning_gym.create_dataset(name, size=1, seed=item.seed, 
 reproducible from ``(task, difficulty, seed)`` alone. Seeds from `VALIDATION_SEED_START` up are reserved: those below
 `HELDOUT_SEED_START` for the validation suite (what a stage may choose a setting or a checkpoint on), those from it up
 for the held-out suite (what results are reported on). ``make_items(split="train")`` refuses any range that reaches
-them, so no training path can draw a validation or held-out item. (reasoning-gym seeds ``random.Random(seed + index)`` and Python seeds from ``abs(seed)``, which is why
-negative seeds are refused too.) Questions get a one-line instruction to put the final answer in ``\\boxed{}``.
+them, so no training path can draw a validation or held-out item. (reasoning-gym seeds ``random.Random(seed +
+index)`` and Python seeds from ``abs(seed)``, which is why negative seeds are refused too.) Questions get a one-line
+instruction to put the final answer in ``\\boxed{}``.
 
 Scoring extracts the final answer (`extract_final_answer`) and asks the task's own reasoning-gym scorer, or
 math-verify for math jsonl items; a response counts as correct only at score 1.0 (some reasoning-gym scorers give
@@ -283,7 +284,8 @@ def validation_suite(n_per_task: int | None = None) -> list[TaskItem]:
     return items
 
 
-# Held-out items per task a validation item must not repeat: more than any eval here reads (--limit 1200 at most).
+# Held-out items per task that no validation item repeats: what a held-out eval reads up to --limit 1200 (six tasks);
+# a larger held-out read could meet a validation question again.
 VALIDATION_EXCLUDES_HELDOUT = 200
 
 
