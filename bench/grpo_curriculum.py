@@ -81,9 +81,8 @@ def eval_config(args: argparse.Namespace, models: list[str], suite: str, limit: 
 def checkpoints(arm_dir: Path, max_steps: int) -> list[str]:
     """The arm's saved checkpoints in step order, then its final model (a checkpoint of the last step is the final
     model's twin and is left out)."""
-    saved = sorted(arm_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    earlier = [p for p in saved if int(p.name.split("-")[1]) < max_steps and (p / "config.json").is_file()]
-    return [str(p) for p in earlier] + [str(arm_dir / "final")]
+    saved = {int(p.name.split("-")[1]): p for p in arm_dir.glob("checkpoint-*") if (p / "config.json").is_file()}
+    return [str(saved[step]) for step in sorted(saved) if step < max_steps] + [str(arm_dir / "final")]
 
 
 def select_on_validation(args: argparse.Namespace, arms: list[str]) -> tuple[dict[str, str], dict]:
@@ -94,14 +93,14 @@ def select_on_validation(args: argparse.Namespace, arms: list[str]) -> tuple[dic
     candidates = {arm: checkpoints(out / arm, args.max_steps) for arm in arms}
     models = [args.model] + [c for arm in arms for c in candidates[arm]]
     validation = run_eval(eval_config(args, models, "validation", args.select_on_validation, out / "validation.json"))
+
+    def key(spec: str) -> tuple[bool, float]:
+        m = validation["models"][spec]
+        ok = min(m["on"]["compliance"], m["off"]["compliance"]) >= MIN_COMPLIANCE
+        return ok, m["on"]["accuracy"]
+
     chosen = {}
     for arm in arms:
-
-        def key(spec: str) -> tuple[bool, float]:
-            m = validation["models"][spec]
-            ok = min(m["on"]["compliance"], m["off"]["compliance"]) >= MIN_COMPLIANCE
-            return ok, m["on"]["accuracy"]
-
         best = max(candidates[arm], key=key)  # max keeps the first of equals: the earlier checkpoint
         chosen[arm] = best if key(best)[0] else candidates[arm][-1]
     return chosen, validation

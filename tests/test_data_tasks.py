@@ -8,6 +8,7 @@ import json
 import pytest
 
 import open_nemotron.data.tasks as tasks_module
+from open_nemotron.data.filters import HeldoutIndex, heldout_questions
 from open_nemotron.data.tasks import (
     ANSWER_INSTRUCTION,
     DIFFICULTIES,
@@ -81,8 +82,12 @@ def test_validation_suite_is_fixed_and_shares_no_question_with_the_heldout_suite
     assert [i.task for i in suite] == [t for t in HELDOUT_TASKS for _ in range(30)]
     assert all(i.split == "validation" and VALIDATION_SEED_START <= i.seed < HELDOUT_SEED_START for i in suite)
     assert all(i.difficulty == HELDOUT_DIFFICULTY for i in suite)
-    heldout = {(i.task, i.question) for i in heldout_suite(VALIDATION_EXCLUDES_HELDOUT)}
+    heldout_items = heldout_suite(VALIDATION_EXCLUDES_HELDOUT)
+    heldout = {(i.task, i.question) for i in heldout_items}
     assert not heldout & {(i.task, i.question) for i in suite}
+    # The training data's decontamination rule finds no overlap either.
+    index = HeldoutIndex.build(heldout_questions(heldout_items))
+    assert all(index.contaminated_by(i.question) is None for i in suite)
     # At easy difficulty some seeds do draw a held-out question: they were skipped, not kept.
     drawn = [i for t in HELDOUT_TASKS for i in make_items(t, 30, split="validation", seed=VALIDATION_SEED_START)]
     assert heldout & {(i.task, i.question) for i in drawn}

@@ -211,11 +211,11 @@ def generate_to_jsonl(
         raise GenerationError(f"reasoning modes = {list(reasoning_modes)!r}: expected a non-empty subset of on, off")
     if batch_size < 1:
         raise GenerationError(f"batch_size = {batch_size}: expected a positive integer")
-    heldout = [item for item in items if item.split in ("heldout", "validation")]
-    if heldout:
+    reserved = [item for item in items if item.split in ("heldout", "validation")]
+    if reserved:
         raise GenerationError(
-            f"{len(heldout)} of the items are {heldout[0].split} items (first: task {heldout[0].task!r}, seed "
-            f"{heldout[0].seed}): expected training items only; the validation and held-out suites are for evaluation"
+            f"{len(reserved)} of the items are {reserved[0].split} items (first: task {reserved[0].task!r}, seed "
+            f"{reserved[0].seed}): expected training items only; the validation and held-out suites are for evaluation"
         )
     if category is None or isinstance(category, str):
         fixed = category

@@ -263,35 +263,35 @@ def validation_suite(n_per_task: int | None = None) -> list[TaskItem]:
     """The validation suite: the held-out suite's tasks and difficulty, seeds from `VALIDATION_SEED_START`, for
     choosing a setting or a checkpoint so that the held-out suite stays unread until the result is reported.
 
-    At easy difficulty a question can repeat across seeds, so items whose question is in the first
-    `VALIDATION_EXCLUDES_HELDOUT` held-out items of their task are skipped (and the next seed taken): the two suites
-    share no question. Prefix-stable like `heldout_suite`.
+    At easy difficulty a question can repeat across seeds, so an item that overlaps one of the first
+    `VALIDATION_EXCLUDES_HELDOUT` held-out items per task, by the rule training data is decontaminated with
+    (`filters.decontaminate`), is skipped and the next seed taken. Prefix-stable like `heldout_suite`.
     """
     n = HELDOUT_N_PER_TASK if n_per_task is None else n_per_task
+    index = _heldout_index()
     items = []
     for task in HELDOUT_TASKS:
-        heldout = {item.question for item in _heldout_items(task, VALIDATION_EXCLUDES_HELDOUT)}
         kept: list[TaskItem] = []
         seed = VALIDATION_SEED_START
         while len(kept) < n:
             # Draw in chunks: one create_dataset call per item either way, chunks only bound the overshoot.
-            chunk = make_items(
-                task, max(n - len(kept), 1), split="validation", seed=seed, difficulty=HELDOUT_DIFFICULTY
-            )
-            kept += [item for item in chunk if item.question not in heldout][: n - len(kept)]
+            chunk = make_items(task, n - len(kept), split="validation", seed=seed, difficulty=HELDOUT_DIFFICULTY)
+            kept += [item for item in chunk if index.contaminated_by(item.question) is None][: n - len(kept)]
             seed += len(chunk)
         items += kept
     return items
 
 
-# Held-out items per task that no validation item repeats: what a held-out eval reads up to --limit 1200 (six tasks);
+# Held-out items per task that no validation item overlaps: what a held-out eval reads up to --limit 1200 (six tasks);
 # a larger held-out read could meet a validation question again.
 VALIDATION_EXCLUDES_HELDOUT = 200
 
 
 @cache
-def _heldout_items(task: str, n: int) -> tuple[TaskItem, ...]:
-    return tuple(make_items(task, n, split="heldout", seed=HELDOUT_SEED_START, difficulty=HELDOUT_DIFFICULTY))
+def _heldout_index():
+    from open_nemotron.data.filters import HeldoutIndex, heldout_questions
+
+    return HeldoutIndex.build(heldout_questions(heldout_suite(VALIDATION_EXCLUDES_HELDOUT)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
