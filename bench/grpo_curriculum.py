@@ -15,8 +15,8 @@ the validation suite (the held-out suite's tasks at other seeds, sharing no ques
 best reasoning-on accuracy among those keeping toggle compliance >= 0.97 in both modes goes to the held-out eval: a
 checkpoint is chosen without reading the suite it is reported on.
 
-Writes `OUT/result.json`, `OUT/result.md` and `OUT/curves.png` (training reward and completion length of each arm
-against the step). Run it alone on the machine.
+Writes `OUT/result.json`, `OUT/result.md` and `OUT/curves.png` (training reward, its accuracy part and completion
+length of each arm against the step). Run it alone on the machine.
 """
 
 from __future__ import annotations
@@ -113,9 +113,10 @@ def plot(arms: dict[str, dict], path: Path, window: int) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    keys = ("reward", "rewards/accuracy/mean", "completions/mean_length")
+    fig, axes = plt.subplots(1, len(keys), figsize=(14, 3.6))
     for arm, result in arms.items():
-        for ax, key in zip(axes, ("reward", "completions/mean_length"), strict=True):
+        for ax, key in zip(axes, keys, strict=True):
             steps, values = log_series(result["log_history"], key)
             if not steps:
                 continue
@@ -131,8 +132,9 @@ def plot(arms: dict[str, dict], path: Path, window: int) -> None:
                 )
             else:
                 line.set_label(arm)
-    axes[0].set_title("training reward (accuracy + format)")
-    axes[1].set_title("completion length (tokens)")
+    axes[0].set_title("training reward (weighted sum)")
+    axes[1].set_title("accuracy reward")
+    axes[2].set_title("completion length (tokens)")
     for ax in axes:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
