@@ -43,10 +43,11 @@ stamp "RLOO ($RLOO_STEPS steps) on synthetic instruction prompts"
 
 # RPO vs DPO (PREFERENCE=1): NVIDIA's RPO samples and scores online pairs on the kept GRPO prompts (best vs worst of
 # 4, kept in rpo/pairs.jsonl); TRL's DPO then trains on exactly those pairs at the same budget; one paired held-out
-# eval scores the SFT model and both. PREF_STEPS (default 30) and PREF_LR (default 2e-6, not tuned) are the budget.
+# eval scores the SFT model and both. PREF_STEPS (default 30) and PREF_LR (default 5e-6: the 2026-12-06 run in
+# docs/benchmarks.md; not tuned) are the budget.
 if [ "${PREFERENCE:-0}" = 1 ]; then
     PREF_STEPS=${PREF_STEPS:-30}
-    PREF_LR=${PREF_LR:-2e-6}
+    PREF_LR=${PREF_LR:-5e-6}
     stamp "RPO vs DPO ($PREF_STEPS steps each, lr $PREF_LR) on the same pairs"
     [ -f "$RUN/rpo/final/config.json" ] || "$BIN/open-nemotron" rpo "$SFT/sft/final" --prompts recipes/rl/grpo-kept.jsonl \
         --out "$RUN/rpo" --samples 4 --lr "$PREF_LR" --max-steps "$PREF_STEPS" --save-steps 10
