@@ -163,6 +163,8 @@ def test_bench_speed_writes_json_and_markdown(tiny_llama_dir: Path, tmp_path: Pa
         "measure_memory_bandwidth",
         functools.partial(throughput.measure_memory_bandwidth, buffer_mib=4, repeats=1),
     )
+    # Deterministic timings (the code under test is the bookkeeping, not the clock): 10 ms per generated token.
+    monkeypatch.setattr(throughput, "timed_generate", lambda model, ids, new_tokens, device: 0.01 * new_tokens)
     json_out = tmp_path / "speed.json"
     result = invoke(
         "bench-speed",
@@ -187,6 +189,34 @@ def test_bench_speed_writes_json_and_markdown(tiny_llama_dir: Path, tmp_path: Pa
     assert [m["spec"] for m in saved["models"]] == [str(tiny_llama_dir), f"ours:{tiny_llama_dir}"]
     assert json_out.with_suffix(".md").read_text().startswith("# bench-speed")
     assert "bench-speed" in result.stdout
+    batch = saved["models"][0]["batches"]["1"]
+    assert batch["decode_ms_per_step"] == pytest.approx(10.0)
+    assert batch["decode_tokens_per_s"] == pytest.approx(100.0)
+    assert batch["prefill_tokens_per_s"] == pytest.approx(8 / 0.01)
+
+    # A decode faster than the timing noise (generating 4 tokens no slower than 1) is refused, not reported as a
+    # negative or infinite rate.
+    monkeypatch.setattr(throughput, "timed_generate", lambda model, ids, new_tokens, device: 0.01)
+    refused = invoke(
+        "bench-speed",
+        tiny_llama_dir,
+        "--batch-sizes",
+        "1",
+        "--prompt-len",
+        "8",
+        "--gen-len",
+        "4",
+        "--repeats",
+        "1",
+        "--no-memory",
+        "--device",
+        "cpu",
+        "--json",
+        tmp_path / "noise.json",
+    )
+    assert refused.exit_code != 0
+    assert "below the timing noise; raise --gen-len or --repeats" in refused.output
+    assert not (tmp_path / "noise.json").exists()
 
 
 def test_bench_train_passes_its_options_through(tiny_llama_dir: Path, tmp_path: Path, monkeypatch) -> None:
