@@ -55,6 +55,7 @@ def train_arm(args: argparse.Namespace, arm: str) -> dict:
         num_generations=args.num_generations,
         prompts_per_step=args.prompts_per_step,
         learning_rate=args.lr,
+        beta=args.beta,
         max_completion_length=args.max_completion_length,
         max_steps=args.max_steps,
         save_steps=args.save_steps,
@@ -204,6 +205,7 @@ def main() -> None:
     parser.add_argument("--num-generations", type=int, default=8)
     parser.add_argument("--prompts-per-step", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--beta", type=float, default=0.0, help="KL coefficient to the frozen SFT model (0: none)")
     parser.add_argument("--max-completion-length", type=int, default=256)
     parser.add_argument("--max-steps", type=int, default=40)
     parser.add_argument("--save-steps", type=int, default=5)
