@@ -163,8 +163,11 @@ def test_bench_speed_writes_json_and_markdown(tiny_llama_dir: Path, tmp_path: Pa
         "measure_memory_bandwidth",
         functools.partial(throughput.measure_memory_bandwidth, buffer_mib=4, repeats=1),
     )
-    # Deterministic timings (the code under test is the bookkeeping, not the clock): 10 ms per generated token.
-    monkeypatch.setattr(throughput, "timed_generate", lambda model, ids, new_tokens, device: 0.01 * new_tokens)
+    # Deterministic timings (the code under test is the bookkeeping, not the clock): prefill 10 ms, then 10 ms per
+    # decode step.
+    monkeypatch.setattr(
+        throughput, "timed_prefill_and_decode", lambda model, ids, new_tokens, device: (0.01, 0.01 * (new_tokens - 1))
+    )
     json_out = tmp_path / "speed.json"
     result = invoke(
         "bench-speed",

@@ -114,6 +114,31 @@ def test_streamer_and_logits_processor_equal_llama(parent_and_converted, padded)
     assert not bool((outputs[1][0, -10:] % 3 == 0).any())  # the processor really ran
 
 
+@pytest.mark.parametrize("padded", [False, True], ids=["no-mask", "left-padded"])
+def test_fast_loop_streams_what_llama_streams(parent_and_converted, padded, monkeypatch):
+    """A streamer alone keeps the request plain: our loop serves it and calls the streamer as transformers does
+    (the prompt, one chunk per new token, end), for a whole batch and with EOS-finished rows padded."""
+    parent, ours = parent_and_converted
+    calls = []
+    real = generation.decode
+    monkeypatch.setattr(generation, "decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    inputs = _inputs(padded)
+    eos = int(parent.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=2)[0, -1])
+    chunks, outputs = [], []
+    for model in (parent, ours):
+        streamer = CollectingStreamer()
+        outputs.append(
+            model.generate(
+                **inputs, max_new_tokens=10, do_sample=False, pad_token_id=2, eos_token_id=eos, streamer=streamer
+            )
+        )
+        assert streamer.ended
+        chunks.append(streamer.chunks)
+    assert calls == [1]
+    assert torch.equal(outputs[1], outputs[0])
+    assert len(chunks[1]) == len(chunks[0]) and all(torch.equal(a, b) for a, b in zip(*chunks, strict=True))
+
+
 def test_seeded_sampling_with_default_top_k_equals_llama(parent_and_converted):
     """The fast loop applies transformers' defaults (top_k = 50 when unset) exactly: same draws, same tokens."""
     parent, ours = parent_and_converted
@@ -203,3 +228,14 @@ def test_a_model_whose_generation_config_turns_the_cache_off(padded):
     model.generation_config.use_cache = False
     assert torch.equal(model.generate(**kwargs, generation_config=copy.deepcopy(asked)), with_cache)
     assert torch.equal(model.generate(**kwargs, max_new_tokens=6, do_sample=False), expected)  # our loop refuses it too
+
+
+@pytest.mark.parametrize("which", ["llama", "ours"])
+def test_bench_speed_clock_reads_every_new_token_from_inside_generate(parent_and_converted, which):
+    """bench-speed's timing streamer sees each of the `new_tokens` tokens once on both implementations (ours through
+    the fast loop), so decode time is a span inside one call: never negative."""
+    from open_nemotron.evaluate.throughput import timed_prefill_and_decode
+
+    model = dict(zip(("llama", "ours"), parent_and_converted, strict=True))[which]
+    prefill, decode = timed_prefill_and_decode(model, random_ids(2, 6), 5, torch.device("cpu"))
+    assert prefill > 0 and decode >= 0

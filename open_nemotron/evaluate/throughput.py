@@ -1,8 +1,11 @@
 """`bench-speed`: prefill and decode throughput, peak memory, size and KV-cache cost of several models, measured
 in one process with the models interleaved and repeated, so that ratios between them survive a noisy machine.
 
-Each (repeat, batch size, model) measurement runs the model's own `generate` twice on the same random prompt:
-once for 1 new token (= prefill) and once for `gen_len` tokens with EOS disabled; decode time is the difference.
+Each (repeat, batch size, model) measurement runs the model's own `generate` once on a random prompt, `gen_len`
+tokens with EOS disabled, and reads the clock from inside it through a streamer (transformers' hook, which our fast
+loop serves too): prefill = the call's start to the first new token on the host; decode = the first new token to
+the last, over `gen_len - 1` steps. One call gives both, so decode time cannot come out negative as a difference of
+two separately timed calls can on a tiny model.
 Batch-1 decode is compared with its floor: the time to stream the weights once at the measured memory bandwidth.
 Peak memory is measured afterwards, one fresh subprocess per model and batch size (so models never share an
 allocator): peak resident memory during one generate minus the process's memory before loading the model
@@ -20,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from transformers.generation.streamers import BaseStreamer
 
 from open_nemotron.errors import OpenNemotronError
 from open_nemotron.evaluate.hardware import (
@@ -98,9 +102,8 @@ def kv_cache_bytes_per_token(config, bytes_per_element: int) -> int:
     return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * bytes_per_element
 
 
-def timed_generate(model, input_ids: torch.Tensor, new_tokens: int, device: torch.device) -> float:
-    synchronize(device)
-    start = time.perf_counter()
+def _generate_exactly(model, input_ids: torch.Tensor, new_tokens: int, streamer: BaseStreamer | None = None) -> None:
+    """Greedy `generate` of exactly `new_tokens` tokens (EOS disabled): the unit every timing here measures."""
     with torch.inference_mode():
         model.generate(
             input_ids,
@@ -109,9 +112,50 @@ def timed_generate(model, input_ids: torch.Tensor, new_tokens: int, device: torc
             min_new_tokens=new_tokens,
             do_sample=False,
             pad_token_id=0,
+            streamer=streamer,
         )
+
+
+def timed_generate(model, input_ids: torch.Tensor, new_tokens: int, device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    _generate_exactly(model, input_ids, new_tokens)
     synchronize(device)
     return time.perf_counter() - start
+
+
+class _StepClock(BaseStreamer):
+    """A streamer that only notes when each chunk of new tokens reaches the host (`put` receives CPU tensors, so
+    the device has finished that step by then)."""
+
+    def __init__(self) -> None:
+        self.prompt_seen = False
+        self.token_times: list[float] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # the first put is the prompt
+            self.prompt_seen = True
+            return
+        self.token_times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def timed_prefill_and_decode(
+    model, input_ids: torch.Tensor, new_tokens: int, device: torch.device
+) -> tuple[float, float]:
+    """(prefill seconds, decode seconds) of one greedy `generate` of `new_tokens` (>= 2) tokens with EOS disabled:
+    start to first new token, first new token to last (`new_tokens - 1` steps)."""
+    clock = _StepClock()
+    synchronize(device)
+    start = time.perf_counter()
+    _generate_exactly(model, input_ids, new_tokens, clock)
+    if len(clock.token_times) != new_tokens:
+        raise OpenNemotronError(
+            f"bench-speed: generate streamed {len(clock.token_times)} new tokens, expected {new_tokens}"
+        )
+    return clock.token_times[0] - start, clock.token_times[-1] - clock.token_times[0]
 
 
 def random_prompt(batch: int, length: int, vocab: int, seed: int, device: torch.device) -> torch.Tensor:
@@ -212,7 +256,7 @@ def run(config: SpeedConfig, progress: bool = True) -> dict[str, Any]:
         bandwidth = measure_memory_bandwidth(device)
         bar.advance(f"memory bandwidth: copy {bandwidth.copy_bytes_per_s / 1e9:.1f} GB/s")
         samples: dict[tuple[int, int], dict[str, list[float]]] = {
-            (m, b): {"prefill_s": [], "total_s": []} for m in range(n_models) for b in config.batch_sizes
+            (m, b): {"prefill_s": [], "decode_s": []} for m in range(n_models) for b in config.batch_sizes
         }
         prompts = {
             b: random_prompt(b, config.prompt_len, models[0].config.vocab_size, config.seed, device)
@@ -229,9 +273,10 @@ def run(config: SpeedConfig, progress: bool = True) -> dict[str, Any]:
                     if not samples[(m, b)]["prefill_s"]:  # warm-up at this batch size
                         timed_generate(model, prompts[b], 4, device)
                         bar.advance(f"batch {b}: warm-up {config.models[m]}")
-                    samples[(m, b)]["prefill_s"].append(timed_generate(model, prompts[b], 1, device))
-                    samples[(m, b)]["total_s"].append(timed_generate(model, prompts[b], config.gen_len, device))
-                    step_ms = 1e3 * (samples[(m, b)]["total_s"][-1] - samples[(m, b)]["prefill_s"][-1])
+                    prefill_s, decode_s = timed_prefill_and_decode(model, prompts[b], config.gen_len, device)
+                    samples[(m, b)]["prefill_s"].append(prefill_s)
+                    samples[(m, b)]["decode_s"].append(decode_s)
+                    step_ms = 1e3 * decode_s
                     bar.advance(
                         f"batch {b}, repeat {repeat + 1}/{config.repeats}, {config.models[m]}: "
                         f"{step_ms / (config.gen_len - 1):.1f} ms/step"
@@ -253,15 +298,14 @@ def run(config: SpeedConfig, progress: bool = True) -> dict[str, Any]:
         for b in config.batch_sizes:
             s = samples[(m, b)]
             prefill = statistics.median(s["prefill_s"])
-            decode_steps = [t - p for t, p in zip(s["total_s"], s["prefill_s"], strict=True)]
-            decode = statistics.median(decode_steps)
+            decode = statistics.median(s["decode_s"])
             step_s = decode / (config.gen_len - 1)
             entry = {
                 "prefill_tokens_per_s": b * config.prompt_len / prefill,
                 "decode_tokens_per_s": b * (config.gen_len - 1) / decode,
                 "decode_ms_per_step": step_s * 1e3,
                 "prefill_s_samples": s["prefill_s"],
-                "generate_s_samples": s["total_s"],
+                "decode_s_samples": s["decode_s"],
             }
             if b == 1:
                 entry["decode_vs_floor"] = step_s / floor_s

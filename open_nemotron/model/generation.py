@@ -2,7 +2,7 @@
 
 Batch-1 decode on a CPU is bound by streaming the weights once per token; everything else is overhead that
 `transformers`' general `generate` pays per step (cache objects, mask building, processor lists, stopping
-criteria). This loop keeps only what plain greedy / temperature / top-k / top-p sampling needs:
+criteria). This loop keeps only what plain greedy / temperature / top-k / top-p sampling (and a streamer) needs:
 
 - a preallocated K/V buffer per attention layer, each with that layer's own KV-head count (layers without
   attention have none), so a step writes one column instead of concatenating;
@@ -17,9 +17,13 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers.generation.streamers import BaseStreamer
 
 
 class StaticKVCache:
@@ -104,10 +108,13 @@ def decode(
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
+    streamer: BaseStreamer | None = None,
 ) -> torch.Tensor:
     """Generate up to `max_new_tokens` for a (left-padded) batch; returns prompt + new tokens like `generate`.
 
     Rows that emit an EOS token are filled with `pad_token_id` afterwards; the loop stops when all rows are done.
+    A `streamer` is called as transformers calls it: `put(prompt ids)`, `put(new tokens)` once per step (on the CPU,
+    which waits for the device), then `end()`.
     The weights stay in the layout they have (`decode_layout.set_decode_layout` chooses one explicitly).
     """
     if max_new_tokens < 1:
@@ -125,6 +132,8 @@ def decode(
     cache = StaticKVCache(model.config, batch, total, dtype, device)
     out = torch.full((batch, total), pad_token_id, dtype=torch.long, device=device)
     out[:, :prompt_len] = input_ids
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
     if padded:
         full_mask = torch.ones((batch, total), dtype=attention_mask.dtype, device=device)
         full_mask[:, :prompt_len] = attention_mask
@@ -152,6 +161,8 @@ def decode(
             finished |= torch.isin(token, eos_ids)
         out[:, length] = token
         length += 1
+        if streamer is not None:
+            streamer.put(token.cpu())
         if step == max_new_tokens - 1 or (eos and bool(finished.all())):
             break
         logits = model(
@@ -161,6 +172,8 @@ def decode(
             past_key_values=cache,
         ).logits[:, -1]
         next_position = next_position + 1
+    if streamer is not None:
+        streamer.end()
     return out[:, :length]
 
 
@@ -206,7 +219,6 @@ _SLOW_ARGUMENTS = {
     "prefix_allowed_tokens_fn",
     "synced_gpus",
     "assistant_model",
-    "streamer",
     "negative_prompt_ids",
     "negative_prompt_attention_mask",
     "custom_generate",
@@ -236,6 +248,7 @@ def plain_decode_request(model, inputs, generation_config, kwargs: dict) -> dict
     if any(kwargs.get(name) is not None for name in _SLOW_ARGUMENTS):
         return None
     kwargs = dict(kwargs)
+    streamer = kwargs.pop("streamer", None)
     input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
     attention_mask = kwargs.pop("attention_mask", None)
     if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.is_floating_point():
@@ -274,4 +287,5 @@ def plain_decode_request(model, inputs, generation_config, kwargs: dict) -> dict
         "top_p": get["top_p"],
         "eos_token_id": get["eos_token_id"],
         "pad_token_id": get["pad_token_id"],
+        "streamer": streamer,
     }
