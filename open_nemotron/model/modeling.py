@@ -52,8 +52,9 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
     - One row, weight column-major (the "gemv" layout of `decode_layout.py`): MKL's matrix-vector product runs on
       one core, so the output columns are split into one block per thread and multiplied as a batch (`bmm`, which
-      runs the blocks in parallel): each output is still one dot product over the whole input, so the result is
-      bit-identical to `F.linear`, about 1.5x faster on 2 cores.
+      runs the blocks in parallel): each output is still one dot product over the whole input, about 1.5x faster on
+      2 cores. It equals `F.linear` to fp32 rounding: bit for bit where BLAS sums both kernels in one order (MKL on
+      the AVX2 EPYC we measured), up to summation order where it does not (AVX-512 Xeon: 8e-5 on outputs of ~170).
     - 2-16 rows, weight row-major: CPU BLAS runs 1.3-3x faster as (W @ x^T)^T than as x @ W^T.
 
     Used only without autograd, on CPU; everything else is `F.linear`.
