@@ -7,9 +7,9 @@
 
 Both should give the same decode ms/step where decode time is well above the timing noise; the difference method
 can go negative where it is not (tiny models, short `gen_len`), the streamer method cannot. Models: specs as
-bench-speed takes them (`transformers:PATH` for transformers' Llama, `ours:PATH` for our model).
+bench-speed takes them (`smollm2-135m` is the embedded parent in transformers' Llama, a converted directory is our model).
 
-    .venv/bin/python bench/speed_timing_methods.py transformers:runs/reasoning-v3/parent ours:runs/reasoning-v3/parent \\
+    .venv/bin/python bench/speed_timing_methods.py smollm2-135m runs/reasoning-v3/parent \\
         --batch-sizes 1,16 --gen-len 64 --repeats 3 --out runs/speed-timing
 
 Writes OUT/result.json and OUT/result.md. Run it alone on the machine.
