@@ -58,11 +58,15 @@ def main() -> None:
         }
         for model in models:
             timed_generate(model, prompt, 4, device)  # warm-up
-        for _ in range(args.repeats):
+        for repeat in range(args.repeats):
             for m, model in enumerate(models):
+                # Alternate which method runs first, so neither always follows the other.
+                if repeat % 2:
+                    prefill, decode = timed_prefill_and_decode(model, prompt, args.gen_len, device)
                 first = timed_generate(model, prompt, 1, device)
                 total = timed_generate(model, prompt, args.gen_len, device)
-                prefill, decode = timed_prefill_and_decode(model, prompt, args.gen_len, device)
+                if not repeat % 2:
+                    prefill, decode = timed_prefill_and_decode(model, prompt, args.gen_len, device)
                 times[(m, "diff_prefill")].append(first)
                 times[(m, "diff_decode")].append(total - first)
                 times[(m, "st_prefill")].append(prefill)
