@@ -103,3 +103,10 @@ def no_gqa_decilm(seed: int = 0):
         {"attention": {"no_op": True}, "ffn": {"intermediate_size": 33}},
     ]
     return random_decilm(DeciLMConfig(**{**cfg, "num_hidden_layers": 2, "block_configs": blocks}), seed=seed)
+
+
+def assert_local_model_card(run_dir, base_model, trainer_name: str) -> None:
+    """The run directory's README.md is our card for a local base model (train.model_card), not TRL's Hub card."""
+    card = (Path(run_dir) / "README.md").read_text()
+    assert f"`{base_model}`" in card and f"`{trainer_name}`" in card, card
+    assert "huggingface.co/None" not in card

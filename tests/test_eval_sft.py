@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from models_for_tests import save_tiny_llama
+from models_for_tests import assert_local_model_card, save_tiny_llama
 
 from open_nemotron.data.schema import Example, write_examples
 from open_nemotron.evaluate.reasoning_eval import EvalConfig, bootstrap_interval
@@ -137,6 +137,7 @@ def test_sft_trains_saves_and_resumes(tiny_parent, tmp_path):
     )
     first = run_sft(SFTRunConfig(max_steps=2, **config))
     assert first["steps"] == 2 and first["resumed_from"] is None
+    assert_local_model_card(out, tiny_parent, "SFTTrainer")
     assert first["last_loss"] is not None
     assert (out / "final" / "model.safetensors").is_file()
     assert (out / "final" / "additional_chat_templates" / "training.jinja").is_file()

@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 import torch
-from models_for_tests import save_tiny_llama, tiny_llama_config
+from models_for_tests import assert_local_model_card, save_tiny_llama, tiny_llama_config
 
 from open_nemotron.train.curriculum import (
     CurriculumError,
@@ -187,6 +187,7 @@ def test_grpo_trains_logs_each_reward_and_a_killed_run_resumes_to_the_same_weigh
     logged = {k for h in straight["log_history"] for k in h}
     assert {"rewards/accuracy/mean", "rewards/format/mean", "reward"} <= logged
     assert (tmp_path / "straight" / "rl_curves.png").stat().st_size > 0
+    assert_local_model_card(tmp_path / "straight", policy, "GRPOTrainer")
 
     from open_nemotron.train import rl
 

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from models_for_tests import save_tiny_llama, tiny_llama_config
+from models_for_tests import assert_local_model_card, save_tiny_llama, tiny_llama_config
 
 from open_nemotron.train.rpo import PreferenceConfig, RPOError, load_pairs, rpo_loss, sequence_logps
 
@@ -111,6 +111,7 @@ def test_rpo_and_dpo_train_on_the_same_pairs(policy, tmp_path, method) -> None:
         )
     )
     assert result["steps"] == 4 and result["pairs"] == 8
+    assert_local_model_card(tmp_path / method, policy, "RPOTrainer" if method == "rpo" else "DPOTrainer")
     losses = [h["loss"] for h in result["log_history"] if "loss" in h]
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
     if method == "rpo":

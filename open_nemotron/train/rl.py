@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from open_nemotron.errors import OpenNemotronError
+from open_nemotron.train.model_card import with_local_model_card
 from open_nemotron.utils import atomic_write_text
 
 ALGORITHMS = ("grpo", "rloo")
@@ -153,7 +154,7 @@ def trainer_class(algorithm: str):
     if algorithm == "rloo":
         from trl import RLOOTrainer
 
-        return RLOOTrainer
+        return with_local_model_card(RLOOTrainer, "RLOO")
     from trl import GRPOTrainer
 
     from open_nemotron.train.curriculum import curriculum_sampler_class
@@ -176,7 +177,7 @@ def trainer_class(algorithm: str):
                 seed=self.args.seed,
             )
 
-    return CurriculumGRPOTrainer
+    return with_local_model_card(CurriculumGRPOTrainer, "GRPO")
 
 
 def build_trainer(config: RLConfig, callbacks: list | None = None):

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from open_nemotron.errors import OpenNemotronError
+from open_nemotron.train.model_card import with_local_model_card
 
 RPO_VARIANTS = ("bwd_kl", "fwd_kl", "sq")
 
@@ -113,7 +114,7 @@ def rpo_trainer_class():
             loss = per_pair.mean()
             return (loss, None) if return_outputs else loss
 
-    return RPOTrainer
+    return with_local_model_card(RPOTrainer, "RPO")
 
 
 def preference_collator(base):
@@ -286,7 +287,9 @@ def run(config: PreferenceConfig) -> dict[str, Any]:
         trainer.rpo_eta, trainer.rpo_variant = config.eta, config.variant
     else:
         dataset = dataset.remove_columns(["chosen_reward", "rejected_reward"])
-        trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+        trainer = with_local_model_card(DPOTrainer, "DPO")(
+            model=model, args=args, train_dataset=dataset, processing_class=tokenizer
+        )
     resume, seconds = train_resuming(trainer, out)
     final = out / "final"
     trainer.save_model(str(final))

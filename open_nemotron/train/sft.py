@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from open_nemotron.errors import OpenNemotronError
+from open_nemotron.train.model_card import with_local_model_card
 from open_nemotron.utils import atomic_write_text
 
 
@@ -201,7 +202,7 @@ def build_trainer(config: SFTRunConfig, callbacks: list | None = None) -> tuple[
         assistant_only_loss=True,
         dataloader_num_workers=0,
     )
-    trainer_class = SFTTrainer if on_gpu else plain_loss_trainer_class()
+    trainer_class = with_local_model_card(SFTTrainer if on_gpu else plain_loss_trainer_class(), "SFT")
     trainer = trainer_class(
         model=model, args=args, train_dataset=dataset, processing_class=train_tokenizer, callbacks=callbacks
     )
