@@ -7,7 +7,8 @@
 
 Both should give the same decode ms/step where decode time is well above the timing noise; the difference method
 can go negative where it is not (tiny models, short `gen_len`), the streamer method cannot. Models: specs as
-bench-speed takes them (`smollm2-135m` is the embedded parent in transformers' Llama, a converted directory is our model).
+bench-speed takes them (`smollm2-135m` is the embedded parent in transformers' Llama, a converted directory is our
+model).
 
     .venv/bin/python bench/speed_timing_methods.py smollm2-135m runs/reasoning-v3/parent \\
         --batch-sizes 1,16 --gen-len 64 --repeats 3 --out runs/speed-timing
@@ -31,6 +32,8 @@ from open_nemotron.model.loading import load_model
 from open_nemotron.model.modeling import DeciLMForCausalLM
 from open_nemotron.utils import write_result
 
+KINDS = ("diff_prefill", "diff_decode", "st_prefill", "st_decode")  # seconds per call, by method and phase
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -42,6 +45,8 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     device = torch.device("cpu")
+    hardware = describe_device(device)
+    steps = args.gen_len - 1
     batches = [int(b) for b in args.batch_sizes.split(",")]
     models = []
     for spec in args.models:
@@ -53,9 +58,7 @@ def main() -> None:
             if isinstance(model, DeciLMForCausalLM):
                 set_decode_layout(model, layout_for_batch(b))
         prompt = random_prompt(b, args.prompt_len, models[0].config.vocab_size, 0, device)
-        times = {
-            (m, k): [] for m in range(len(models)) for k in ("diff_prefill", "diff_decode", "st_prefill", "st_decode")
-        }
+        times = {(m, k): [] for m in range(len(models)) for k in KINDS}
         for model in models:
             timed_generate(model, prompt, 4, device)  # warm-up
         for repeat in range(args.repeats):
@@ -72,14 +75,12 @@ def main() -> None:
                 times[(m, "st_prefill")].append(prefill)
                 times[(m, "st_decode")].append(decode)
                 print(
-                    f"batch {b} {args.models[m]}: difference {(total - first) * 1e3 / (args.gen_len - 1):.1f} "
-                    f"ms/step, streamer {decode * 1e3 / (args.gen_len - 1):.1f} ms/step",
+                    f"batch {b} {args.models[m]}: difference {(total - first) * 1e3 / steps:.1f} "
+                    f"ms/step, streamer {decode * 1e3 / steps:.1f} ms/step",
                     flush=True,
                 )
         for m, spec in enumerate(args.models):
-            med = {
-                k: statistics.median(times[(m, k)]) for k in ("diff_prefill", "diff_decode", "st_prefill", "st_decode")
-            }
+            med = {k: statistics.median(times[(m, k)]) for k in KINDS}
             rows.append(
                 {
                     "model": spec,
@@ -89,17 +90,17 @@ def main() -> None:
                         "streamer": b * args.prompt_len / med["st_prefill"],
                     },
                     "decode_ms_per_step": {
-                        "difference": med["diff_decode"] * 1e3 / (args.gen_len - 1),
-                        "streamer": med["st_decode"] * 1e3 / (args.gen_len - 1),
+                        "difference": med["diff_decode"] * 1e3 / steps,
+                        "streamer": med["st_decode"] * 1e3 / steps,
                     },
-                    "samples_s": {k: times[(m, k)] for k in ("diff_prefill", "diff_decode", "st_prefill", "st_decode")},
+                    "samples_s": {k: times[(m, k)] for k in KINDS},
                 }
             )
     lines = [
         f"# bench-speed timing methods — {time.strftime('%Y-%m-%d %H:%M:%S %Z')}",
         "",
-        f"{describe_device(device)}; prompt {args.prompt_len} tokens, {args.gen_len} new tokens, median of "
-        f"{args.repeats}.",
+        f"{hardware['cpu']}, {hardware['threads']} threads, torch {hardware['torch']}; prompt {args.prompt_len} "
+        f"tokens, {args.gen_len} new tokens, median of {args.repeats}.",
         "",
         "| model | batch | decode ms/step: difference | streamer | ratio | prefill tok/s: difference | streamer |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -116,7 +117,7 @@ def main() -> None:
         "benchmark": "speed_timing_methods",
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "args": vars(args),
-        "hardware": describe_device(device),
+        "hardware": hardware,
         "rows": rows,
     }
     write_result(out / "result.json", result, "\n".join(lines) + "\n")

@@ -4,7 +4,8 @@ Decode multiplies one activation row by every weight matrix, so its speed is the
 the weights. On the AVX2/AVX-512 CPUs we measured, MKL's one-row product `x @ B` streams a row-major [in, out]
 matrix B = W^T 1.3-1.8x faster than it streams the row-major nn.Linear layout W [out, in], and runs on one core;
 `decode_linear` splits B's columns into one block per thread and multiplies them as a batch, which uses every core
-(same dot products; bit-identical where BLAS sums them in the same order, within fp32 rounding elsewhere). The "gemv" layout therefore:
+(same dot products; bit-identical where BLAS sums them in the same order, within fp32 rounding elsewhere). The
+"gemv" layout therefore:
 
 - stores every Linear weight column-major (W^T contiguous: same Parameters, same values, other strides), and
 - stores q/k/v and gate/up as views of one matrix each, so a decode step runs one product instead of three or two.

@@ -577,8 +577,8 @@ class DeciLMForCausalLM(DeciLMPreTrainedModel, GenerationMixin):
     def generate(self, inputs: torch.Tensor | None = None, generation_config=None, fast_decode: bool = True, **kwargs):
         """`GenerationMixin.generate`, with plain greedy/sampling requests served by our lean static-cache loop
         (`generation.decode`: same tokens, much less per-step overhead; streamers too). Anything else (beams, logits
-        processors, stopping criteria, dict outputs, ...) and `fast_decode=False` go to transformers' implementation, with our own
-        `DeciLMCache` unless the caller brings a cache or asks for another kind."""
+        processors, stopping criteria, dict outputs, ...) and `fast_decode=False` go to transformers' implementation,
+        with our own `DeciLMCache` unless the caller brings a cache or asks for another kind."""
         from open_nemotron.model.generation import decode, merged_generation_config, plain_decode_request
 
         request = plain_decode_request(self, inputs, generation_config, kwargs) if fast_decode else None
