@@ -210,6 +210,16 @@ class _Killed(Exception):
     pass
 
 
+def test_the_curve_with_the_teachers_log_probs_kept_equals_the_curve_recomputing_them(models, tmp_path, monkeypatch):
+    import open_nemotron.distill.kd as kd_module
+
+    kept = run_distill(_config(models, tmp_path / "kept", train_tokens=4 * 32 * 4, report_every=2))
+    monkeypatch.setattr(kd_module, "REFERENCE_CACHE_BYTES", 0)  # too small: the teacher runs at every measurement
+    recomputed = run_distill(_config(models, tmp_path / "recomputed", train_tokens=4 * 32 * 4, report_every=2))
+    for key in ("kl", "top1", "validation_kl", "validation_top1"):
+        assert [c[key] for c in kept["curve"]] == pytest.approx([c[key] for c in recomputed["curve"]], rel=1e-6), key
+
+
 def test_killed_distill_resumes_to_the_uninterrupted_weights(models, tmp_path):
     from safetensors.torch import load_file
     from transformers import TrainerCallback

@@ -38,3 +38,24 @@ def test_log_probs_are_float32_log_softmax_and_shapes_must_match():
     assert out[0].tolist() == pytest.approx([x - math.log(z) for x in (1.0, 2.0, 3.0)], rel=1e-6)
     with pytest.raises(ValueError, match="shapes"):
         kl_and_top1(torch.zeros(2, 3), torch.zeros(3, 3))
+
+
+def test_heldout_agreement_with_the_parents_cached_log_probs_equals_running_the_parent():
+    from models_for_tests import heterogeneous_config, random_decilm, random_ids
+
+    from open_nemotron.evaluate.divergence import heldout_agreement, reference_log_probs
+
+    parent, child = random_decilm(heterogeneous_config(), seed=0), random_decilm(heterogeneous_config(), seed=1)
+    tokens = random_ids(5, 9)  # 5 rows in batches of 2: the last batch is short
+    direct = heldout_agreement(parent, child, tokens, batch_size=2)
+    cached = reference_log_probs(parent.eval(), tokens, batch_size=2)
+    assert [tuple(c.shape[:2]) for c in cached] == [(2, 8), (2, 8), (1, 8)]
+
+    class MustNotRun(torch.nn.Module):  # the parent is not called again when its log-probabilities are given
+        def forward(self, *args, **kwargs):
+            raise AssertionError("the parent ran")
+
+    reused = heldout_agreement(MustNotRun(), child, tokens, batch_size=2, parent_logp=cached)
+    assert reused == direct and direct["tokens"] == 40
+    with pytest.raises(ValueError, match="2 batches of parent log-probabilities for 3 batches"):
+        heldout_agreement(parent, child, tokens, batch_size=2, parent_logp=cached[:2])

@@ -15,6 +15,7 @@ from open_nemotron.serve.engine import (
     SamplingParams,
     candidate_distribution,
     draw,
+    sample_rows,
 )
 
 
@@ -121,6 +122,31 @@ def test_candidate_distribution_is_transformers_warpers(temperature, top_k, top_
     assert torch.allclose(got, want, atol=1e-6)
     assert torch.equal(got > 0, want > 0)
     assert torch.allclose(probs.sum(-1), torch.ones(len(logits)))
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 0.95), (0, 0.5), (30, 0.9)])
+def test_a_rows_draws_do_not_depend_on_the_other_rows_of_its_group(top_k, top_p):
+    """A sharp row (nucleus inside the candidates) sampled together with flat rows (nucleus past them, so the
+    group's distribution is widened to the whole vocabulary) draws the very tokens it draws alone, step after step
+    from one generator: its generator advances by the same number of draws either way."""
+    gen = torch.Generator().manual_seed(1)
+    vocab = 2000
+    sharp = torch.randn(20, vocab, generator=gen) * 4
+    flat = torch.randn(20, vocab, generator=gen) * 0.01
+    alone_gen, crowd_gen = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    alone, crowd = [], []
+    for step in range(20):
+        alone += sample_rows(sharp[step : step + 1], 0.8, top_k, top_p, [alone_gen])
+        both = torch.stack([flat[step], sharp[step]])
+        crowd += sample_rows(both, 0.8, top_k, top_p, [torch.Generator().manual_seed(step), crowd_gen])[1:]
+    assert crowd == alone
+    # And the flat row alone draws what it draws beside a sharp one.
+    for step in range(5):
+        flat_alone = sample_rows(flat[step : step + 1], 0.8, top_k, top_p, [torch.Generator().manual_seed(step)])
+        flat_crowd = sample_rows(
+            torch.stack([flat[step], sharp[step]]), 0.8, top_k, top_p, [torch.Generator().manual_seed(step), None]
+        )[:1]
+        assert flat_crowd == flat_alone
 
 
 def test_draw_follows_the_probabilities():

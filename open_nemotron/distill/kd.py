@@ -39,6 +39,8 @@ from open_nemotron.distill.losses import DistillError, hidden_cosine_loss, kl_di
 from open_nemotron.utils import atomic_write_text
 
 LOSSES = ("kd", "lm")
+# The most memory the teacher's held-out log-probabilities may take to be kept between measurements (float32).
+REFERENCE_CACHE_BYTES = 2 * 1024**3
 
 
 @dataclass
@@ -191,21 +193,29 @@ def reporting_callback_class():
     class ReportingCallback(TrainerCallback):
         """Held-out KL / top-1 to the teacher on the validation (selection) and reporting sets: at step 0, every
         `every` steps and at the end, logged through the trainer (so `log_history`, checkpoints and report_to all
-        have them)."""
+        have them). The teacher does not change, so its log-probabilities on the sets are computed once and kept
+        (on the CPU) when they fit in `REFERENCE_CACHE_BYTES`: each later measurement runs the student only."""
 
         def __init__(self, teacher, sets: dict[str, torch.Tensor], every: int, batch_size: int) -> None:
             self.teacher, self.sets, self.every, self.batch_size = teacher, sets, every, batch_size
             self.trainer = None  # set once the trainer exists
+            positions = sum(t.shape[0] * (t.shape[1] - 1) for t in sets.values())
+            self.cache_reference = positions * teacher.config.vocab_size * 4 <= REFERENCE_CACHE_BYTES
+            self.reference: dict[str, list[torch.Tensor]] = {}
 
         def _measure(self, state, model) -> None:
-            from open_nemotron.evaluate.divergence import heldout_agreement
+            from open_nemotron.evaluate.divergence import heldout_agreement, reference_log_probs
 
             done = {h["step"] for h in state.log_history if "report_kl" in h}
             if state.global_step in done:
                 return
             logs = {}
             for prefix, tokens in self.sets.items():
-                quality = heldout_agreement(self.teacher, model, tokens, self.batch_size)
+                if self.cache_reference and prefix not in self.reference:
+                    self.reference[prefix] = reference_log_probs(self.teacher, tokens, self.batch_size)
+                quality = heldout_agreement(
+                    self.teacher, model, tokens, self.batch_size, parent_logp=self.reference.get(prefix)
+                )
                 logs[f"{prefix}_kl"], logs[f"{prefix}_top1"] = quality["heldout_kl"], quality["top1_agreement"]
             self.trainer.log(logs)
 

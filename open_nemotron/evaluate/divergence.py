@@ -29,19 +29,44 @@ def kl_and_top1(reference_logp: torch.Tensor, logp: torch.Tensor) -> tuple[torch
 
 
 @torch.no_grad()
-def heldout_agreement(parent_model, child_model, heldout: torch.Tensor, batch_size: int = 4) -> dict[str, Any]:
+def reference_log_probs(model, heldout: torch.Tensor, batch_size: int = 4) -> list[torch.Tensor]:
+    """The reference model's next-token log-probabilities on the held-out tokens [N, seq], one float32 tensor
+    [batch, seq - 1, vocab] per batch of `batch_size` rows, on the CPU: computed once and handed to
+    `heldout_agreement` when the same reference is compared with a model many times (distillation's curve)."""
+    device = next(model.parameters()).device
+    return [
+        log_probs(model(heldout[start : start + batch_size].to(device)).logits[:, :-1]).cpu()
+        for start in range(0, heldout.shape[0], batch_size)
+    ]
+
+
+@torch.no_grad()
+def heldout_agreement(
+    parent_model,
+    child_model,
+    heldout: torch.Tensor,
+    batch_size: int = 4,
+    parent_logp: list[torch.Tensor] | None = None,
+) -> dict[str, Any]:
     """Mean KL(parent || child) per next-token position and top-1 agreement, over the held-out tokens [N, seq]
-    (each model on its own device; a child in training mode is measured in eval mode and handed back as it was)."""
-    parent_device = next(parent_model.parameters()).device
+    (each model on its own device; a child in training mode is measured in eval mode and handed back as it was).
+    `parent_logp`: the parent's log-probabilities from `reference_log_probs` on the same tokens and batch size, used
+    instead of running the parent again (the same numbers)."""
+    batches = range(0, heldout.shape[0], batch_size)
+    if parent_logp is not None and len(parent_logp) != len(batches):
+        raise ValueError(f"{len(parent_logp)} batches of parent log-probabilities for {len(batches)} batches of tokens")
     child_device = next(child_model.parameters()).device
     was_training = child_model.training
     child_model.eval()
     kl_sum, agree, n = 0.0, 0.0, 0
-    for start in range(0, heldout.shape[0], batch_size):
+    for i, start in enumerate(batches):
         ids = heldout[start : start + batch_size]
-        parent_logp = log_probs(parent_model(ids.to(parent_device)).logits[:, :-1])
-        child_logp = log_probs(child_model(ids.to(child_device)).logits[:, :-1]).to(parent_logp.device)
-        kl, top1 = kl_and_top1(parent_logp, child_logp)
+        if parent_logp is None:
+            reference = log_probs(parent_model(ids.to(next(parent_model.parameters()).device)).logits[:, :-1])
+        else:
+            reference = parent_logp[i]
+        child_logp = log_probs(child_model(ids.to(child_device)).logits[:, :-1]).to(reference.device)
+        kl, top1 = kl_and_top1(reference, child_logp)
         kl_sum += kl.sum().item()
         agree += top1.sum().item()
         n += kl.numel()

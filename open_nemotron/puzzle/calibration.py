@@ -38,7 +38,13 @@ from open_nemotron.puzzle.progress import step_printer
 from open_nemotron.utils import atomic_write_text
 
 # 2: parent text sampled on the engine (per-conversation seeded generators), not padded generate batches.
-CALIBRATION_VERSION = 2
+# 3: a conversation's draws no longer depend on the other conversations decoding beside it (engine.sample_rows), so
+#    the text is the same at any slot count; 32 slots instead of 16.
+CALIBRATION_VERSION = 3
+
+# Engine slots the parent writes with: 1.54x the documents/s of 16 slots on a 2-core CPU, 64 slots only 1.60x
+# (bench/calibration_slots.py, docs/benchmarks.md); the text does not depend on it.
+GENERATION_SLOTS = 32
 
 # Fixed, deliberately varied prompts: the parent's answers cover prose, lists, code, numbers and dialogue.
 PROMPTS: tuple[str, ...] = (
@@ -188,7 +194,7 @@ def generation_prompts(n: int, seed: int) -> list[tuple[list[dict], bool]]:
     return prompts
 
 
-def parent_documents(model, tokenizer, config: CalibrationConfig, batch_size: int = 16) -> list[str]:
+def parent_documents(model, tokenizer, config: CalibrationConfig, batch_size: int = GENERATION_SLOTS) -> list[str]:
     """Each prompt and the parent's sampled answer rendered as one chat document, then
     `config.generate_free_text` plain-text documents (an opening of `OPENINGS`, cycled, and the parent's sampled
     continuation; the sampling seed differs per document)."""

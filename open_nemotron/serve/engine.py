@@ -92,6 +92,29 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     return int((probs / race).argmax())
 
 
+def sample_rows(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generators: Sequence[torch.Generator | None]
+) -> list[int]:
+    """One token per row of `logits` [rows, vocab], all rows with the same settings: one `candidate_distribution`,
+    then one `draw` per row from that row's generator.
+
+    Each row races over as many entries as it would alone: its candidates (top_k, or CANDIDATES, or the whole
+    vocabulary with neither cut), or the whole vocabulary when its own nucleus reaches past them. A row that fits
+    in its candidates is widened with zeros when another row of the group needed the whole vocabulary; racing
+    over those zeros too would advance its generator by a number of draws that depends on the other requests,
+    and every later token of the request would change with the batch."""
+    probs, ids = candidate_distribution(logits, temperature, top_k, top_p)
+    vocab = logits.shape[-1]
+    own = vocab if not top_k and top_p >= 1.0 else min(vocab, top_k or CANDIDATES)
+    tokens = []
+    for row, generator in enumerate(generators):
+        p = probs[row]
+        if p.shape[0] > own and not bool(p[own:].any()):
+            p = p[:own]
+        tokens.append(int(ids[row, draw(p, generator)]))
+    return tokens
+
+
 class EngineError(OpenNemotronError, ValueError):
     """A request the engine cannot serve (the field, its value and what was expected)."""
 
@@ -292,8 +315,8 @@ class BaseEngine:
 
     def _sample(self, logits: torch.Tensor, states: list[_Running]) -> list[int]:
         """The next token of each state from its row of `logits` [len(states), vocab]: forced tokens first, greedy
-        rows by one argmax, sampled rows with the same settings through one `candidate_distribution`, then one
-        draw per row from the request's own generator (`draw`)."""
+        rows by one argmax, sampled rows with the same settings together (`sample_rows`: one draw per row from
+        the request's own generator)."""
         chosen: list[int | None] = [None] * len(states)
         greedy = [i for i, st in enumerate(states) if not st.forced and st.request.params.greedy]
         if greedy:
@@ -307,9 +330,9 @@ class BaseEngine:
             elif not p.greedy:
                 groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(i)
         for (temperature, top_k, top_p), rows in groups.items():
-            probs, ids = candidate_distribution(logits[rows].float(), temperature, top_k, top_p)
-            for row, i in enumerate(rows):
-                chosen[i] = int(ids[row, draw(probs[row], states[i].generator)])
+            tokens = sample_rows(logits[rows].float(), temperature, top_k, top_p, [states[i].generator for i in rows])
+            for i, token in zip(rows, tokens, strict=True):
+                chosen[i] = token
         return chosen  # type: ignore[return-value]
 
     def _prompt_opens_think(self, request: Request) -> bool:
