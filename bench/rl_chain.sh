@@ -5,7 +5,7 @@
 # (bench/grpo_curriculum.py), then RLOO on synthetic instruction prompts with the IF and reasoning evals before/after.
 # Every step is skipped when its output is complete and resumes after a kill. Run it alone on the machine:
 #   nohup bash bench/rl_chain.sh runs/rl-v3 > runs/rl-v3.log 2>&1 &
-# Knobs (environment): GRPO_LR (default 1e-5; 5e-5 lowered held-out accuracy, docs/benchmarks.md), GRPO_STEPS (default 18: 198 s per step on 2026-12-02, a slow day, is 59 min), RLOO_STEPS (default 18: 170 s per step that day), ARMS (default curriculum), PREFERENCE=1 (RPO vs DPO, below).
+# Knobs (environment): GRPO_LR (default 1e-5; 5e-5 lowered held-out accuracy, docs/benchmarks.md), GRPO_STEPS (default 18: 198 s per step on 2026-12-02, a slow day, is 59 min), GRPO_EXTRA (more bench/grpo_curriculum.py options, e.g. "--beta 0.04 --select-on-validation 60"), RLOO_STEPS (default 18: 170 s per step that day), RLOO=0 (skip RLOO), ARMS (default curriculum), PREFERENCE=1 (RPO vs DPO, below).
 # The kept prompts (recipes/rl/grpo-kept.jsonl) are `rl pass-rate`'s output for this SFT model
 # (docs/benchmarks.md, "Pass rates of the SFT model"); remake them if the SFT recipe changes.
 set -euo pipefail
@@ -16,6 +16,7 @@ GRPO_STEPS=${GRPO_STEPS:-18}
 GRPO_LR=${GRPO_LR:-1e-5}
 RLOO_STEPS=${RLOO_STEPS:-18}
 ARMS=${ARMS:-curriculum}
+GRPO_EXTRA=${GRPO_EXTRA:-}
 SFT=runs/reasoning-v3
 mkdir -p "$RUN"
 stamp() { echo "== $(date -u +%FT%TZ) $*"; }
@@ -28,8 +29,10 @@ stamp "SFT model"
 
 stamp "GRPO ($ARMS, $GRPO_STEPS steps) and the held-out eval"
 [ -f "$RUN/grpo/result.json" ] || "$BIN/python" bench/grpo_curriculum.py "$SFT/sft/final" \
-    --prompts recipes/rl/grpo-kept.jsonl --out "$RUN/grpo" --arms "$ARMS" --max-steps "$GRPO_STEPS" --lr "$GRPO_LR"
+    --prompts recipes/rl/grpo-kept.jsonl --out "$RUN/grpo" --arms "$ARMS" --max-steps "$GRPO_STEPS" --lr "$GRPO_LR" \
+    $GRPO_EXTRA  # word-split on purpose: several options
 
+if [ "${RLOO:-1}" = 1 ]; then
 stamp "RLOO ($RLOO_STEPS steps) on synthetic instruction prompts"
 [ -f "$RUN/if-prompts.jsonl" ] || "$BIN/open-nemotron" rl prompts --tasks '' --instructions 200 \
     --min-instructions 1 --max-instructions 3 --on-fraction 0 --exclude-suite recipes/if-heldout.jsonl \
@@ -40,6 +43,7 @@ stamp "RLOO ($RLOO_STEPS steps) on synthetic instruction prompts"
     --suite recipes/if-heldout.jsonl --samples 2 --max-new-tokens-on 384 --max-new-tokens-off 256 --json "$RUN/rloo-if.json"
 [ -f "$RUN/rloo-reasoning.json" ] || "$BIN/open-nemotron" eval "$SFT/sft/final" "$RUN/rloo/final" --suite heldout \
     --limit 210 --samples 2 --max-new-tokens-on 320 --max-new-tokens-off 96 --json "$RUN/rloo-reasoning.json"
+fi
 
 # RPO vs DPO (PREFERENCE=1): NVIDIA's RPO samples and scores online pairs on the kept GRPO prompts (best vs worst of
 # 4, kept in rpo/pairs.jsonl); TRL's DPO then trains on exactly those pairs at the same budget; one paired held-out

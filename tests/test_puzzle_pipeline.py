@@ -20,7 +20,7 @@ from open_nemotron.puzzle.bld import build_library, library_files, parent_activa
 from open_nemotron.puzzle.calibration import build as build_calibration
 from open_nemotron.puzzle.calibration import load_tokens
 from open_nemotron.puzzle.config import PuzzleConfigError, config_from_dict
-from open_nemotron.puzzle.costs import half_params, measure_costs
+from open_nemotron.puzzle.costs import CostsError, half_params, measure_costs
 from open_nemotron.puzzle.scoring import library_layer, score_library
 from open_nemotron.puzzle.search_space import (
     SearchSpaceConfig,
@@ -375,6 +375,18 @@ def test_the_wall_timer_times_the_call_between_synchronisations():
     calls = []
     seconds = wall_timer(Timing("decode", 1, "ffn:no_op"), lambda: calls.append(1), torch.device("cpu"))
     assert calls == [1] and seconds >= 0
+    # The parent's generate measures its own spans inside its one call: the wall timer hands them on as they are.
+    spans = wall_timer(Timing("generate", 1, new_tokens=8), lambda: (0.25, 0.5), torch.device("cpu"))
+    assert spans == (0.25, 0.5)
+
+
+def test_costs_refuse_a_parent_step_that_is_not_positive(parent, space, config):
+    def timer(what, fn, device):
+        fn()
+        return (1e-3, 0.0) if what.kind == "generate" else 1e-4
+
+    with pytest.raises(CostsError, match="decode step at batch size 2 is 0 s: expected a positive time"):
+        measure_costs(parent, space, config.costs, progress=False, timer=timer)
 
 
 # ------------------------------------------------------------------------------------------------ the whole run
@@ -631,12 +643,13 @@ def test_candidates_sum_their_halves_and_lm_loss_scores_are_relative_to_the_pare
 
 def fake_timer(block_s, parent_step_s: float, parent_prefill_s: float, probe_layers: int):
     """A deterministic timer: probe calls take probe_layers x block_s(variant, kind); the parent's generate of n
-    tokens takes prefill + (n - 1) steps. The timed functions still run (the code path is exercised)."""
+    tokens spans (prefill, (n - 1) steps). The timed functions still run (the code path is exercised)."""
 
     def timer(what, fn, device):
-        fn()
+        out = fn()
         if what.kind == "generate":
-            return parent_prefill_s + (what.new_tokens - 1) * parent_step_s
+            assert len(out) == 2 and out[0] > 0 and out[1] > 0  # the real spans, measured inside the call
+            return parent_prefill_s, (what.new_tokens - 1) * parent_step_s
         return probe_layers * block_s(what.variant, what.kind)
 
     return timer

@@ -9,8 +9,8 @@ Probes run through the model's public `run_layers` with a `StaticKVCache`; every
 (default: wall time between device synchronisations; tests inject a fake one).
 
 Fixed costs: everything outside the layers (embedding, final norm, LM head, sampling, the loop's own overhead) is
-the parent's measured decode step (our `generate`, as `bench-speed` times it) minus the sum of its blocks' probe
-times. A child's predicted step is then fixed + the sum of its blocks: what `bench-speed` will measure. The residual
+the parent's measured decode step (our `generate`, timed as `bench-speed` times it: one call of `gen_len` tokens,
+first new token to last through a streamer) minus the sum of its blocks' probe times. A child's predicted step is then fixed + the sum of its blocks: what `bench-speed` will measure. The residual
 is kept signed: when the probes sum to more than the parent's step it is negative (so the parent's prediction still
 equals its measurement), and ``residual_warnings`` says so; the search then excludes architectures whose predicted
 step is not positive (`puzzle.mip`).
@@ -72,11 +72,18 @@ class Timing:
     new_tokens: int | None = None
 
 
-Timer = Callable[[Timing, Callable[[], Any], torch.device], float]
+# A probe's timing is the seconds of one call; the parent's "generate" is (prefill s, decode s) of one call: start to
+# first new token, first to last (new_tokens - 1 steps).
+Timer = Callable[[Timing, Callable[[], Any], torch.device], "float | tuple[float, float]"]
 
 
-def wall_timer(what: Timing, fn: Callable[[], Any], device: torch.device) -> float:
-    """The default timer: `fn`'s wall time between two device synchronisations."""
+def wall_timer(what: Timing, fn: Callable[[], Any], device: torch.device) -> float | tuple[float, float]:
+    """The default timer: a probe call's wall time between two device synchronisations; for the parent's
+    ``generate``, the (prefill, decode) spans that `fn` measures itself inside its one call (a streamer's token
+    times), so decode never comes out of a difference of two noisy calls."""
+    if what.kind == "generate":
+        prefill, decode = fn()
+        return prefill, decode
     synchronize(device)
     start = time.perf_counter()
     fn()
@@ -182,7 +189,7 @@ def measure_costs(
     ``timer(what, fn, device)`` returns the seconds of one call of `fn` (default `wall_timer`); a test passes a
     fake one to make the costs, and so the search's choices, deterministic.
     """
-    from open_nemotron.evaluate.throughput import random_prompt, timed_generate
+    from open_nemotron.evaluate.throughput import random_prompt, timed_generate, timed_prefill_and_decode
     from open_nemotron.model.decode_layout import prepare_for_decode
     from open_nemotron.progress import StageProgress
 
@@ -238,18 +245,13 @@ def measure_costs(
                     samples[name]["decode"].append(decode / config.probe_layers)
                     samples[name]["prefill"].append(prefill / config.probe_layers)
                     bar.advance(f"batch {b}: {name} decode {decode / config.probe_layers * 1e3:.3f} ms per block")
-                first = timer(
-                    Timing("generate", b, new_tokens=1),
-                    lambda prompt=prompt: timed_generate(parent_model, prompt, 1, device),
-                    device,
-                )
-                total = timer(
+                first, rest = timer(
                     Timing("generate", b, new_tokens=config.gen_len),
-                    lambda prompt=prompt: timed_generate(parent_model, prompt, config.gen_len, device),
+                    lambda prompt=prompt: timed_prefill_and_decode(parent_model, prompt, config.gen_len, device),
                     device,
                 )
                 parent_prefills.append(first)
-                parent_steps.append((total - first) / (config.gen_len - 1))
+                parent_steps.append(rest / (config.gen_len - 1))
                 bar.advance(f"batch {b}: the parent's step {parent_steps[-1] * 1e3:.2f} ms")
             for name in probes:
                 out_variants[name]["decode_s"][str(b)] = statistics.median(samples[name]["decode"])
@@ -262,9 +264,8 @@ def measure_costs(
             prefill = statistics.median(parent_prefills)
             if not step > 0:
                 raise CostsError(
-                    f"costs: the parent's measured decode step at batch size {b} is {step:.6g} s (its generate of "
-                    f"{config.gen_len} tokens took no longer than of 1 token): timing noise; raise costs.gen_len or "
-                    "costs.repeats"
+                    f"costs: the parent's measured decode step at batch size {b} is {step:.6g} s: expected a "
+                    "positive time (first to last new token of its generate); check the timer"
                 )
             blocks_decode = parent_blocks_sum(space, out_variants, lambda c, b=b: c["decode_s"][str(b)])
             blocks_prefill = parent_blocks_sum(space, out_variants, lambda c, b=b: c["prefill_s"][str(b)])
