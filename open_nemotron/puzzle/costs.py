@@ -10,10 +10,11 @@ Probes run through the model's public `run_layers` with a `StaticKVCache`; every
 
 Fixed costs: everything outside the layers (embedding, final norm, LM head, sampling, the loop's own overhead) is
 the parent's measured decode step (our `generate`, timed as `bench-speed` times it: one call of `gen_len` tokens,
-first new token to last through a streamer) minus the sum of its blocks' probe times. A child's predicted step is then fixed + the sum of its blocks: what `bench-speed` will measure. The residual
-is kept signed: when the probes sum to more than the parent's step it is negative (so the parent's prediction still
-equals its measurement), and ``residual_warnings`` says so; the search then excludes architectures whose predicted
-step is not positive (`puzzle.mip`).
+first new token to last through a streamer) minus the sum of its blocks' probe times. A child's predicted step is
+then fixed + the sum of its blocks: what `bench-speed` will measure. The residual is kept signed: when the probes
+sum to more than the parent's step it is negative (so the parent's prediction still equals its measurement), and
+``residual_warnings`` says so; the search then excludes architectures whose predicted step is not positive
+(`puzzle.mip`).
 
 Memory: parameter bytes per variant (its norm included) and KV-cache bytes per token; fixed parameter bytes
 (embeddings, LM head if untied, final norm). Artifact ``costs.json`` (schema in docs/puzzle.md).
@@ -74,7 +75,7 @@ class Timing:
 
 # A probe's timing is the seconds of one call; the parent's "generate" is (prefill s, decode s) of one call: start to
 # first new token, first to last (new_tokens - 1 steps).
-Timer = Callable[[Timing, Callable[[], Any], torch.device], "float | tuple[float, float]"]
+Timer = Callable[[Timing, Callable[[], Any], torch.device], float | tuple[float, float]]
 
 
 def wall_timer(what: Timing, fn: Callable[[], Any], device: torch.device) -> float | tuple[float, float]:
@@ -186,8 +187,9 @@ def measure_costs(
 ) -> dict[str, Any]:
     """Time every distinct variant and the parent; returns the ``costs.json`` content.
 
-    ``timer(what, fn, device)`` returns the seconds of one call of `fn` (default `wall_timer`); a test passes a
-    fake one to make the costs, and so the search's choices, deterministic.
+    ``timer(what, fn, device)`` returns the seconds of one probe call of `fn`, or the (prefill, decode) spans of the
+    parent's generate (default `wall_timer`); a test passes a fake one to make the costs, and so the search's
+    choices, deterministic.
     """
     from open_nemotron.evaluate.throughput import random_prompt, timed_generate, timed_prefill_and_decode
     from open_nemotron.model.decode_layout import prepare_for_decode
