@@ -124,6 +124,7 @@ def test_candidate_distribution_is_transformers_warpers(temperature, top_k, top_
     assert torch.allclose(probs.sum(-1), torch.ones(len(logits)))
 
 
+# With top-k the candidates are the k highest logits and no row is widened: that case must not change either.
 @pytest.mark.parametrize("top_k, top_p", [(0, 0.95), (0, 0.5), (30, 0.9)])
 def test_a_rows_draws_do_not_depend_on_the_other_rows_of_its_group(top_k, top_p):
     """A sharp row (nucleus inside the candidates) sampled together with flat rows (nucleus past them, so the
