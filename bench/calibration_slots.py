@@ -5,14 +5,13 @@ batched matmuls).
     python bench/calibration_slots.py smollm2-135m --prompts 32 --free-text 32 --slots 16,32,64 \
         --json runs/calibration-slots/result.json
 
-One process, the slot counts interleaved over `--repeats` rounds; prints and writes documents/s and tokens/s per
-slot count, and for each count how many documents equal those of the first.
+One process, the slot counts interleaved over `--repeats` rounds; prints documents/s and tokens/s per slot count,
+and for each count how many documents equal those of the first; `--json OUT` writes them (and OUT's .md beside it).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -36,6 +35,7 @@ def main() -> None:
     from open_nemotron.model.loading import load_model, load_tokenizer
     from open_nemotron.puzzle.calibration import parent_documents
     from open_nemotron.puzzle.config import CalibrationConfig
+    from open_nemotron.utils import write_result
 
     # As Puzzle and distill load it: our class, so the text is written on the engine.
     model = load_model(args.parent, implementation="ours")
@@ -73,13 +73,16 @@ def main() -> None:
                 "speedup_vs_first": min(seconds[first]) / best,
             }
         )
-    print("| slots | best s | documents/s | document tokens/s | × first | documents equal to the first's |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    lines = [
+        "| slots | best s | documents/s | document tokens/s | × first | documents equal to the first's |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        print(
+        lines.append(
             f"| {r['slots']} | {r['best_s']:.1f} | {r['documents_per_s']:.2f} | {r['document_tokens_per_s']:.0f} | "
             f"{r['speedup_vs_first']:.2f} | {r['same_documents_as_first']} / {len(documents[first])} |"
         )
+    print("\n".join(lines))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         result = {
@@ -87,7 +90,7 @@ def main() -> None:
             "device": describe_device(next(model.parameters()).device),
             "rows": rows,
         }
-        args.json.write_text(json.dumps(result, indent=1))
+        write_result(args.json, result, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

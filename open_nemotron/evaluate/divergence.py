@@ -55,6 +55,7 @@ def heldout_agreement(
     batches = range(0, heldout.shape[0], batch_size)
     if parent_logp is not None and len(parent_logp) != len(batches):
         raise ValueError(f"{len(parent_logp)} batches of parent log-probabilities for {len(batches)} batches of tokens")
+    parent_device = next(parent_model.parameters()).device if parent_logp is None else None
     child_device = next(child_model.parameters()).device
     was_training = child_model.training
     child_model.eval()
@@ -62,7 +63,7 @@ def heldout_agreement(
     for i, start in enumerate(batches):
         ids = heldout[start : start + batch_size]
         if parent_logp is None:
-            reference = log_probs(parent_model(ids.to(next(parent_model.parameters()).device)).logits[:, :-1])
+            reference = log_probs(parent_model(ids.to(parent_device)).logits[:, :-1])
         else:
             reference = parent_logp[i]
         child_logp = log_probs(child_model(ids.to(child_device)).logits[:, :-1]).to(reference.device)

@@ -52,6 +52,14 @@ def _shared_prefix(held: list[int], prompt: list[int]) -> int:
 CANDIDATES = 256
 
 
+def candidate_width(vocab: int, top_k: int, top_p: float) -> int:
+    """How many candidates a row draws from when its nucleus fits in them: the whole vocabulary with neither top-k
+    nor top-p, else the top_k (or CANDIDATES) highest logits."""
+    if not top_k and top_p >= 1.0:
+        return vocab
+    return min(vocab, top_k or CANDIDATES)
+
+
 def candidate_distribution(
     logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,7 +75,7 @@ def candidate_distribution(
     rows, vocab = logits.shape
     if not top_k and top_p >= 1.0:  # the whole vocabulary, in token order
         return logits.softmax(-1), torch.arange(vocab, device=logits.device).expand(rows, -1)
-    width = min(vocab, top_k or CANDIDATES)
+    width = candidate_width(vocab, top_k, top_p)
     values, ids = torch.topk(logits, width, dim=-1)  # sorted, descending
     # With top-k the distribution is a softmax over the kept logits; else each candidate's share of the whole.
     probs = values.softmax(-1) if top_k else (values - torch.logsumexp(logits, -1, keepdim=True)).exp()
@@ -104,8 +112,7 @@ def sample_rows(
     over those zeros too would advance its generator by a number of draws that depends on the other requests,
     and every later token of the request would change with the batch."""
     probs, ids = candidate_distribution(logits, temperature, top_k, top_p)
-    vocab = logits.shape[-1]
-    own = vocab if not top_k and top_p >= 1.0 else min(vocab, top_k or CANDIDATES)
+    own = candidate_width(logits.shape[-1], top_k, top_p)
     tokens = []
     for row, generator in enumerate(generators):
         p = probs[row]
