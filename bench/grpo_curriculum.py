@@ -56,6 +56,8 @@ def train_arm(args: argparse.Namespace, arm: str) -> dict:
         prompts_per_step=args.prompts_per_step,
         learning_rate=args.lr,
         beta=args.beta,
+        temperature=args.temperature,
+        top_p=args.top_p,
         max_completion_length=args.max_completion_length,
         max_steps=args.max_steps,
         save_steps=args.save_steps,
@@ -206,6 +208,13 @@ def main() -> None:
     parser.add_argument("--prompts-per-step", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--beta", type=float, default=0.0, help="KL coefficient to the frozen SFT model (0: none)")
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="rollout sampling temperature (paper: 1; the eval samples at 0.6)",
+    )
+    parser.add_argument("--top-p", type=float, default=1.0, help="rollout nucleus top-p (paper: 1)")
     parser.add_argument("--max-completion-length", type=int, default=256)
     parser.add_argument("--max-steps", type=int, default=40)
     parser.add_argument("--save-steps", type=int, default=5)
