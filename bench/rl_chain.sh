@@ -5,7 +5,7 @@
 # (bench/grpo_curriculum.py), then RLOO on synthetic instruction prompts with the IF and reasoning evals before/after.
 # Every step is skipped when its output is complete and resumes after a kill. Run it alone on the machine:
 #   nohup bash bench/rl_chain.sh runs/rl-v3 > runs/rl-v3.log 2>&1 &
-# Knobs (environment): GRPO_LR (default 1e-5; 5e-5 lowered held-out accuracy, docs/benchmarks.md), GRPO_STEPS (default 18: 198 s per step on 2026-12-02, a slow day, is 59 min), GRPO_EXTRA (more bench/grpo_curriculum.py options, e.g. "--beta 0.04 --select-on-validation 60"), RLOO_STEPS (default 18: 170 s per step that day), RLOO=0 (skip RLOO), ARMS (default curriculum), PREFERENCE=1 (RPO vs DPO, below).
+# Knobs (environment): GRPO_LR (default 1e-5; 5e-5 lowered held-out accuracy, docs/benchmarks.md), GRPO_STEPS (default 18: 198 s per step on 2026-12-02, a slow day, is 59 min), GRPO_EXTRA (more bench/grpo_curriculum.py options, e.g. "--beta 0.04 --select-on-validation 60"), RLOO_STEPS (default 18: 170 s per step that day), GRPO_PROMPTS (default recipes/rl/grpo-kept.jsonl, pass rates at T 1; recipes/rl/grpo-kept-t0.6.jsonl has them at T 0.6, for GRPO_EXTRA="--temperature 0.6"), RLOO=0 (skip RLOO), ARMS (default curriculum), PREFERENCE=1 (RPO vs DPO, below).
 # The kept prompts (recipes/rl/grpo-kept.jsonl) are `rl pass-rate`'s output for this SFT model
 # (docs/benchmarks.md, "Pass rates of the SFT model"); remake them if the SFT recipe changes.
 set -euo pipefail
@@ -17,6 +17,7 @@ GRPO_LR=${GRPO_LR:-1e-5}
 RLOO_STEPS=${RLOO_STEPS:-18}
 ARMS=${ARMS:-curriculum}
 GRPO_EXTRA=${GRPO_EXTRA:-}
+GRPO_PROMPTS=${GRPO_PROMPTS:-recipes/rl/grpo-kept.jsonl}
 SFT=runs/reasoning-v3
 mkdir -p "$RUN"
 stamp() { echo "== $(date -u +%FT%TZ) $*"; }
@@ -29,7 +30,7 @@ stamp "SFT model"
 
 stamp "GRPO ($ARMS, $GRPO_STEPS steps) and the held-out eval"
 [ -f "$RUN/grpo/result.json" ] || "$BIN/python" bench/grpo_curriculum.py "$SFT/sft/final" \
-    --prompts recipes/rl/grpo-kept.jsonl --out "$RUN/grpo" --arms "$ARMS" --max-steps "$GRPO_STEPS" --lr "$GRPO_LR" \
+    --prompts "$GRPO_PROMPTS" --out "$RUN/grpo" --arms "$ARMS" --max-steps "$GRPO_STEPS" --lr "$GRPO_LR" \
     $GRPO_EXTRA  # word-split on purpose: several options
 
 if [ "${RLOO:-1}" = 1 ]; then
