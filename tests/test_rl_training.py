@@ -219,6 +219,22 @@ def test_grpo_curriculum_needs_pass_rates_and_rloo_runs(policy, tmp_path) -> Non
         _config(policy, no_rates, tmp_path / "x", num_generations=1)
 
 
+def test_rollout_temperature_reaches_trls_sampling_and_both_models_log_probs(policy, tmp_path) -> None:
+    # The rollouts sample at T and the policy gradient needs log-probs of the same tempered distribution, for the
+    # policy and for the frozen reference (beta > 0): all three must read the config's one temperature.
+    from open_nemotron.train import rl
+
+    trainer, _ = rl.build_trainer(_config(policy, _prompts(tmp_path), tmp_path / "t", temperature=0.6, beta=0.1))
+    assert trainer.args.temperature == 0.6 and trainer.args.top_p == 1.0
+    ids = torch.tensor([[3, 17, 5, 9, 30, 2]])
+    for model in (trainer.model, trainer.ref_model):
+        with torch.no_grad():
+            logits = type(model).forward(model, input_ids=ids).logits[:, :-1]
+            out = model(input_ids=ids, labels=ids, fused_lm_head=True)
+        expected = torch.log_softmax(logits.float() / 0.6, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        torch.testing.assert_close(out.log_probs, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_pass_rate_counts_full_rewards_filters_and_resumes(policy, tmp_path, monkeypatch) -> None:
     """Scripted samples: row 0 right 2 of 4 times, row 1 always, row 2 never, the IF row follows its instruction
     once; pass rates, the >= 0.75 filter (and --drop-unsolved), and a resume after a lost chunk."""
