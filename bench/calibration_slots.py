@@ -84,7 +84,6 @@ def main() -> None:
         )
     print("\n".join(lines))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
         result = {
             "args": {k: str(v) for k, v in vars(args).items()},
             "device": describe_device(next(model.parameters()).device),
